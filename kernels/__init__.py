@@ -4,3 +4,49 @@ Kernels take index and value tensors (torch sparse CSR / BSR tensors), never a m
 """
 
 __all__: list[str] = []
+
+# --- Triton kernels (GPU, or CPU under TRITON_INTERPRET=1) ---------------------------------------
+# Thin wrappers: triton is imported on the first call, so this package imports without it.
+# Full docs and examples live on the functions in kernels/csr.py and kernels/bsr.py.
+from ._triton import has_triton, require_triton  # noqa: E402
+
+
+def triton_csr_matmul(W, X, *, out=None):
+    """``W @ X`` for a sparse CSR ``W`` [M, K] and dense ``X`` [K, N] (see ``csr.py``)."""
+    require_triton()
+    from .csr import triton_csr_matmul as impl
+
+    return impl(W, X, out=out)
+
+
+def triton_csr_linear(W, x, *, out=None):
+    """``x @ W.T`` for a sparse CSR weight ``W`` [M, K] and ``x`` [..., K] (see ``csr.py``)."""
+    require_triton()
+    from .csr import triton_csr_linear as impl
+
+    return impl(W, x, out=out)
+
+
+def triton_bsr_matmul(W, X, *, out=None):
+    """``W @ X`` for a sparse BSR ``W`` [M, K] and dense ``X`` [K, N] (see ``bsr.py``)."""
+    require_triton()
+    from .bsr import triton_bsr_matmul as impl
+
+    return impl(W, X, out=out)
+
+
+def triton_bsr_linear(W, x, *, out=None):
+    """``x @ W.T`` for a sparse BSR weight ``W`` [M, K] and ``x`` [..., K] (see ``bsr.py``)."""
+    require_triton()
+    from .bsr import triton_bsr_linear as impl
+
+    return impl(W, x, out=out)
+
+
+__all__ += ["has_triton", "triton_csr_matmul", "triton_csr_linear", "triton_bsr_matmul",
+            "triton_bsr_linear"]
+
+# --- CPU kernels (scipy.sparse, row blocks on a thread pool) -----------------------------------
+from .cpu import auto_cpu_backend, cpu_bsr_matmul, cpu_csr_matmul  # noqa: E402
+
+__all__ += ["cpu_csr_matmul", "cpu_bsr_matmul", "auto_cpu_backend"]

@@ -4,5 +4,16 @@ Public API (re-exports only).
 """
 
 from sparse_lth.masks import Mask, prunable_names
+from sparse_lth.models import build_model
+from sparse_lth.pruning import prune_by_magnitude, prune_n_m, random_mask_like
+from sparse_lth.data import load_dataset
+from sparse_lth.lottery import LotteryConfig, Ticket, find_ticket
+from sparse_lth.formats import (SparseWeight, check_format, from_scipy, nbytes, padded_shape, to_bsr, to_csr,
+                                to_dense, to_scipy, to_sparse_weight)
+from sparse_lth.checkpoint import ConvertReport, TensorReport, convert_checkpoint, load_sparse, save_sparse
 
-__all__ = ["Mask", "prunable_names"]
+__all__ = ["Mask", "prunable_names", "build_model", "prune_by_magnitude", "prune_n_m", "random_mask_like",
+           "load_dataset", "LotteryConfig", "Ticket", "find_ticket",
+           "SparseWeight", "check_format", "from_scipy", "nbytes", "padded_shape", "to_bsr", "to_csr", "to_dense",
+           "to_scipy", "to_sparse_weight",
+           "ConvertReport", "TensorReport", "convert_checkpoint", "load_sparse", "save_sparse"]

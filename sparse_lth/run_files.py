@@ -113,6 +113,14 @@ def read_round(base: str | Path, round_index: int) -> tuple[dict[str, torch.Tens
     return mask, trained, record
 
 
+def remove_stale_temporaries(run_dir: str | Path) -> None:
+    """Delete what a killed run left half-written (temporary files and round folders)."""
+    for tmp in Path(run_dir).rglob(".*"):
+        if tmp.name.startswith((".round_", f".{MASK_FILE}", f".{TRAINED_FILE}", f".{RECORD_FILE}",
+                                f".{SUMMARY_FILE}", f".{INIT_FILE}", f".{REWIND_FILE}", f".{CONFIG_FILE}")):
+            shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
+
+
 def is_run_dir(path: str | Path) -> bool:
     path = Path(path)
     return path.is_dir() and (path / CONFIG_FILE).is_file()

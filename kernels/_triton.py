@@ -1,0 +1,139 @@
+"""Where Triton is and how it runs (the one lazy check), plus the launchers' shared checks.
+
+Nothing here imports triton at module import time, so ``import sparse_lth.kernels`` works on a
+machine without it.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+
+import torch
+
+# Triton's own parsing of boolean env vars (triton.knobs.env_bool): checked here without
+# importing triton, so callers can ask before deciding whether to import it.
+_TRUE = ("1", "true", "yes", "on", "y")
+
+
+@functools.lru_cache(maxsize=None)
+def has_triton() -> bool:
+    """True when ``import triton`` works (the package is installed and loads)."""
+    if importlib.util.find_spec("triton") is None:
+        return False
+    try:
+        import triton  # noqa: F401
+    except Exception:  # a broken install (missing libs, wrong ABI) counts as absent
+        return False
+    return True
+
+
+def is_interpreting() -> bool:
+    """True when Triton runs kernels on the CPU (``TRITON_INTERPRET=1``).
+
+    Read at call time; note that ``@triton.jit`` itself reads it once, when a kernel module is
+    first imported, so set it before that import.
+    """
+    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in _TRUE
+
+
+def require_triton() -> None:
+    """Raise a clear error when a Triton kernel is asked for and Triton is missing."""
+    if not has_triton():
+        raise RuntimeError(
+            "this kernel needs Triton (pip install triton, Linux); "
+            "the scipy CPU kernels in sparse_lth.kernels work without it"
+        )
+
+
+# --- Launcher checks shared by the Triton kernels (csr.py, bsr.py) ------------------------------
+# They need only torch, so they live here rather than in a kernel file, which stays
+# kernel -> configs -> launcher.
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+INDEX_DTYPES = (torch.int32, torch.int64)
+
+
+def next_pow2(n: int) -> int:
+    """Smallest power of two >= n (1 for n <= 1): the bucket autotune keys use."""
+    return 1 if n <= 1 else 1 << (int(n) - 1).bit_length()
+
+
+def check_sparse(W: torch.Tensor, layout: torch.layout, name: str = "W") -> None:
+    """Raise ValueError unless W is a 2-D sparse matrix of ``layout`` a Triton kernel can read."""
+    if not isinstance(W, torch.Tensor):
+        raise ValueError(f"{name} must be a torch sparse tensor, got {type(W).__name__}")
+    if W.layout != layout:
+        raise ValueError(f"{name} must have layout {layout}, got {W.layout}")
+    if W.dim() != 2:
+        raise ValueError(f"{name} must be a 2-D matrix (no batch or dense dims), got shape "
+                         f"{tuple(W.shape)}")
+    if W.dtype not in FLOAT_DTYPES:
+        raise ValueError(f"{name}.dtype must be one of float32, float16, bfloat16, got {W.dtype}")
+    crow, col = W.crow_indices(), W.col_indices()
+    if crow.dtype not in INDEX_DTYPES or col.dtype not in INDEX_DTYPES:
+        raise ValueError(f"{name}'s index tensors must be int32 or int64, got crow_indices "
+                         f"{crow.dtype} and col_indices {col.dtype}")
+    for part, t in (("crow_indices", crow), ("col_indices", col), ("values", W.values())):
+        if not t.is_contiguous():
+            raise ValueError(f"{name}.{part}() must be contiguous")
+
+
+def check_device(W: torch.Tensor, dense: torch.Tensor, dense_name: str) -> None:
+    """Both operands on one device, and that device must be CUDA unless the interpreter runs."""
+    if dense.device != W.device:
+        raise ValueError(f"W and {dense_name} must be on one device, got W on {W.device} and "
+                         f"{dense_name} on {dense.device}")
+    if W.device.type != "cuda" and not is_interpreting():
+        raise ValueError(f"Triton kernels need CUDA tensors (or TRITON_INTERPRET=1 for CPU "
+                         f"tensors), got {W.device}")
+
+
+def check_dense(t: torch.Tensor, W: torch.Tensor, name: str) -> None:
+    """A dense strided 2-D float operand whose dtype matches W."""
+    if not isinstance(t, torch.Tensor) or t.layout != torch.strided:
+        raise ValueError(f"{name} must be a dense (strided) torch tensor")
+    if t.dtype != W.dtype:
+        raise ValueError(f"{name}.dtype ({t.dtype}) must equal W.dtype ({W.dtype})")
+    check_device(W, t, name)
+
+
+def check_out(out: torch.Tensor, shape: tuple[int, ...], like: torch.Tensor) -> None:
+    """A caller-supplied output: right shape, dtype, device, row-major contiguous."""
+    if not isinstance(out, torch.Tensor) or out.layout != torch.strided:
+        raise ValueError("out must be a dense (strided) torch tensor")
+    if tuple(out.shape) != tuple(shape):
+        raise ValueError(f"out has shape {tuple(out.shape)}, expected {tuple(shape)}")
+    if out.dtype != like.dtype or out.device != like.device:
+        raise ValueError(f"out must be {like.dtype} on {like.device}, got {out.dtype} on "
+                         f"{out.device}")
+    if not out.is_contiguous():
+        raise ValueError("out must be contiguous")
+
+
+def x_layout(X: torch.Tensor, name: str = "X") -> tuple[bool, int]:
+    """(transposed, leading stride) of a [K, N] operand: row-major, or the transpose of a
+    row-major [N, K] tensor (``x.t()``, what a linear layer holds). Anything else is refused
+    rather than copied, so a slow path never hides behind a fast one."""
+    K, N = X.shape
+    # Strides are passed as the logical ones (N or K): is_contiguous ignores size-1 dims, whose
+    # strides may be anything.
+    if X.is_contiguous():
+        return False, max(N, 1)
+    if X.t().is_contiguous():
+        return True, max(K, 1)
+    raise ValueError(f"{name} must be contiguous [K, N] or the transpose of a contiguous "
+                     f"[N, K] tensor, got shape {tuple(X.shape)} with strides {X.stride()}")
+
+
+@functools.lru_cache(maxsize=None)
+def shared_memory_limit(device_index: int) -> int:
+    """Bytes of shared memory one program may use on a CUDA device (the opt-in limit)."""
+    props = torch.cuda.get_device_properties(device_index)
+    limit = getattr(props, "shared_memory_per_block_optin", None)
+    if limit:
+        return int(limit)
+    from triton.runtime import driver  # only reached with a GPU, where triton is present
+
+    return int(driver.active.utils.get_device_properties(device_index)["max_shared_mem"])

@@ -1,0 +1,246 @@
+"""BSR x dense on the GPU (Triton): ``Y = W @ X`` and the linear layer's ``y = x @ W.T``.
+
+One program per (block row of W, tile of BLOCK_N columns of X). It loops over the block row's
+stored blocks: each [BR, BC] block meets the [BC, BLOCK_N] slice of X under its block column in
+one ``tl.dot`` (tensor cores for fp16 / bf16; ``wgmma`` on Hopper when BR >= 64), accumulating
+in fp32. The column index of the next block is a load inside the loop; Triton's pipeliner
+prefetches it with the tiles ``num_stages`` deep.
+
+- fp32 uses IEEE products unless ``torch.backends.cuda.matmul.allow_tf32`` is set, matching
+  ``torch.matmul``'s choice.
+- Linear layout: X given as the transpose of a row-major [N, K] ``x`` and Y written as [N, M],
+  through strides with the unit stride known at compile time (constexpr ``X_T`` / ``Y_T``).
+- Blocks: BR, BC powers of two from 16 to 128, square or not (tl.dot needs every side >= 16).
+
+The sparse tensor is torch's BSR: crow_indices [M / BR + 1], col_indices [nnzb] (block
+columns), values [nnzb, BR, BC] row-major; indices int32 or int64.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._triton import (
+    check_dense,
+    check_out,
+    check_sparse,
+    is_interpreting,
+    next_pow2,
+    shared_memory_limit,
+    x_layout,
+)
+
+__all__ = ["triton_bsr_matmul", "triton_bsr_linear"]
+
+
+@triton.jit
+def _bsr_kernel(
+    crow_ptr, col_ptr, val_ptr, x_ptr, y_ptr,
+    M, N, K,
+    stride_x,  # X[k, n] is at k * stride_x + n, or at n * stride_x + k when X_T
+    stride_y,  # Y[m, n] is at m * stride_y + n, or at n * stride_y + m when Y_T
+    N_BUCKET,  # autotune key only (next power of two of N)
+    BR: tl.constexpr, BC: tl.constexpr,
+    X_T: tl.constexpr, Y_T: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,  # "ieee" or "tf32"; only fp32 operands read it
+    UPCAST: tl.constexpr,  # dot in fp32: the CPU interpreter's bf16 tl.dot is wrong
+    BLOCK_N: tl.constexpr,
+):
+    brow = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    offs_r = tl.arange(0, BR)
+    offs_c = tl.arange(0, BC)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    offs_n64 = offs_n.to(tl.int64)  # n * stride can pass 2**31 on large problems
+
+    start = tl.load(crow_ptr + brow).to(tl.int64)
+    end = tl.load(crow_ptr + brow + 1).to(tl.int64)
+    blk_offs = offs_r[:, None] * BC + offs_c[None, :]
+    acc = tl.zeros((BR, BLOCK_N), dtype=tl.float32)
+    for p in range(start, end):
+        bcol = tl.load(col_ptr + p).to(tl.int64)
+        a = tl.load(val_ptr + p * (BR * BC) + blk_offs)
+        k = bcol * BC + offs_c  # K is a multiple of BC: no mask along k
+        if X_T:
+            x_ptrs = x_ptr + offs_n64[None, :] * stride_x + k[:, None]
+        else:
+            x_ptrs = x_ptr + k[:, None] * stride_x + offs_n64[None, :]
+        b = tl.load(x_ptrs, mask=mask_n[None, :], other=0.0)
+        if UPCAST:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+
+    rows = brow.to(tl.int64) * BR + offs_r
+    if Y_T:
+        y_ptrs = y_ptr + offs_n64[None, :] * stride_y + rows[:, None]
+    else:
+        y_ptrs = y_ptr + rows[:, None] * stride_y + offs_n64[None, :]
+    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask_n[None, :])
+
+
+def _cfg(block_n: int, warps: int, stages: int) -> triton.Config:
+    return triton.Config({"BLOCK_N": block_n}, num_warps=warps, num_stages=stages)
+
+
+# Hopper: a block row is a short K loop, so 3-4 stages hide the dependent index load (2 for
+# fp32 with 128-wide blocks, which fit no deeper pipeline on an A100); 8 warps
+# for the large accumulators (BR x BLOCK_N = 128 x 128 fp32 is 64 KB of registers).
+# Shared memory per stage is (BR * BC + BC * BLOCK_N) * bytes; configs that would pass the
+# device limit are pruned at launch (and checked compiled, tests/test_kernel_compile.py).
+BSR_CONFIGS: list[triton.Config] = [
+    _cfg(16, 4, 2), _cfg(16, 4, 3), _cfg(16, 4, 4),
+    _cfg(32, 4, 3), _cfg(32, 4, 4),
+    _cfg(64, 8, 2), _cfg(64, 4, 3), _cfg(64, 8, 3), _cfg(64, 4, 4),
+    _cfg(128, 4, 3), _cfg(128, 8, 3), _cfg(128, 8, 4),
+]
+
+
+def bsr_shared_bytes(config: triton.Config, br: int, bc: int, elem_bytes: int) -> int:
+    """Upper bound on the shared memory one config takes: ``num_stages`` copies of the block
+    and X tiles. Triton 3.9 was seen using ``num_stages - 1`` copies of both (sm_90, aligned X)
+    or ``num_stages`` of the block and one of X (X rows of unknown alignment);
+    tests/test_kernel_compile.py checks every config against this bound."""
+    return config.num_stages * (br * bc + bc * config.kwargs["BLOCK_N"]) * elem_bytes
+
+
+def prune_bsr_configs(configs: list[triton.Config], n: int, br: int, bc: int, elem_bytes: int,
+                      smem_limit: int) -> list[triton.Config]:
+    """Configs worth timing for N columns and [br, bc] blocks: BLOCK_N at most next_pow2(N)
+    (16 at least, tl.dot's floor) and at least a quarter of it, shared memory under the limit."""
+    n = max(16, next_pow2(n))
+    fit = [c for c in configs
+           if c.kwargs["BLOCK_N"] <= n and 4 * c.kwargs["BLOCK_N"] >= min(n, 128)]
+    kept = [c for c in fit if bsr_shared_bytes(c, br, bc, elem_bytes) <= smem_limit]
+    if not kept:  # very large blocks in fp32: shallowest pipeline, narrowest tile
+        kept = [min(configs, key=lambda c: bsr_shared_bytes(c, br, bc, elem_bytes))]
+    return kept
+
+
+def _prune_bsr(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
+    x = named_args["x_ptr"]
+    elem = 4 if kwargs.get("UPCAST") else x.element_size()
+    limit = 232448 if x.device.type != "cuda" else shared_memory_limit(x.device.index or 0)
+    kept = prune_bsr_configs(configs, named_args["N_BUCKET"], kwargs["BR"], kwargs["BC"], elem,
+                             limit)
+    return kept[:1] if is_interpreting() else kept  # the interpreter cannot time configs
+
+
+bsr_kernel = triton.autotune(
+    configs=BSR_CONFIGS,
+    key=["M", "K", "N_BUCKET", "BR", "BC", "X_T", "Y_T", "DOT_PRECISION"],
+    prune_configs_by={"early_config_prune": _prune_bsr},
+)(_bsr_kernel)
+
+
+def _check_bsr(W: torch.Tensor) -> tuple[int, int]:
+    check_sparse(W, torch.sparse_bsr)
+    br, bc = W.values().shape[-2:]
+    for side, v in (("rows", br), ("columns", bc)):
+        if v < 16 or v > 128 or v & (v - 1):
+            raise ValueError(f"W's block {side} must be a power of two from 16 to 128, "
+                             f"got blocksize {(br, bc)}")
+    return br, bc
+
+
+def _launch(W: torch.Tensor, X: torch.Tensor, Y: torch.Tensor, *, N: int, x_t: bool,
+            stride_x: int, y_t: bool, stride_y: int, kernel=bsr_kernel, **meta) -> None:
+    """Launch over an already checked problem. ``kernel=_bsr_kernel`` with an explicit
+    BLOCK_N (and num_warps / num_stages) runs one config: tests use it to cover each tile."""
+    if is_interpreting() and Y.dtype == torch.bfloat16:
+        # The interpreter's fp32 -> bf16 cast truncates; the GPU's rounds to nearest even.
+        # Write fp32 and let torch round, so interpreter runs test the GPU's numerics.
+        Y32 = torch.empty(Y.shape, dtype=torch.float32, device=Y.device)
+        _launch(W, X, Y32, N=N, x_t=x_t, stride_x=stride_x, y_t=y_t, stride_y=stride_y,
+                kernel=kernel, **meta)
+        Y.copy_(Y32)
+        return
+    M, K = W.shape
+    br, bc = W.values().shape[-2:]
+    fp32 = X.dtype == torch.float32
+    precision = "tf32" if fp32 and torch.backends.cuda.matmul.allow_tf32 else "ieee"
+    kernel[lambda meta_: (M // br, triton.cdiv(N, meta_["BLOCK_N"]))](
+        W.crow_indices(), W.col_indices(), W.values(), X, Y,
+        M, N, K, stride_x, stride_y, next_pow2(N),
+        BR=br, BC=bc, X_T=x_t, Y_T=y_t, DOT_PRECISION=precision,
+        UPCAST=is_interpreting() and X.dtype == torch.bfloat16, **meta,
+    )
+
+
+def triton_bsr_matmul(W: torch.Tensor, X: torch.Tensor, *,
+                      out: torch.Tensor | None = None) -> torch.Tensor:
+    """``W @ X`` for a sparse BSR ``W`` [M, K] (blocks 16 .. 128, powers of two) and a dense
+    ``X`` [K, N], as dense [M, N].
+
+    ``X`` is either row-major contiguous or the transpose of a contiguous [N, K] tensor
+    (``x.t()``), read through strides without a copy. Values fp32 / fp16 / bf16 (W and X
+    alike), accumulated in fp32, returned in X's dtype; indices int32 or int64. ``out``, if
+    given, is a contiguous [M, N] tensor to write into.
+
+    Example (on a GPU, or anywhere with ``TRITON_INTERPRET=1`` set before triton is imported,
+    using CPU tensors)::
+
+        >>> import torch
+        >>> from sparse_lth.kernels import triton_bsr_matmul
+        >>> dev = "cuda" if torch.cuda.is_available() else "cpu"
+        >>> keep = torch.rand(4, 2) < 0.5  # which 16 x 32 blocks survive
+        >>> dense = torch.randn(64, 64) * keep.repeat_interleave(16, 0).repeat_interleave(32, 1)
+        >>> W = dense.to(dev).to_sparse_bsr((16, 32))
+        >>> X = torch.randn(64, 3, device=dev)
+        >>> torch.allclose(triton_bsr_matmul(W, X), W.to_dense() @ X, atol=1e-4)
+        True
+    """
+    _check_bsr(W)
+    check_dense(X, W, "X")
+    M, K = W.shape
+    if X.dim() != 2 or X.shape[0] != K:
+        raise ValueError(f"X must have shape [K, N] with K = {K} (W is {M} x {K}), "
+                         f"got {tuple(X.shape)}")
+    N = X.shape[1]
+    x_t, stride_x = x_layout(X)
+    if out is None:
+        out = torch.empty((M, N), dtype=X.dtype, device=X.device)
+    else:
+        check_out(out, (M, N), X)
+    if M == 0 or N == 0:
+        return out
+    _launch(W, X, out, N=N, x_t=x_t, stride_x=stride_x, y_t=False, stride_y=N)
+    return out
+
+
+def triton_bsr_linear(W: torch.Tensor, x: torch.Tensor, *,
+                      out: torch.Tensor | None = None) -> torch.Tensor:
+    """A linear layer's ``x @ W.T`` (no bias) for a sparse BSR weight ``W`` [M, K] (out x in)
+    and a contiguous ``x`` [..., K]; returns [..., M] without transposing anything in memory.
+
+    Example::
+
+        >>> import torch
+        >>> from sparse_lth.kernels import triton_bsr_linear
+        >>> dev = "cuda" if torch.cuda.is_available() else "cpu"
+        >>> W = torch.randn(32, 64, device=dev).to_sparse_bsr((16, 16))
+        >>> x = torch.randn(5, 64, device=dev)
+        >>> torch.allclose(triton_bsr_linear(W, x), x @ W.to_dense().T, atol=1e-4)
+        True
+    """
+    _check_bsr(W)
+    check_dense(x, W, "x")
+    M, K = W.shape
+    if x.dim() < 1 or x.shape[-1] != K:
+        raise ValueError(f"x must have shape [..., K] with K = {K} (W is {M} x {K}), "
+                         f"got {tuple(x.shape)}")
+    if not x.is_contiguous():
+        raise ValueError("x must be contiguous (a linear layer's input [..., K], row-major)")
+    N = int(torch.Size(x.shape[:-1]).numel())
+    shape = (*x.shape[:-1], M)
+    if out is None:
+        out = torch.empty(shape, dtype=x.dtype, device=x.device)
+    else:
+        check_out(out, shape, x)
+    if M == 0 or N == 0:
+        return out
+    _launch(W, x, out, N=N, x_t=True, stride_x=max(K, 1), y_t=True, stride_y=M)
+    return out

@@ -1,0 +1,267 @@
+"""CPU sparse x dense: scipy.sparse's CSR / BSR products, row blocks on a thread pool.
+
+``cpu_csr_matmul(W, X)`` and ``cpu_bsr_matmul(W, X)`` take a torch sparse CSR / BSR tensor
+``W`` [M, K] and a dense torch tensor ``X`` [K, N] and return the dense ``W @ X`` [M, N].
+
+How it runs:
+- No copies of ``W``: scipy's compiled loops read numpy views of ``crow_indices``,
+  ``col_indices`` and ``values`` directly, and write into one preallocated output that is
+  returned through ``torch.from_numpy``.
+- scipy's sparse product is single-threaded but releases the GIL, so the rows are cut into
+  blocks of about equal nonzeros and the blocks run on a thread pool (two threads were measured
+  at ~1.8x one on a 2-core machine). Small products run on the calling thread only: handing work
+  to a pool costs tens of microseconds, more than the product itself below ``MIN_WORK_PER_THREAD``.
+- fp32 and fp64 are computed natively. fp16 and bf16 are accepted, computed in fp32 (scipy has
+  no bf16 and its fp16 loops accumulate in fp16) and cast back to the input dtype.
+
+Choosing between this path and torch's own (MKL) CSR product lives in ``auto_cpu_backend``
+below; the measurements behind it are in ``bench/cpu_crossover.md``.
+
+This module imports torch, numpy and scipy only.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+
+try:  # The compiled loops behind ``csr_matrix @ X``. Private, but its signatures have been
+    # stable since scipy 1.8; calling them directly skips scipy's per-call validation and index
+    # dtype coercion (an O(nnz) copy of int64 indices) and lets each thread read the shared
+    # arrays in place. Without it the public constructors are used instead (same results).
+    from scipy.sparse import _sparsetools
+except ImportError:  # pragma: no cover - depends on the scipy build
+    _sparsetools = None
+
+__all__ = [
+    "cpu_csr_matmul",
+    "cpu_bsr_matmul",
+    "auto_cpu_backend",
+    "MIN_WORK_PER_THREAD",
+    "TORCH_MIN_BATCH",
+]
+
+#: Multiply-adds (nnz x N) per thread below which adding a thread does not pay.
+#: Measured on 2 cores: a pool hand-off costs ~30-60 us; one thread does ~1-2 GMAC/s.
+MIN_WORK_PER_THREAD = 200_000
+
+#: From this batch size (columns of X) on, torch's MKL CSR / BSR product beats scipy (fp32 /
+#: fp64): scipy's multi-vector loop costs ~4x its single-vector one already at 2 columns, MKL's
+#: barely more. Measured on a 2-core machine, 4096 x 4096 at 1-30% density, batch 1-128:
+#: see bench/cpu_crossover.md.
+TORCH_MIN_BATCH = 2
+
+_FLOATS = (torch.float32, torch.float64)
+_UPCAST = (torch.float16, torch.bfloat16)
+_NP_DTYPES = {torch.float32: np.float32, torch.float64: np.float64}
+
+
+# -- checks ------------------------------------------------------------------------------------
+def _check(W: torch.Tensor, X: torch.Tensor, layout: torch.layout, fn: str) -> None:
+    lname = {torch.sparse_csr: "sparse CSR", torch.sparse_bsr: "sparse BSR"}[layout]
+    if not isinstance(W, torch.Tensor) or not isinstance(X, torch.Tensor):
+        raise ValueError(f"{fn}: W and X must be torch tensors, got {type(W).__name__} and {type(X).__name__}")
+    if W.layout != layout:
+        raise ValueError(f"{fn}: W must be a {lname} tensor (torch.{layout}), got layout {W.layout}")
+    if X.layout != torch.strided:
+        raise ValueError(f"{fn}: X must be a dense (strided) tensor, got layout {X.layout}")
+    if W.device.type != "cpu" or X.device.type != "cpu":
+        raise ValueError(f"{fn}: W and X must be on the CPU, got W on {W.device} and X on {X.device}")
+    if W.dim() != 2 or X.dim() != 2:  # also refuses batched and hybrid sparse tensors
+        raise ValueError(
+            f"{fn}: W and X must be 2-D, got W of shape {tuple(W.shape)} and X of shape {tuple(X.shape)}"
+        )
+    if W.shape[1] != X.shape[0]:
+        raise ValueError(
+            f"{fn}: shapes do not chain: W is {tuple(W.shape)}, X is {tuple(X.shape)} "
+            f"(W.shape[1] must equal X.shape[0])"
+        )
+    if W.dtype != X.dtype:
+        raise ValueError(f"{fn}: W and X must share a dtype, got W {W.dtype} and X {X.dtype}")
+    if W.dtype not in _FLOATS + _UPCAST:
+        raise ValueError(f"{fn}: dtype {W.dtype} is not supported (float32, float64, float16, bfloat16)")
+
+
+def _np(t: torch.Tensor) -> np.ndarray:
+    """A C-contiguous numpy view (a copy only when ``t`` is not contiguous)."""
+    # The guards skip no-op calls: at batch 1 on a small layer, per-call overhead is the cost.
+    if t.requires_grad:
+        t = t.detach()
+    if not t.is_contiguous():
+        t = t.contiguous()
+    return t.numpy()
+
+
+# -- threading ---------------------------------------------------------------------------------
+_pools: dict[int, ThreadPoolExecutor] = {}
+_pools_lock = threading.Lock()
+
+
+def _pool(workers: int) -> ThreadPoolExecutor:
+    with _pools_lock:
+        pool = _pools.get(workers)
+        if pool is None:
+            pool = _pools[workers] = ThreadPoolExecutor(workers, thread_name_prefix="sparse_lth_cpu")
+        return pool
+
+
+def _num_threads(threads: int | None, work: int, rows: int) -> int:
+    if threads is None:
+        # Follow torch's own setting so one knob (torch.set_num_threads) governs both paths.
+        threads = min(torch.get_num_threads(), max(1, work // MIN_WORK_PER_THREAD))
+    elif not isinstance(threads, int) or isinstance(threads, bool) or threads < 1:
+        raise ValueError(f"threads must be a positive int or None, got {threads!r}")
+    return max(1, min(threads, rows))
+
+
+def _row_blocks(indptr: np.ndarray, parts: int) -> list[tuple[int, int]]:
+    """Cut rows 0..len(indptr)-1 into ``parts`` ranges of about equal nonzeros."""
+    rows = len(indptr) - 1
+    if parts <= 1 or rows <= 1:
+        return [(0, rows)]
+    targets = np.linspace(0, indptr[-1], parts + 1)[1:-1]
+    cuts = np.searchsorted(indptr, targets, side="left").tolist()
+    bounds = sorted({0, rows, *(min(max(c, 0), rows) for c in cuts)})
+    return [(a, b) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
+
+
+def _run(blocks: list[tuple[int, int]], job: Callable[[int, int], None]) -> None:
+    if len(blocks) == 1:
+        job(*blocks[0])
+        return
+    # The caller runs the first block itself: one pool hand-off fewer.
+    futures = [_pool(len(blocks) - 1).submit(job, a, b) for a, b in blocks[1:]]
+    job(*blocks[0])
+    for f in futures:
+        f.result()
+
+
+# -- products ----------------------------------------------------------------------------------
+def _prepare(W: torch.Tensor, X: torch.Tensor) -> tuple[torch.dtype, np.ndarray, np.ndarray, np.ndarray]:
+    """Compute dtype, flat values, flat X and a zeroed output (the loops accumulate into it)."""
+    values = W.values()
+    if W.dtype in _FLOATS:
+        compute = W.dtype
+    else:
+        compute = torch.float32
+        values, X = values.detach().float(), X.detach().float()
+    out = np.zeros((W.shape[0], X.shape[1]), dtype=_NP_DTYPES[compute])
+    return compute, _np(values).reshape(-1), _np(X).reshape(-1), out
+
+
+def cpu_csr_matmul(W: torch.Tensor, X: torch.Tensor, threads: int | None = None) -> torch.Tensor:
+    """``W @ X`` for a sparse CSR ``W`` [M, K] and a dense ``X`` [K, N], with scipy on the CPU.
+
+    Rows are split into blocks of about equal nonzeros and run on ``threads`` threads (default:
+    ``torch.get_num_threads()``, but one thread for products too small to gain from more).
+    Indices may be int32 or int64 (int32 reads less memory and is faster). float32 / float64 are
+    computed natively; float16 / bfloat16 are computed in float32 and the result is cast back to
+    the input dtype. The result is a new dense, contiguous CPU tensor of W's dtype.
+
+    Raises ValueError for a W that is not a 2-D CPU CSR tensor, an X that is not a 2-D dense CPU
+    tensor, shapes that do not chain, mismatched or unsupported dtypes, or a bad ``threads``.
+
+    >>> import torch
+    >>> W = torch.tensor([[0., 2., 0.], [0., 0., 0.], [1., 0., 3.]])
+    >>> X = torch.arange(6.).reshape(3, 2)
+    >>> cpu_csr_matmul(W.to_sparse_csr(), X)
+    tensor([[ 4.,  6.],
+            [ 0.,  0.],
+            [12., 16.]])
+    """
+    _check(W, X, torch.sparse_csr, "cpu_csr_matmul")
+    M, K = W.shape
+    N = X.shape[1]
+    compute, data, x, y = _prepare(W, X)
+    indptr, indices = _np(W.crow_indices()), _np(W.col_indices())
+    nnz = int(indptr[-1]) if M else 0
+    if nnz and N:
+
+        def job(r0: int, r1: int) -> None:
+            out = y[r0:r1].reshape(-1)  # a view: y is C-contiguous
+            if _sparsetools is None:  # public API: rebased copy of this block's row pointers
+                lo, hi = int(indptr[r0]), int(indptr[r1])
+                block = sp.csr_matrix((data[lo:hi], indices[lo:hi], indptr[r0 : r1 + 1] - lo), shape=(r1 - r0, K))
+                out[:] = (block @ x.reshape(K, N)).reshape(-1)
+            elif N == 1:
+                # indptr[r0:r1+1] keeps absolute offsets into the full indices / data arrays,
+                # so nothing is rebased or copied; the loop accumulates into out (zeros).
+                _sparsetools.csr_matvec(r1 - r0, K, indptr[r0 : r1 + 1], indices, data, x, out)
+            else:
+                _sparsetools.csr_matvecs(r1 - r0, K, N, indptr[r0 : r1 + 1], indices, data, x, out)
+
+        _run(_row_blocks(indptr, _num_threads(threads, nnz * N, M)), job)
+    out = torch.from_numpy(y)
+    return out if compute == W.dtype else out.to(W.dtype)
+
+
+def cpu_bsr_matmul(W: torch.Tensor, X: torch.Tensor, threads: int | None = None) -> torch.Tensor:
+    """``W @ X`` for a sparse BSR ``W`` [M, K] and a dense ``X`` [K, N], with scipy on the CPU.
+
+    Block rows are split into groups of about equal nonzero blocks and run on ``threads`` threads
+    (default: ``torch.get_num_threads()``, but one thread for small products). Any block shape
+    (R, C) that divides (M, K), as torch requires. float32 / float64 are computed natively;
+    float16 / bfloat16 are computed in float32 and the result is cast back to the input dtype.
+
+    Raises ValueError like :func:`cpu_csr_matmul`, for a BSR ``W``.
+
+    >>> import torch
+    >>> W = torch.zeros(4, 4); W[:2, 2:] = torch.tensor([[1., 2.], [3., 4.]])
+    >>> cpu_bsr_matmul(W.to_sparse_bsr((2, 2)), torch.ones(4, 1))
+    tensor([[3.],
+            [7.],
+            [0.],
+            [0.]])
+    """
+    _check(W, X, torch.sparse_bsr, "cpu_bsr_matmul")
+    M, K = W.shape
+    N = X.shape[1]
+    R, C = W.values().shape[1:]
+    compute, data, x, y = _prepare(W, X)
+    indptr, indices = _np(W.crow_indices()), _np(W.col_indices())
+    nnzb = int(indptr[-1]) if len(indptr) > 1 else 0
+    if nnzb and N and R and C:
+        nbcol = K // C
+
+        def job(b0: int, b1: int) -> None:
+            out = y[b0 * R : b1 * R].reshape(-1)
+            if _sparsetools is None:
+                lo, hi = int(indptr[b0]), int(indptr[b1])
+                block = sp.bsr_matrix(
+                    (data.reshape(-1, R, C)[lo:hi], indices[lo:hi], indptr[b0 : b1 + 1] - lo),
+                    shape=((b1 - b0) * R, K),
+                )
+                out[:] = (block @ x.reshape(K, N)).reshape(-1)
+            elif N == 1:
+                _sparsetools.bsr_matvec(b1 - b0, nbcol, R, C, indptr[b0 : b1 + 1], indices, data, x, out)
+            else:
+                _sparsetools.bsr_matvecs(b1 - b0, nbcol, N, R, C, indptr[b0 : b1 + 1], indices, data, x, out)
+
+        _run(_row_blocks(indptr, _num_threads(threads, nnzb * R * C * N, M // R)), job)
+    out = torch.from_numpy(y)
+    return out if compute == W.dtype else out.to(W.dtype)
+
+
+# -- choice ------------------------------------------------------------------------------------
+def auto_cpu_backend(layout: torch.layout, dtype: torch.dtype, batch: int) -> str:
+    """The faster CPU path, ``"scipy"`` or ``"torch"``, for a product with ``batch`` columns.
+
+    torch's CSR / BSR products (MKL, multi-threaded) win from ``TORCH_MIN_BATCH`` (2) columns
+    on; scipy (threaded row blocks) wins at a single column (a matrix-vector product), and is the
+    only path for float16 / bfloat16, which torch's CPU sparse product refuses. The layout does
+    not change the rule (measured for both). Measurements: bench/cpu_crossover.md.
+
+    >>> import torch
+    >>> auto_cpu_backend(torch.sparse_csr, torch.float32, 1), auto_cpu_backend(torch.sparse_csr, torch.float32, 128)
+    ('scipy', 'torch')
+    >>> auto_cpu_backend(torch.sparse_csr, torch.bfloat16, 128)
+    'scipy'
+    """
+    if dtype not in _FLOATS:
+        return "scipy"
+    return "torch" if batch >= TORCH_MIN_BATCH else "scipy"

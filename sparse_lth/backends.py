@@ -1,0 +1,191 @@
+"""Which kernel multiplies a sparse weight: chosen by layout, device, dtype and batch, or forced.
+
+Backends:
+
+- ``"triton"``: the Triton kernels (``sparse_lth.kernels.csr`` / ``bsr``); CUDA, or CPU tensors
+  under ``TRITON_INTERPRET=1`` (slow, for tests). float32 / float16 / bfloat16.
+- ``"scipy"``: scipy.sparse on the CPU, row blocks on a thread pool (``kernels/cpu.py``).
+  Every float dtype (float16 / bfloat16 computed in float32).
+- ``"torch"``: torch's own sparse product (MKL on the CPU, cuSPARSE on CUDA). On the CPU
+  float32 / float64 only: torch refuses float16 / bfloat16 there.
+- ``"dense"``: densify and use a dense matmul (a reference, and the fallback elsewhere).
+- ``"auto"``: on CUDA Triton (torch when Triton is missing or the dtype is float64); on the CPU
+  the measured rule of :func:`sparse_lth.kernels.cpu.auto_cpu_backend` (scipy for a single
+  column and for float16 / bfloat16, torch's MKL product for wider batches; see
+  ``bench/cpu_crossover.md``); on any other device dense.
+
+>>> import torch
+>>> choose_backend("csr", "cpu", torch.float32, batch=1), choose_backend("csr", "cpu", torch.float32, batch=16)
+('scipy', 'torch')
+>>> W = torch.tensor([[0., 2.], [1., 0.]]).to_sparse_csr()
+>>> sparse_linear(torch.ones(3, 2), W, bias=torch.tensor([10., 20.]), backend="scipy")
+tensor([[12., 21.],
+        [12., 21.],
+        [12., 21.]])
+"""
+
+from __future__ import annotations
+
+from typing import Literal, Union
+
+import torch
+import torch.nn.functional as F
+
+from sparse_lth import kernels
+from sparse_lth.kernels import _triton
+from sparse_lth.kernels.cpu import auto_cpu_backend, cpu_bsr_matmul, cpu_csr_matmul
+
+__all__ = ["BACKENDS", "Backend", "choose_backend", "sparse_matmul", "sparse_linear"]
+
+Backend = Literal["auto", "triton", "scipy", "torch", "dense"]
+BACKENDS: tuple[str, ...] = ("auto", "triton", "scipy", "torch", "dense")
+LayoutLike = Union[str, torch.layout]
+
+_LAYOUTS = {"csr": torch.sparse_csr, "bsr": torch.sparse_bsr}
+_TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_TORCH_CPU_DTYPES = (torch.float32, torch.float64)
+
+
+def _layout(layout: LayoutLike) -> torch.layout:
+    if isinstance(layout, torch.layout) and layout in _LAYOUTS.values():
+        return layout
+    if isinstance(layout, str) and layout in _LAYOUTS:
+        return _LAYOUTS[layout]
+    raise ValueError(f"layout must be 'csr', 'bsr', torch.sparse_csr or torch.sparse_bsr, got {layout!r}")
+
+
+def choose_backend(
+    layout: LayoutLike,
+    device: torch.device | str,
+    dtype: torch.dtype,
+    batch: int = 1,
+    backend: str = "auto",
+) -> str:
+    """The concrete backend (``"triton"``, ``"scipy"``, ``"torch"`` or ``"dense"``) for one product.
+
+    ``batch`` is the number of columns of X (rows of a linear layer's 2-D input). A forced
+    backend that cannot run here raises ValueError saying why, rather than silently falling back.
+
+    >>> import torch
+    >>> choose_backend("bsr", "cpu", torch.bfloat16, batch=64)
+    'scipy'
+    >>> choose_backend("csr", "cpu", torch.bfloat16, backend="torch")
+    Traceback (most recent call last):
+    ...
+    ValueError: backend 'torch' on the CPU supports float32 / float64 only (torch's sparse CPU product refuses torch.bfloat16); use 'scipy' or 'auto'
+    """
+    layout = _layout(layout)
+    device = torch.device(device)
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        if device.type == "cuda":
+            return "triton" if kernels.has_triton() and dtype in _TRITON_DTYPES else "torch"
+        if device.type == "cpu":
+            return auto_cpu_backend(layout, dtype, batch)
+        return "dense"
+    if backend == "scipy" and device.type != "cpu":
+        raise ValueError(f"backend 'scipy' runs on the CPU only, got a tensor on {device}")
+    if backend == "torch" and device.type == "cpu" and dtype not in _TORCH_CPU_DTYPES:
+        raise ValueError(
+            f"backend 'torch' on the CPU supports float32 / float64 only (torch's sparse CPU product "
+            f"refuses {dtype}); use 'scipy' or 'auto'"
+        )
+    if backend == "triton":
+        if not kernels.has_triton():
+            raise ValueError("backend 'triton' needs Triton installed (pip install triton, Linux)")
+        if device.type != "cuda" and not _triton.is_interpreting():
+            raise ValueError(f"backend 'triton' needs CUDA tensors (or TRITON_INTERPRET=1 on the CPU), got {device}")
+        if dtype not in _TRITON_DTYPES:
+            raise ValueError(f"backend 'triton' supports float32 / float16 / bfloat16, got {dtype}")
+    return backend
+
+
+def _check_operands(W: torch.Tensor, other: torch.Tensor, name: str) -> None:
+    if not isinstance(W, torch.Tensor) or W.layout not in _LAYOUTS.values():
+        got = W.layout if isinstance(W, torch.Tensor) else type(W).__name__
+        raise ValueError(f"W must be a torch sparse CSR or BSR tensor, got {got}")
+    if not isinstance(other, torch.Tensor) or other.layout != torch.strided:
+        raise ValueError(f"{name} must be a dense (strided) torch tensor")
+    if other.device != W.device:
+        raise ValueError(f"W and {name} must be on one device, got {W.device} and {other.device}")
+    if other.dtype != W.dtype:
+        raise ValueError(f"W and {name} must share a dtype, got W {W.dtype} and {name} {other.dtype}")
+
+
+def sparse_matmul(W: torch.Tensor, X: torch.Tensor, backend: str = "auto", threads: int | None = None) -> torch.Tensor:
+    """``W @ X`` for a sparse CSR / BSR ``W`` [M, K] and a dense ``X`` [K, N] with the chosen backend.
+
+    ``threads`` is passed to the scipy path (None: its default). Returns a dense [M, N] tensor.
+
+    >>> import torch
+    >>> W = torch.tensor([[0., 2.], [1., 0.]]).to_sparse_csr()
+    >>> sparse_matmul(W, torch.eye(2), backend="torch")
+    tensor([[0., 2.],
+            [1., 0.]])
+    """
+    _check_operands(W, X, "X")
+    if X.dim() != 2 or X.shape[0] != W.shape[1]:
+        raise ValueError(f"X must have shape [K, N] with K = {W.shape[1]} (W is {tuple(W.shape)}), got {tuple(X.shape)}")
+    name = choose_backend(W.layout, W.device, W.dtype, X.shape[1], backend)
+    csr = W.layout == torch.sparse_csr
+    if name == "scipy":
+        return (cpu_csr_matmul if csr else cpu_bsr_matmul)(W, X, threads=threads)
+    if name == "triton":
+        return (kernels.triton_csr_matmul if csr else kernels.triton_bsr_matmul)(W, X)
+    if name == "torch":
+        return W @ X
+    return W.to_dense() @ X
+
+
+def sparse_linear(
+    x: torch.Tensor,
+    W: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    backend: str = "auto",
+    threads: int | None = None,
+) -> torch.Tensor:
+    """A linear layer with a sparse weight: ``x @ W.T + bias`` for ``x`` [..., K], ``W`` [M, K].
+
+    The weight is used as stored (no transpose of W per call): the CPU paths compute
+    ``W @ x.T`` and hand back its transpose; Triton reads ``x`` row-major directly. Returns a
+    contiguous [..., M] tensor of x's dtype.
+
+    >>> import torch
+    >>> W = torch.tensor([[0., 2.], [1., 0.]]).to_sparse_csr()
+    >>> sparse_linear(torch.tensor([[1., 3.]]), W, backend="dense")
+    tensor([[6., 1.]])
+    """
+    _check_operands(W, x, "x")
+    M, K = W.shape
+    if x.dim() < 1 or x.shape[-1] != K:
+        raise ValueError(f"x must have shape [..., {K}] (W is {tuple(W.shape)}), got {tuple(x.shape)}")
+    if bias is not None and (bias.shape != (M,) or bias.dtype != x.dtype or bias.device != x.device):
+        raise ValueError(
+            f"bias must be a [{M}] tensor of {x.dtype} on {x.device}, got {tuple(bias.shape)} "
+            f"{bias.dtype} on {bias.device}"
+        )
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, K)
+    N = x2.shape[0]
+    name = choose_backend(W.layout, W.device, W.dtype, N, backend)
+    csr = W.layout == torch.sparse_csr
+    if name == "dense":
+        y = F.linear(x2, W.to_dense(), bias)
+    elif name == "triton":
+        y = (kernels.triton_csr_linear if csr else kernels.triton_bsr_linear)(W, x2.contiguous())
+        if bias is not None:
+            y += bias
+    else:
+        # [K, N] view of x; scipy copies it to row-major (cheap next to the product), MKL reads
+        # it in place. The [M, N] result goes back to [N, M] in the same pass as the bias add.
+        if name == "scipy":
+            yt = (cpu_csr_matmul if csr else cpu_bsr_matmul)(W, x2.t(), threads=threads)
+        else:
+            yt = W @ x2.t()
+        y = torch.empty((N, M), dtype=x.dtype, device=x.device)
+        if bias is not None:
+            torch.add(yt.t(), bias, out=y)
+        else:
+            y.copy_(yt.t())
+    return y.reshape(*lead, M)

@@ -1,0 +1,449 @@
+"""Sparse checkpoints: one safetensors file, pruned weights as CSR / BSR parts.
+
+File layout (format version 1)
+------------------------------
+safetensors stores only strided tensors, so a sparse weight ``name`` is three tensors:
+
+* ``name::crow_indices``  int32 (int64 past 2**31 - 1 stored entries);
+* ``name::col_indices``   int16 when the width allows (at most 32768 columns, or block
+  columns for BSR), else int32 / int64;
+* ``name::values``        the weight's dtype: ``(nnz,)`` for CSR, ``(blocks, br, bc)`` for BSR.
+
+Every other tensor is stored dense under its own name. The string metadata key
+``"sparse_lth"`` holds JSON::
+
+    {"format_version": 1,
+     "tensors": {"fc.weight": {"format": "csr", "shape": [300, 784], "dtype": "float32",
+                               "block": null},
+                 "fc.bias":   {"format": "dense", "shape": [300], "dtype": "float32"}}}
+
+A conv weight is stored as its ``(out, in * kh * kw)`` matrix; a BSR matrix is padded with
+zeros to whole blocks and ``shape`` keeps the logical shape. Tensors are listed in the state
+dict's order.
+
+Which tensors are stored sparse: with a mask, exactly the ones it names (their alive entries,
+zeros included; pruned entries read back as +0.0). Without one, every floating tensor of two or
+more dimensions whose sparse parts are smaller than its dense bytes. A sparse tensor must be
+finite: NaN / Inf is a ``ValueError`` naming it.
+
+Reading validates everything (metadata against tensors, canonical indices) and raises a
+``ValueError`` naming the file, the tensor and the problem.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from sparse_lth import run_files
+from sparse_lth.formats import (
+    VALUE_DTYPES,
+    SparseWeight,
+    _blocksize,
+    _check_compressed,
+    _check_finite,
+    _dense_from_parts,
+    _make,
+    _matrix_shape,
+    padded_shape,
+    to_sparse_weight,
+)
+
+__all__ = ["ConvertReport", "TensorReport", "convert_checkpoint", "load_sparse", "save_sparse"]
+
+FORMAT_VERSION = 1
+METADATA_KEY = "sparse_lth"
+FORMATS = ("csr", "bsr")
+_PARTS = ("crow_indices", "col_indices", "values")
+_SEP = "::"
+_DTYPES = {str(d).removeprefix("torch."): d for d in (
+    torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.int8, torch.int16, torch.int32,
+    torch.int64, torch.uint8, torch.bool, torch.float8_e4m3fn, torch.float8_e5m2,
+)}
+_INT16_LIMIT = 2**15  # column indices 0 .. 32767
+_INT32_MAX = 2**31 - 1
+
+
+@dataclass(frozen=True)
+class TensorReport:
+    """How one tensor was stored: format ("csr", "bsr" or "dense"), logical shape, density (share
+    of entries alive: the mask's, else the nonzeros'), bytes in the file, and for BSR the share of
+    blocks stored."""
+
+    format: str
+    shape: tuple[int, ...]
+    density: float
+    nbytes: int
+    block_density: float | None = None
+
+
+@dataclass(frozen=True)
+class ConvertReport:
+    """What :func:`convert_checkpoint` did: file sizes and how each tensor was stored."""
+
+    src: str
+    dst: str
+    format: str
+    blocksize: tuple[int, int] | None
+    bytes_before: int
+    bytes_after: int
+    tensors: dict[str, TensorReport] = field(default_factory=dict)
+
+    @property
+    def ratio(self) -> float:
+        """bytes_after / bytes_before."""
+        return self.bytes_after / self.bytes_before if self.bytes_before else float("nan")
+
+    def densities(self) -> dict[str, float]:
+        return {name: t.density for name, t in self.tensors.items()}
+
+    def __str__(self) -> str:
+        lines = [f"{self.src} -> {self.dst} ({self.format}"
+                 + (f", block {self.blocksize[0]}x{self.blocksize[1]})" if self.blocksize else ")"),
+                 f"bytes before {self.bytes_before:,}  after {self.bytes_after:,}  ({100 * self.ratio:.2f}%)"]
+        for name, t in self.tensors.items():
+            if t.format != "dense":
+                extra = f", block density {t.block_density:.4f}" if t.block_density is not None else ""
+                lines.append(f"  {name}: {t.format} {list(t.shape)} density {t.density:.4f}{extra}")
+        return "\n".join(lines)
+
+
+# -- writing ------------------------------------------------------------------------------------
+def _col_dtype(width: int) -> torch.dtype:
+    if width <= _INT16_LIMIT:
+        return torch.int16
+    return torch.int32 if width - 1 <= _INT32_MAX else torch.int64
+
+
+def _sparse_parts(sw: SparseWeight) -> dict[str, torch.Tensor]:
+    m = sw.matrix
+    nnz = m.values().shape[0]
+    width = m.shape[1] if sw.format == "csr" else m.shape[1] // sw.blocksize[1]  # type: ignore[index]
+    return {
+        "crow_indices": m.crow_indices().to(torch.int32 if nnz <= _INT32_MAX else torch.int64),
+        "col_indices": m.col_indices().to(_col_dtype(width)),
+        "values": m.values(),
+    }
+
+
+def _parts_nbytes(parts: Mapping[str, torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in parts.values())
+
+
+def _state_dict_of(obj: nn.Module | Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    if isinstance(obj, nn.Module):
+        return dict(obj.state_dict())
+    if not isinstance(obj, Mapping):
+        raise TypeError(f"expected an nn.Module or a state dict, got {type(obj).__name__}")
+    for name, t in obj.items():
+        if not isinstance(name, str):
+            raise ValueError(f"state dict key {name!r} is not a string")
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"state dict entry {name!r} is a {type(t).__name__}, not a tensor")
+        if t.layout != torch.strided:
+            raise ValueError(f"state dict entry {name!r} has layout {t.layout}; save dense tensors")
+    return dict(obj)
+
+
+def _check_mask(mask: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor]) -> None:
+    for name, m in mask.items():
+        if name not in state:
+            raise ValueError(f"mask names {name!r}, which the state dict has no tensor of")
+        if not isinstance(m, torch.Tensor) or m.dtype != torch.bool:
+            raise ValueError(f"mask[{name!r}] must be a bool tensor, got "
+                             f"{m.dtype if isinstance(m, torch.Tensor) else type(m).__name__}")
+        if m.shape != state[name].shape:
+            raise ValueError(f"mask[{name!r}] has shape {tuple(m.shape)}, tensor {name!r} has "
+                             f"{tuple(state[name].shape)}")
+        if state[name].dtype not in VALUE_DTYPES:
+            raise ValueError(f"mask names {name!r}, a {state[name].dtype} tensor; only fp16, bf16, "
+                             "fp32 and fp64 tensors can be stored sparse")
+
+
+def _build(obj: nn.Module | Mapping[str, torch.Tensor], format: str, blocksize: Any,
+           mask: Mapping[str, torch.Tensor] | None
+           ) -> tuple[dict[str, torch.Tensor], dict[str, str], dict[str, TensorReport]]:
+    """The tensors, metadata and per-tensor report of a sparse checkpoint."""
+    if format not in FORMATS:
+        raise ValueError(f"format must be 'csr' or 'bsr', got {format!r}")
+    if format == "bsr":
+        if blocksize is None:
+            raise ValueError("format='bsr' needs a blocksize (an int or (rows, cols))")
+        blocksize = _blocksize(blocksize, "blocksize")
+    elif blocksize is not None:
+        raise ValueError(f"blocksize is only for format='bsr', got blocksize={blocksize!r} with 'csr'")
+    state = _state_dict_of(obj)
+    if mask is not None:
+        _check_mask(mask, state)
+    tensors: dict[str, torch.Tensor] = {}
+    entries: dict[str, dict[str, Any]] = {}
+    report: dict[str, TensorReport] = {}
+    seen_storage: set[int] = set()
+    for name, t in state.items():
+        if _SEP in name:
+            raise ValueError(f"tensor name {name!r} contains {_SEP!r}, which this format reserves")
+        t = t.detach().cpu()
+        dtype = str(t.dtype).removeprefix("torch.")
+        if dtype not in _DTYPES:
+            raise ValueError(f"{name}: dtype {t.dtype} cannot be stored")
+        shape = list(t.shape)
+        sparse = None
+        if mask is not None and name in mask:
+            sparse = to_sparse_weight(t, format, blocksize, mask=mask[name].cpu(), name=name)
+        elif mask is None and t.dtype in VALUE_DTYPES and t.dim() >= 2:
+            candidate = to_sparse_weight(t, format, blocksize, name=name)
+            if _parts_nbytes(_sparse_parts(candidate)) < t.numel() * t.element_size():
+                sparse = candidate
+        if sparse is None:
+            t = t.contiguous()
+            if t.numel() and t.untyped_storage().data_ptr() in seen_storage:
+                t = t.clone()  # tied weights: safetensors refuses shared storage
+            if t.numel():
+                seen_storage.add(t.untyped_storage().data_ptr())
+            tensors[name] = t
+            entries[name] = {"format": "dense", "shape": shape, "dtype": dtype}
+            nonzero = float((t != 0).float().mean()) if t.numel() and t.dtype != torch.bool else 1.0
+            report[name] = TensorReport("dense", tuple(shape), nonzero, t.numel() * t.element_size())
+            continue
+        parts = _sparse_parts(sparse)
+        for part, value in parts.items():
+            tensors[f"{name}{_SEP}{part}"] = value
+        entries[name] = {"format": format, "shape": shape, "dtype": dtype,
+                         "block": list(blocksize) if format == "bsr" else None}
+        numel = t.numel()
+        alive = int(mask[name].sum()) if mask is not None else int((t != 0).sum())
+        block_density = None
+        if format == "bsr":
+            prows, pcols = sparse.matrix.shape
+            nblocks = (prows // blocksize[0]) * (pcols // blocksize[1])
+            block_density = parts["values"].shape[0] / nblocks if nblocks else 1.0
+        report[name] = TensorReport(format, tuple(shape), alive / numel if numel else 1.0,
+                                    _parts_nbytes(parts), block_density)
+    metadata = {METADATA_KEY: json.dumps({"format_version": FORMAT_VERSION, "tensors": entries})}
+    return tensors, metadata, report
+
+
+def save_sparse(model_or_state_dict: nn.Module | Mapping[str, torch.Tensor], path: str | Path,
+                format: str = "csr", blocksize: int | tuple[int, int] | None = None,
+                mask: Mapping[str, torch.Tensor] | None = None) -> dict[str, TensorReport]:
+    """Write a model or state dict as ONE sparse safetensors file (atomically); see module doc.
+
+    ``mask`` (a :class:`~sparse_lth.masks.Mask` or name -> bool tensor) names the pruned tensors
+    and their alive entries; BSR needs ``blocksize``. Returns how each tensor was stored.
+
+    >>> import tempfile, os
+    >>> model = nn.Linear(64, 32)
+    >>> from sparse_lth.masks import Mask
+    >>> mask = Mask({"weight": torch.rand(32, 64) < 0.1})
+    >>> path = os.path.join(tempfile.mkdtemp(), "ticket.safetensors")
+    >>> report = save_sparse(model, path, mask=mask)
+    >>> report["weight"].format, report["bias"].format
+    ('csr', 'dense')
+    >>> state = load_sparse(path)
+    >>> torch.equal(state["weight"], model.weight.detach() * mask["weight"])
+    True
+    """
+    tensors, metadata, report = _build(model_or_state_dict, format, blocksize, mask)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    run_files.atomic_save_safetensors(tensors, path, metadata=metadata)
+    return report
+
+
+# -- reading ------------------------------------------------------------------------------------
+def _read_file(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    from safetensors import safe_open
+
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint file {path}")
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            metadata = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # safetensors raises its own error types for broken headers
+        raise ValueError(f"{path}: not a readable safetensors file (truncated or corrupt?): {e}") from e
+    return tensors, metadata
+
+
+def _entries(path: Path, metadata: Mapping[str, str]) -> dict[str, dict[str, Any]]:
+    if METADATA_KEY not in metadata:
+        raise ValueError(f"{path}: not a sparse_lth checkpoint (no {METADATA_KEY!r} metadata)")
+    try:
+        info = json.loads(metadata[METADATA_KEY])
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: {METADATA_KEY!r} metadata is not valid JSON: {e}") from e
+    if not isinstance(info, dict) or not isinstance(info.get("tensors"), dict):
+        raise ValueError(f"{path}: {METADATA_KEY!r} metadata has no 'tensors' table")
+    if info.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"{path}: format_version {info.get('format_version')!r} is not supported "
+                         f"(this version reads {FORMAT_VERSION})")
+    return info["tensors"]
+
+
+def _expect(cond: bool, path: Path, name: str, problem: str) -> None:
+    if not cond:
+        raise ValueError(f"{path}: tensor {name!r}: {problem}")
+
+
+def _read_entry(path: Path, name: str, entry: Any, tensors: Mapping[str, torch.Tensor],
+                dense: bool) -> tuple[torch.Tensor | SparseWeight, list[str]]:
+    """One tensor of the file, checked against its metadata; and the file keys it used."""
+    _expect(isinstance(entry, dict), path, name, "metadata entry is not a JSON object")
+    fmt, shape, dtype_name = entry.get("format"), entry.get("shape"), entry.get("dtype")
+    _expect(fmt in ("dense", *FORMATS), path, name, f"unknown format {fmt!r}")
+    _expect(isinstance(shape, list) and all(isinstance(s, int) and s >= 0 for s in shape), path, name,
+            f"shape {shape!r} is not a list of non-negative ints")
+    _expect(dtype_name in _DTYPES, path, name, f"unknown dtype {dtype_name!r}")
+    dtype, shape = _DTYPES[dtype_name], tuple(shape)
+    if fmt == "dense":
+        _expect(name in tensors, path, name, "listed in the metadata but missing from the file")
+        t = tensors[name]
+        _expect(t.dtype == dtype, path, name, f"metadata says {dtype_name}, the tensor is {t.dtype}")
+        _expect(tuple(t.shape) == shape, path, name,
+                f"metadata says shape {list(shape)}, the tensor has {list(t.shape)}")
+        return t, [name]
+
+    keys = [f"{name}{_SEP}{part}" for part in _PARTS]
+    for key in keys:
+        _expect(key in tensors, path, name, f"sparse part {key!r} is missing from the file")
+    crow, col, values = (tensors[k] for k in keys)
+    _expect(dtype in VALUE_DTYPES, path, name, f"a sparse tensor cannot have dtype {dtype_name}")
+    _expect(values.dtype == dtype, path, name, f"metadata says {dtype_name}, the values are {values.dtype}")
+    _expect(crow.dtype in (torch.int32, torch.int64), path, name,
+            f"crow_indices must be int32 or int64, got {crow.dtype}")
+    _expect(col.dtype in (torch.int16, torch.int32, torch.int64), path, name,
+            f"col_indices must be int16, int32 or int64, got {col.dtype}")
+    rows, cols = _matrix_shape(shape)
+    if fmt == "csr":
+        _expect(entry.get("block") is None, path, name, f"a csr tensor has block {entry.get('block')!r}")
+        _expect(values.dim() == 1, path, name, f"csr values must be 1-D, got shape {list(values.shape)}")
+        size = (rows, cols)
+        grid = size
+        layout = torch.sparse_csr
+    else:
+        block = entry.get("block")
+        _expect(isinstance(block, list) and len(block) == 2 and all(isinstance(b, int) and b > 0 for b in block),
+                path, name, f"bsr block {block!r} is not two positive ints")
+        _expect(values.dim() == 3 and list(values.shape[1:]) == block, path, name,
+                f"bsr values must be (blocks, {block[0]}, {block[1]}), got shape {list(values.shape)}")
+        size = padded_shape((rows, cols), tuple(block))  # type: ignore[arg-type]
+        grid = (size[0] // block[0], size[1] // block[1])
+        layout = torch.sparse_bsr
+    try:
+        _check_compressed(crow.numpy(), col.numpy(), grid[0], grid[1], values.shape[0],
+                          f"{path}: tensor {name!r}", "" if fmt == "csr" else "block ")
+        _check_finite(values, f"{path}: tensor {name!r} values")
+    except ValueError as e:
+        raise ValueError(f"{e} (the metadata disagrees with the tensors, or the file is corrupt)") from None
+    index_dtype = crow.dtype
+    crow, col = crow.to(index_dtype), col.to(index_dtype)
+    if dense:
+        return _dense_from_parts(layout, crow, col, values, size)[:rows, :cols].reshape(shape), keys
+    return SparseWeight(_make(layout, crow, col, values, size), shape), keys
+
+
+def load_sparse(path: str | Path, dense: bool = True) -> dict[str, Any]:
+    """Read a file written by :func:`save_sparse`.
+
+    ``dense=True``: a state dict of dense tensors that ``model.load_state_dict`` takes, equal
+    bit for bit to what was saved (pruned entries as +0.0). ``dense=False``: the sparse tensors
+    as :class:`~sparse_lth.formats.SparseWeight` (a torch CSR / BSR matrix plus the logical
+    shape, ready for deployment) and the others as dense tensors.
+    Raises ``ValueError`` naming the file and tensor for a truncated or corrupt file or metadata
+    that disagrees with the tensors.
+
+    >>> import tempfile, os
+    >>> path = os.path.join(tempfile.mkdtemp(), "w.safetensors")
+    >>> w = torch.zeros(8, 8); w[2, 3] = 1.5
+    >>> _ = save_sparse({"w": w}, path)
+    >>> torch.equal(load_sparse(path)["w"], w), load_sparse(path, dense=False)["w"].format
+    (True, 'csr')
+    """
+    path = Path(path)
+    tensors, metadata = _read_file(path)
+    entries = _entries(path, metadata)
+    out: dict[str, Any] = {}
+    used: set[str] = set()
+    for name, entry in entries.items():
+        out[name], keys = _read_entry(path, name, entry, tensors, dense)
+        used.update(keys)
+    extra = sorted(set(tensors) - used)
+    if extra:
+        raise ValueError(f"{path}: tensor(s) {extra[:5]} are in the file but not in its metadata")
+    return out
+
+
+# -- converting ---------------------------------------------------------------------------------
+_TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
+
+
+def _is_sparse_file(path: Path) -> bool:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return METADATA_KEY in (f.metadata() or {})
+    except Exception:
+        return False
+
+
+def _read_source(src: Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None, int]:
+    """(state dict, mask or None, bytes of the source's weight file)."""
+    if src.is_dir():
+        if not run_files.is_run_dir(src):
+            raise ValueError(f"{src} is a directory but not a run directory of a lottery search")
+        rounds = run_files.completed_rounds(src)
+        mask, trained, _ = run_files.last_ticket(src)
+        weights_file = run_files.round_dir(src, rounds[-1]) / run_files.TRAINED_FILE
+        return trained, mask, weights_file.stat().st_size
+    if not src.is_file():
+        raise FileNotFoundError(f"no checkpoint at {src}")
+    size = src.stat().st_size
+    if src.suffix == ".safetensors":
+        if _is_sparse_file(src):
+            return load_sparse(src, dense=True), None, size
+        tensors, _ = _read_file(src)
+        return tensors, None, size
+    if src.suffix not in _TORCH_SUFFIXES:
+        raise ValueError(f"{src}: unknown checkpoint type {src.suffix!r} (expected .safetensors, "
+                         f"{', '.join(_TORCH_SUFFIXES)} or a run directory)")
+    try:
+        obj = torch.load(src, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(f"{src}: not a readable torch state dict (truncated, corrupt, or holds "
+                         f"more than tensors): {e}") from e
+    if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
+        obj = obj["state_dict"]  # the common {"state_dict": ..., "epoch": ...} wrapper
+    if not isinstance(obj, Mapping):
+        raise ValueError(f"{src}: holds a {type(obj).__name__}, not a state dict")
+    return _state_dict_of(obj), None, size
+
+
+def convert_checkpoint(src: str | Path, dst: str | Path, format: str = "csr",
+                       blocksize: int | tuple[int, int] | None = None) -> ConvertReport:
+    """Convert a dense checkpoint to one sparse safetensors file at ``dst`` (written atomically).
+
+    ``src`` is a torch ``.pt`` / ``.pth`` state dict (read with ``weights_only=True``), a
+    safetensors file (dense, or sparse to re-encode), or a search's run directory (its newest
+    ticket, mask applied). Returns sizes before and after and per-tensor densities.
+
+    >>> import tempfile, os
+    >>> d = tempfile.mkdtemp()
+    >>> w = torch.zeros(256, 256); w[::16, ::16] = 1.0
+    >>> torch.save({"fc.weight": w}, os.path.join(d, "dense.pt"))
+    >>> r = convert_checkpoint(os.path.join(d, "dense.pt"), os.path.join(d, "sparse.safetensors"))
+    >>> r.tensors["fc.weight"].format, r.bytes_after < r.bytes_before / 50
+    ('csr', True)
+    """
+    src, dst = Path(src), Path(dst)
+    state, mask, bytes_before = _read_source(src)
+    report = save_sparse(state, dst, format=format, blocksize=blocksize, mask=mask)
+    return ConvertReport(str(src), str(dst), format,
+                         _blocksize(blocksize, "blocksize") if blocksize is not None else None,
+                         bytes_before, dst.stat().st_size, report)

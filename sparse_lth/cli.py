@@ -1,0 +1,133 @@
+"""The ``sparse-lth`` command: demo | search | convert | report.
+
+Each subcommand is a ``_cmd_<name>(args)`` function and a parser block in ``build_parser``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+DEMO_SETTINGS = dict(model="lenet300", dataset="digits", rounds=8, iterations=1500, eval_every=50,
+                     controls=("random_reinit",))
+
+
+def _parse_block(text: str | None) -> tuple[int, int] | None:
+    if text is None:
+        return None
+    parts = text.lower().split("x")
+    try:
+        rows, cols = (int(parts[0]), int(parts[-1])) if len(parts) <= 2 else (None, None)
+    except ValueError:
+        rows = cols = None
+    if rows is None or rows < 1 or cols < 1:
+        raise argparse.ArgumentTypeError(f"block must look like 32x32 or 16, got {text!r}")
+    return rows, cols
+
+
+def _run_search(config, out_dir: str, data_dir: str | None, threads: int | None) -> int:
+    import torch
+
+    from sparse_lth.lottery import find_ticket
+    from sparse_lth.run_files import PLOT_FILE
+
+    if threads:
+        torch.set_num_threads(threads)
+    ticket = find_ticket(config, out_dir, data_dir=data_dir)
+    print(ticket.table())
+    print(f"\nrun directory: {ticket.run_dir}\nplot: {ticket.run_dir / PLOT_FILE}")
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from sparse_lth.lottery import LotteryConfig
+
+    print("Finding a lottery ticket in LeNet-300-100 on the embedded 8x8 digits "
+          f"({DEMO_SETTINGS['rounds']} pruning rounds, with the random-reinit control)...", file=sys.stderr)
+    return _run_search(LotteryConfig(**DEMO_SETTINGS, seed=args.seed), args.out, None, args.threads)
+
+
+def _cmd_search(args: argparse.Namespace) -> int:
+    from sparse_lth.lottery import LotteryConfig
+
+    controls = tuple(c for c in args.controls.split(",") if c) if args.controls else ()
+    config = LotteryConfig(
+        model=args.model, dataset=args.dataset, rounds=args.rounds, iterations=args.iterations,
+        batch_size=args.batch_size, optimizer=args.optimizer, lr=args.lr, weight_decay=args.weight_decay,
+        prune_fraction=args.prune, output_fraction=args.output_prune, conv_fraction=args.conv_prune,
+        scope=args.scope, block=args.block, rewind_iteration=args.rewind, eval_every=args.eval_every,
+        val_size=args.val_size, seed=args.seed, controls=controls,
+    )
+    return _run_search(config, args.out, args.data_dir, args.threads)
+
+
+def _cmd_convert(args: argparse.Namespace) -> int:
+    from sparse_lth.checkpoint import convert_checkpoint
+
+    print(convert_checkpoint(args.src, args.dst, format=args.format, blocksize=args.block))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from sparse_lth.lottery import CONTROLS, LotteryConfig
+    from sparse_lth.data import DATASETS
+    from sparse_lth.models import MODELS
+
+    parser = argparse.ArgumentParser(prog="sparse-lth", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    defaults = LotteryConfig()
+
+    def common(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--out", default="runs", help="folder for run directories (default: runs)")
+        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+
+    demo = sub.add_parser("demo", help="find a ticket on the embedded digits in about a minute")
+    common(demo)
+    demo.set_defaults(func=_cmd_demo)
+
+    search = sub.add_parser("search", help="iterative magnitude pruning with rewinding (resumable)")
+    common(search)
+    search.add_argument("--model", choices=MODELS, default=defaults.model)
+    search.add_argument("--dataset", choices=DATASETS, default=defaults.dataset)
+    search.add_argument("--data-dir", default=None, help="folder with the IDX files (or $SPARSE_LTH_DATA)")
+    search.add_argument("--rounds", type=int, default=defaults.rounds, help="pruning rounds after the dense one")
+    search.add_argument("--iterations", type=int, default=defaults.iterations, help="training steps per round")
+    search.add_argument("--batch-size", type=int, default=defaults.batch_size)
+    search.add_argument("--optimizer", choices=("adam", "sgd"), default=defaults.optimizer)
+    search.add_argument("--lr", type=float, default=defaults.lr)
+    search.add_argument("--weight-decay", type=float, default=defaults.weight_decay)
+    search.add_argument("--prune", type=float, default=defaults.prune_fraction,
+                        help="share of surviving weights removed per round (fully connected layers)")
+    search.add_argument("--output-prune", type=float, default=None, help="output layer's rate (default: half)")
+    search.add_argument("--conv-prune", type=float, default=None, help="conv layers' rate (default: the paper's)")
+    search.add_argument("--scope", choices=("layerwise", "global"), default=defaults.scope)
+    search.add_argument("--block", type=_parse_block, default=None, help="prune whole tiles, e.g. 32x32")
+    search.add_argument("--rewind", type=int, default=0, help="rewind iteration k (0: reset to theta_0)")
+    search.add_argument("--eval-every", type=int, default=defaults.eval_every)
+    search.add_argument("--val-size", type=int, default=None, help="validation examples held out")
+    search.add_argument("--controls", default="random_reinit",
+                        help=f"comma-separated controls from {', '.join(CONTROLS)} ('' for none)")
+    search.set_defaults(func=_cmd_search)
+
+    convert = sub.add_parser("convert", help="dense checkpoint or run directory -> one sparse safetensors file")
+    convert.add_argument("src", help="a .pt / .pth state dict, a .safetensors file, or a run directory")
+    convert.add_argument("dst", help="the sparse .safetensors file to write")
+    convert.add_argument("--format", choices=("csr", "bsr"), default="csr")
+    convert.add_argument("--block", type=_parse_block, default=None, help="BSR block, e.g. 32 or 32x16")
+    convert.set_defaults(func=_cmd_convert)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"sparse-lth {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

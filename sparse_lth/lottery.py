@@ -1,0 +1,315 @@
+"""Iterative magnitude pruning with rewinding: find a lottery ticket, resumably.
+
+Round 0 trains the dense network from theta_0. Every later round prunes the previous round's
+trained weights by magnitude, resets the survivors to the rewind weights (theta_0, or theta_k
+with late rewinding) and trains again. Each round lands on disk whole (see ``run_files``); a
+rerun of the same config continues after the last complete round and gives the same records.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from sparse_lth import run_files
+from sparse_lth.data import DATASETS, load_dataset
+from sparse_lth.masks import Mask
+from sparse_lth.models import MODELS, build_model, output_layer_name
+from sparse_lth.plots import plot_rounds
+from sparse_lth.pruning import SCOPES, prune_by_magnitude, random_mask_like
+from sparse_lth.training import OPTIMIZERS, TrainSettings, train
+
+CONTROLS = ("random_reinit", "random_mask")
+# The paper's per-round rates for conv layers (Frankle & Carbin, Figure 2).
+PAPER_CONV_FRACTIONS = {"conv2": 0.1, "conv4": 0.1, "conv6": 0.15}
+
+
+@dataclass(frozen=True)
+class LotteryConfig:
+    """Everything that defines a search. Defaults: the paper's LeNet-300-100 setting.
+
+    Adam 1.2e-3, batch 60, 50K iterations, validation every 100 iterations, 20% of the hidden
+    weights and 10% of the output weights pruned per round, layer-wise, reset to theta_0.
+    ``output_fraction=None`` means half of ``prune_fraction``; ``conv_fraction=None`` means
+    the paper's conv rate for the model. ``rewind_iteration=k > 0`` resets to theta_k.
+    ``block=(br, bc)`` prunes whole tiles (a block ticket for BSR).
+
+    >>> LotteryConfig(rounds=2, iterations=300).prune_fraction
+    0.2
+    """
+
+    model: str = "lenet300"
+    dataset: str = "fashion-mnist"
+    rounds: int = 15
+    iterations: int = 50_000
+    batch_size: int = 60
+    optimizer: str = "adam"
+    lr: float = 1.2e-3
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    prune_fraction: float = 0.2
+    output_fraction: float | None = None
+    conv_fraction: float | None = None
+    scope: str = "layerwise"
+    block: tuple[int, int] | None = None
+    rewind_iteration: int = 0
+    eval_every: int = 100
+    val_size: int | None = None
+    seed: int = 0
+    controls: tuple[str, ...] = ("random_reinit",)
+
+    def __post_init__(self) -> None:
+        def bad(what: str) -> None:
+            raise ValueError(f"LotteryConfig: {what}")
+
+        if self.model not in MODELS:
+            bad(f"unknown model {self.model!r}; choose one of {', '.join(MODELS)}")
+        if self.dataset not in DATASETS:
+            bad(f"unknown dataset {self.dataset!r}; choose one of {', '.join(DATASETS)}")
+        if self.rounds < 1:
+            bad(f"rounds must be at least 1 (pruning rounds after the dense round), got {self.rounds}")
+        for name in ("prune_fraction", "output_fraction", "conv_fraction"):
+            value = getattr(self, name)
+            if value is not None and not 0.0 <= value < 1.0:
+                bad(f"{name} must be in [0, 1) (share of surviving weights removed per round), got {value}")
+        if self.iterations < 1 or self.batch_size < 1 or self.eval_every < 1:
+            bad("iterations, batch_size and eval_every must be positive")
+        if not 0 <= self.rewind_iteration < self.iterations:
+            bad(f"rewind_iteration must be in [0, iterations={self.iterations}), got {self.rewind_iteration}")
+        if self.optimizer not in OPTIMIZERS:
+            bad(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
+        if self.scope not in SCOPES:
+            bad(f"scope must be one of {SCOPES}, got {self.scope!r}")
+        if self.lr <= 0:
+            bad(f"lr must be positive, got {self.lr}")
+        if self.block is not None and (len(self.block) != 2 or min(self.block) < 1):
+            bad(f"block must be (rows, cols) of positive ints, got {self.block}")
+        unknown = set(self.controls) - set(CONTROLS)
+        if unknown:
+            bad(f"unknown controls {sorted(unknown)}; choose from {', '.join(CONTROLS)}")
+        # Normalize so that equal configs hash equally whatever sequence type was passed.
+        object.__setattr__(self, "controls", tuple(self.controls))
+        if self.block is not None:
+            object.__setattr__(self, "block", tuple(int(b) for b in self.block))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> LotteryConfig:
+        data = dict(data)
+        data["controls"] = tuple(data.get("controls", ()))
+        if data.get("block") is not None:
+            data["block"] = tuple(data["block"])
+        return cls(**data)
+
+    def digest(self) -> str:
+        text = json.dumps(self.to_dict(), sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:10]
+
+    def run_name(self) -> str:
+        """The run directory's name: a rerun of the same config lands in the same folder."""
+        return f"{self.model}-{self.dataset}-{self.digest()}"
+
+    def train_settings(self) -> TrainSettings:
+        return TrainSettings(self.iterations, self.batch_size, self.optimizer, self.lr,
+                             self.momentum, self.weight_decay, self.eval_every)
+
+    def layer_fractions(self, model: torch.nn.Module) -> dict[str, float]:
+        """Per-layer rates: output layer at half rate, conv layers at the paper's conv rate."""
+        fractions = {}
+        conv = self.conv_fraction if self.conv_fraction is not None else PAPER_CONV_FRACTIONS.get(self.model)
+        for name, module in model.named_modules():
+            if isinstance(module, torch.nn.Conv2d) and conv is not None:
+                fractions[f"{name}.weight"] = conv
+        out = self.output_fraction if self.output_fraction is not None else self.prune_fraction / 2
+        fractions[output_layer_name(model)] = out
+        return fractions
+
+
+@dataclass
+class Ticket:
+    """The result of a search: the sparsest mask found, the weights survivors reset to, records.
+
+    ``records[r]`` describes round r (0 = dense); ``controls[name][i]`` the control trained on
+    round i+1's mask.
+    """
+
+    config: LotteryConfig
+    run_dir: Path
+    mask: Mask
+    rewind_state: dict[str, torch.Tensor]
+    records: list[dict[str, Any]] = field(default_factory=list)
+    controls: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+
+    def ticket_state(self) -> dict[str, torch.Tensor]:
+        """The ticket itself, f(x; m * theta_rewind): the rewind weights with the mask applied."""
+        state = {k: v.clone() for k, v in self.rewind_state.items()}
+        for name, alive in self.mask.items():
+            state[name] = state[name] * alive.to(state[name].dtype)
+        return state
+
+    def table(self) -> str:
+        """Accuracy and early stopping against weights remaining, ticket beside each control."""
+        from sparse_lth.report_table import rounds_table
+
+        return rounds_table(self.records, self.controls)
+
+
+def _load_state(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(path))
+
+
+def _record(round_index: int, mask: Mask, result, kind: str) -> dict[str, Any]:
+    return {
+        "round": round_index,
+        "kind": kind,
+        "weights_remaining": mask.density(),
+        "layer_remaining": mask.layer_densities(),
+        **result.summary(),
+        "history": [list(row) for row in result.history],
+    }
+
+
+class _Search:
+    """One search's state: the data, the model, the run directory and its progress bars."""
+
+    def __init__(self, config: LotteryConfig, out_dir: str | Path, data_dir: str | Path | None, progress: bool):
+        self.config = config
+        self.run_dir = Path(out_dir) / config.run_name()
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        run_files.remove_stale_temporaries(self.run_dir)
+        config_path = self.run_dir / run_files.CONFIG_FILE
+        if config_path.exists():
+            if LotteryConfig.from_dict(json.loads(config_path.read_text())) != config:
+                raise ValueError(f"{self.run_dir} holds a run of another config; remove it or change out_dir")
+        else:
+            run_files.atomic_write_json(config.to_dict(), config_path)
+        self.data = load_dataset(config.dataset, data_dir, config.val_size, config.seed)
+        self.model = self.fresh_model(config.seed)
+        self.settings = config.train_settings()
+        self.fractions = config.layer_fractions(self.model)
+        self.progress = progress
+        init_path = self.run_dir / run_files.INIT_FILE
+        if not init_path.exists():
+            run_files.atomic_save_safetensors(self.model.state_dict(), init_path)
+        self.init_state = _load_state(init_path)
+
+    def fresh_model(self, seed: int) -> torch.nn.Module:
+        return build_model(self.config.model, self.data.input_shape, self.data.num_classes, seed=seed)
+
+    def train_round(self, base: Path, round_index: int, mask: Mask, start: dict[str, torch.Tensor],
+                    kind: str, start_step: int = 0, snapshot_at: int | None = None):
+        self.model.load_state_dict(start)
+        desc = f"{kind} round {round_index} ({100 * mask.density():.2f}% left)"
+        with tqdm(total=self.settings.iterations - start_step, desc=desc, leave=False,
+                  disable=not self.progress, unit="it") as bar:
+            result = train(self.model, mask, self.data, self.settings, seed=self.config.seed,
+                           start_step=start_step, snapshot_at=snapshot_at, progress=bar)
+        record = _record(round_index, mask, result, kind)
+        return result, record
+
+    def rewind_state(self) -> dict[str, torch.Tensor]:
+        if self.config.rewind_iteration == 0:
+            return self.init_state
+        return _load_state(self.run_dir / run_files.REWIND_FILE)
+
+    def next_mask(self, base: Path, round_index: int) -> Mask:
+        """Prune round ``round_index - 1``'s trained weights to get this round's mask."""
+        if round_index == 0:
+            return Mask.ones_like(self.model)
+        mask_tensors, trained, _ = run_files.read_round(base, round_index - 1)
+        self.model.load_state_dict(trained)
+        return prune_by_magnitude(self.model, Mask(mask_tensors), self.config.prune_fraction,
+                                  scope=self.config.scope, layer_fractions=self.fractions,
+                                  block=self.config.block)
+
+    def run_ticket_rounds(self, bar) -> None:
+        k = self.config.rewind_iteration
+        done = set(run_files.completed_rounds(self.run_dir))
+        for r in range(self.config.rounds + 1):
+            if r in done:
+                bar.update(1)
+                continue
+            mask = self.next_mask(self.run_dir, r)
+            if r == 0:
+                result, record = self.train_round(self.run_dir, 0, mask, self.init_state, "ticket",
+                                                  snapshot_at=k or None)
+                if k:  # the rewind point must be on disk before round 0 is
+                    run_files.atomic_save_safetensors(result.snapshot, self.run_dir / run_files.REWIND_FILE)
+            else:
+                _, record = self.train_round(self.run_dir, r, mask, self.rewind_state(), "ticket", start_step=k)
+            run_files.write_round(self.run_dir, r, mask, self.model.state_dict(), record)
+            bar.update(1)
+            self.write_summary()
+
+    def run_control_rounds(self, control: str, bar) -> None:
+        base = run_files.control_dir(self.run_dir, control)
+        done = set(run_files.completed_rounds(base))
+        for r in range(1, self.config.rounds + 1):
+            if r in done:
+                bar.update(1)
+                continue
+            ticket_mask = Mask(run_files.read_round(self.run_dir, r)[0])
+            # Each control round has its own seed, derived from the run's seed and the round.
+            control_seed = self.config.seed * 1_000_003 + 7919 * r + CONTROLS.index(control) + 1
+            if control == "random_reinit":
+                mask, start = ticket_mask, self.fresh_model(control_seed).state_dict()
+            else:
+                mask = random_mask_like(ticket_mask, torch.Generator().manual_seed(control_seed))
+                start = self.rewind_state()
+            _, record = self.train_round(base, r, mask, start, control, start_step=self.config.rewind_iteration)
+            run_files.write_round(base, r, mask, self.model.state_dict(), record)
+            bar.update(1)
+            self.write_summary()
+
+    def records(self) -> tuple[list[dict], dict[str, list[dict]]]:
+        ticket = [run_files.read_round(self.run_dir, r)[2] for r in run_files.completed_rounds(self.run_dir)]
+        controls = {}
+        for control in self.config.controls:
+            base = run_files.control_dir(self.run_dir, control)
+            controls[control] = [run_files.read_round(base, r)[2] for r in run_files.completed_rounds(base)]
+        return ticket, controls
+
+    def write_summary(self) -> None:
+        ticket, controls = self.records()
+        strip = lambda rows: [{k: v for k, v in row.items() if k != "history"} for row in rows]  # noqa: E731
+        run_files.atomic_write_json({"ticket": strip(ticket), **{c: strip(rows) for c, rows in controls.items()}},
+                                    self.run_dir / run_files.SUMMARY_FILE)
+        title = f"{self.config.model} on {self.config.dataset}, {self.config.iterations} iterations/round"
+        plot_rounds({"ticket": ticket, **controls}, self.run_dir / run_files.PLOT_FILE, title)
+
+
+def find_ticket(config: LotteryConfig, out_dir: str | Path, data_dir: str | Path | None = None,
+                progress: bool = True) -> Ticket:
+    """Run (or resume) iterative magnitude pruning and its controls; return the Ticket.
+
+    Results land in ``out_dir / config.run_name()``; calling again with the same config
+    continues after the last complete round, and a finished run just loads.
+
+    >>> import tempfile
+    >>> config = LotteryConfig(dataset="digits", rounds=1, iterations=200, controls=())
+    >>> ticket = find_ticket(config, tempfile.mkdtemp(), progress=False)
+    >>> [round(r["weights_remaining"], 3) for r in ticket.records]
+    [1.0, 0.801]
+    """
+    search = _Search(config, out_dir, data_dir, progress)
+    total = config.rounds + 1 + config.rounds * len(config.controls)
+    with tqdm(total=total, desc="rounds", unit="round", disable=not progress) as bar:
+        search.run_ticket_rounds(bar)
+        for control in config.controls:
+            search.run_control_rounds(control, bar)
+    search.write_summary()
+    ticket_records, control_records = search.records()
+    last = run_files.completed_rounds(search.run_dir)[-1]
+    return Ticket(config=config, run_dir=search.run_dir, mask=Mask(run_files.read_round(search.run_dir, last)[0]),
+                  rewind_state=search.rewind_state(), records=ticket_records, controls=control_records)

@@ -1,0 +1,298 @@
+"""SparseLinear, and swapping a model's linear layers to sparse ones and back.
+
+``sparsify(model, mask)`` replaces each ``nn.Linear`` whose density is at or below
+``max_density`` by a :class:`SparseLinear` that holds its weight once, as a CSR or BSR matrix
+in the layout the kernels read (out x in, no transpose per call), and multiplies with the
+backend :mod:`sparse_lth.backends` picks: scipy or torch's MKL product on the CPU, Triton on
+CUDA. ``densify(model)`` swaps them back to ``nn.Linear`` with identical weights.
+
+Inference only: a SparseLinear's weight and bias are buffers, not parameters; nothing requires
+grad, and forward runs without autograd (its output never requires grad). Convolution layers
+are left dense (no sparse conv path yet); so are subclasses of ``nn.Linear`` (e.g. the output
+projection inside ``nn.MultiheadAttention``, which reads its weight directly).
+
+>>> import torch
+>>> from torch import nn
+>>> from sparse_lth.masks import Mask
+>>> torch.manual_seed(0)  # doctest: +ELLIPSIS
+<torch._C.Generator object at ...>
+>>> model = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
+>>> mask = Mask({"0.weight": torch.rand(32, 64) < 0.1, "2.weight": torch.rand(10, 32) < 0.1})
+>>> dense = mask.apply(model)
+>>> x = torch.randn(5, 64)
+>>> expected = dense(x)
+>>> sparse = sparsify(model, mask)
+>>> type(sparse[0]).__name__, torch.allclose(sparse(x), expected, atol=1e-5)
+('SparseLinear', True)
+>>> type(densify(sparse)[0]).__name__
+'Linear'
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Mapping
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sparse_lth.backends import BACKENDS, sparse_linear
+from sparse_lth.formats import SparseWeight, to_sparse_weight
+
+__all__ = ["SparseLinear", "sparsify", "densify", "DEFAULT_MAX_DENSITY"]
+
+#: Layers at or below this density become sparse by default. On the 2-core CPU measured in
+#: bench/cpu_crossover.md (4096 x 4096, fp32) the sparse paths beat a dense matmul up to
+#: ~20-30% density depending on the batch; 0.2 keeps the swap a win at every batch measured.
+DEFAULT_MAX_DENSITY = 0.2
+
+_INT32_MAX = 2**31 - 1
+
+
+def _int32_indices(W: torch.Tensor) -> torch.Tensor:
+    """The same sparse tensor with int32 indices where they fit: a third less memory traffic
+    than torch's default int64, for both scipy and MKL (measured faster for both)."""
+    crow, col = W.crow_indices(), W.col_indices()
+    if crow.dtype == torch.int32 or max(W.shape[0], W.shape[1], col.numel()) > _INT32_MAX:
+        return W
+    make = torch.sparse_csr_tensor if W.layout == torch.sparse_csr else torch.sparse_bsr_tensor
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*Sparse (BSR|CSR) tensor support is in beta.*")
+        return make(crow.to(torch.int32), col.to(torch.int32), W.values(), W.shape, check_invariants=False)
+
+
+class SparseLinear(nn.Module):
+    """A linear layer ``y = x @ W.T + b`` whose weight is stored as a CSR or BSR matrix.
+
+    Build one from an ``nn.Linear`` with :meth:`from_linear`, or directly from a torch sparse
+    CSR / BSR tensor [out, in] (or a :class:`~sparse_lth.formats.SparseWeight`, whose BSR
+    matrix may be padded up to whole blocks; the logical shape is kept). Indices are stored as
+    int32 where they fit. With ``backend="dense"`` the weight is stored dense instead.
+
+    forward takes ``x`` [..., in_features] of the weight's dtype and device and returns
+    [..., out_features]. ``backend`` ("auto" | "triton" | "scipy" | "torch" | "dense") is
+    resolved per call from the device, dtype and batch (:func:`sparse_lth.backends.choose_backend`);
+    ``threads`` goes to the scipy path.
+
+    Inference only: weight and bias are buffers (they move with ``.to()`` and are in
+    ``state_dict``) and never require grad; forward runs under ``torch.no_grad()``.
+
+    >>> import torch
+    >>> from torch import nn
+    >>> linear = nn.Linear(8, 4)
+    >>> mask = torch.rand(4, 8) < 0.5
+    >>> layer = SparseLinear.from_linear(linear, mask=mask)
+    >>> x = torch.randn(2, 3, 8)
+    >>> ref = x @ (linear.weight * mask).T + linear.bias
+    >>> layer(x).shape, torch.allclose(layer(x), ref, atol=1e-6)
+    (torch.Size([2, 3, 4]), True)
+    """
+
+    weight: torch.Tensor
+    bias: Optional[torch.Tensor]
+
+    def __init__(
+        self,
+        weight: torch.Tensor | SparseWeight,
+        bias: torch.Tensor | None = None,
+        *,
+        backend: str = "auto",
+        threads: int | None = None,
+    ) -> None:
+        super().__init__()
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        if isinstance(weight, SparseWeight):
+            if len(weight.shape) != 2:
+                raise ValueError(f"SparseLinear needs a 2-D weight, got a SparseWeight of shape {weight.shape}")
+            matrix, (out_features, in_features) = weight.matrix, weight.shape
+        elif isinstance(weight, torch.Tensor) and weight.layout in (torch.sparse_csr, torch.sparse_bsr):
+            if weight.dim() != 2:
+                raise ValueError(f"SparseLinear needs a 2-D sparse weight, got shape {tuple(weight.shape)}")
+            matrix, (out_features, in_features) = weight, tuple(weight.shape)
+        else:
+            got = weight.layout if isinstance(weight, torch.Tensor) else type(weight).__name__
+            raise ValueError(f"weight must be a torch sparse CSR / BSR tensor or a SparseWeight, got {got}")
+        if bias is not None and (not isinstance(bias, torch.Tensor) or bias.shape != (out_features,)):
+            raise ValueError(f"bias must be a tensor of shape ({out_features},), got "
+                             f"{tuple(bias.shape) if isinstance(bias, torch.Tensor) else type(bias).__name__}")
+        self.in_features, self.out_features = int(in_features), int(out_features)
+        self.format = "csr" if matrix.layout == torch.sparse_csr else "bsr"
+        self.blocksize: tuple[int, int] | None = (
+            tuple(int(b) for b in matrix.values().shape[1:]) if self.format == "bsr" else None  # type: ignore[assignment]
+        )
+        self.nnz = int(matrix.values().numel())  # stored values (whole blocks for BSR)
+        self.backend = backend
+        self.threads = threads
+        matrix = matrix.detach()
+        if backend == "dense":  # the dense kernel wants a dense weight: materialize it once
+            stored = matrix.to_dense()[: self.out_features, : self.in_features].contiguous()
+        else:
+            stored = _int32_indices(matrix)
+        self.register_buffer("weight", stored)
+        self.register_buffer("bias", None if bias is None else bias.detach().clone())
+
+    # -- construction -------------------------------------------------------------------------
+    @classmethod
+    def from_linear(
+        cls,
+        linear: nn.Linear,
+        mask: torch.Tensor | None = None,
+        format: str = "csr",
+        blocksize: int | tuple[int, int] = 32,
+        backend: str = "auto",
+        threads: int | None = None,
+    ) -> SparseLinear:
+        """A SparseLinear holding ``linear``'s weight (and a copy of its bias).
+
+        ``mask`` (bool, the weight's shape) picks the stored entries exactly, zeros included;
+        without one the nonzeros are stored. ``format="bsr"`` stores ``blocksize`` blocks
+        (an int or (rows, cols)), padding a shape that is not a multiple of the block.
+
+        >>> from torch import nn
+        >>> layer = SparseLinear.from_linear(nn.Linear(40, 20), format="bsr", blocksize=16)
+        >>> layer
+        SparseLinear(in_features=40, out_features=20, format=bsr, blocksize=(16, 16), density=1.0000, bias=True, backend=auto)
+        """
+        if not isinstance(linear, nn.Linear):
+            raise ValueError(f"from_linear needs an nn.Linear, got {type(linear).__name__}")
+        sw = to_sparse_weight(
+            linear.weight.detach(), format, blocksize if format == "bsr" else None, mask=mask, name="linear.weight"
+        )
+        bias = None if linear.bias is None else linear.bias.detach()
+        return cls(sw, bias, backend=backend, threads=threads)
+
+    def to_dense_linear(self) -> nn.Linear:
+        """An ``nn.Linear`` with the same weight (pruned entries zero) and bias.
+
+        >>> from torch import nn
+        >>> linear = nn.Linear(6, 3)
+        >>> back = SparseLinear.from_linear(linear).to_dense_linear()
+        >>> torch.equal(back.weight, linear.weight), torch.equal(back.bias, linear.bias)
+        (True, True)
+        """
+        w = self.dense_weight()
+        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
+                           device=w.device, dtype=w.dtype)
+        with torch.no_grad():
+            linear.weight.copy_(w)
+            if self.bias is not None:
+                linear.bias.copy_(self.bias)
+        return linear
+
+    # -- use ------------------------------------------------------------------------------------
+    def dense_weight(self) -> torch.Tensor:
+        """The logical [out_features, in_features] weight as a dense tensor."""
+        if self.weight.layout == torch.strided:
+            return self.weight.clone()
+        return self.weight.to_dense()[: self.out_features, : self.in_features].contiguous()
+
+    def density(self) -> float:
+        """Stored values / logical entries (for BSR whole blocks count, padding does not)."""
+        total = self.in_features * self.out_features
+        return min(1.0, self.nnz / total) if total else 1.0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1:] != (self.in_features,):
+            raise ValueError(f"SparseLinear expects input [..., {self.in_features}], got {tuple(x.shape)}")
+        with torch.no_grad():
+            W = self.weight
+            if W.layout == torch.strided:
+                return F.linear(x, W, self.bias)
+            rows, cols = W.shape
+            if cols != self.in_features:  # BSR padded to whole blocks: pad the input to match
+                x = F.pad(x, (0, cols - self.in_features))
+            if rows == self.out_features:
+                return sparse_linear(x, W, self.bias, backend=self.backend, threads=self.threads)
+            y = sparse_linear(x, W, backend=self.backend, threads=self.threads)[..., : self.out_features]
+            return y + self.bias if self.bias is not None else y.contiguous()
+
+    def extra_repr(self) -> str:
+        block = f", blocksize={self.blocksize}" if self.blocksize else ""
+        return (f"in_features={self.in_features}, out_features={self.out_features}, format={self.format}{block}, "
+                f"density={self.density():.4f}, bias={self.bias is not None}, backend={self.backend}")
+
+
+# -- whole models -----------------------------------------------------------------------------
+def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+
+
+def sparsify(
+    model: nn.Module,
+    mask: Mapping[str, torch.Tensor] | None = None,
+    format: str = "csr",
+    blocksize: int | tuple[int, int] = 32,
+    backend: str = "auto",
+    max_density: float = DEFAULT_MAX_DENSITY,
+) -> nn.Module:
+    """Swap each sparse enough ``nn.Linear`` of ``model`` for a :class:`SparseLinear`; return the model.
+
+    A layer's density is read from ``mask[f"{name}.weight"]`` (a :class:`~sparse_lth.masks.Mask`
+    or any name -> bool tensor mapping) when the mask has it, else from the weight's nonzeros.
+    With ``format="bsr"`` the density that counts is the stored one (whole blocks), which for an
+    unstructured mask is far above the element density. Layers with density <= ``max_density``
+    (default :data:`DEFAULT_MAX_DENSITY`, from the measured CPU crossover) are swapped; the
+    rest stay dense. Masked weights are stored with the mask's pattern, so the
+    sparse model computes what ``mask.apply(model)`` would.
+
+    Left dense, always: convolution layers (no sparse conv path yet), and subclasses of
+    ``nn.Linear`` (they may read their weight outside forward). The model is changed in place
+    (a bare ``nn.Linear`` passed as ``model`` is returned as a new SparseLinear). Inference
+    only: see :class:`SparseLinear`.
+
+    >>> import torch
+    >>> from torch import nn
+    >>> model = nn.Sequential(nn.Linear(16, 8), nn.Linear(8, 4))
+    >>> with torch.no_grad():
+    ...     _ = model[0].weight.mul_(torch.rand(8, 16) < 0.1)
+    >>> [type(m).__name__ for m in sparsify(model)]
+    ['SparseLinear', 'Linear']
+    """
+    if not 0.0 <= max_density <= 1.0:
+        raise ValueError(f"max_density must be in [0, 1], got {max_density}")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if format not in ("csr", "bsr"):
+        raise ValueError(f"format must be 'csr' or 'bsr', got {format!r}")
+    if mask is not None and hasattr(mask, "check_model"):
+        mask.check_model(model)  # names and shapes, before anything is swapped
+    targets = [(name, m) for name, m in model.named_modules() if type(m) is nn.Linear]
+    for name, linear in targets:
+        key = f"{name}.weight" if name else "weight"
+        layer_mask = mask[key] if mask is not None and key in mask else None
+        if layer_mask is not None:
+            layer_mask = layer_mask.to(linear.weight.device)
+            density = float(layer_mask.sum()) / max(layer_mask.numel(), 1)
+        else:
+            density = float((linear.weight != 0).sum()) / max(linear.weight.numel(), 1)
+        if density > max_density:  # cheap check first: a bsr layer's stored density is never lower
+            continue
+        sparse = SparseLinear.from_linear(linear, mask=layer_mask, format=format, blocksize=blocksize, backend=backend)
+        if sparse.density() > max_density:
+            continue
+        if not name:
+            return sparse
+        _replace(model, name, sparse)
+    return model
+
+
+def densify(model: nn.Module) -> nn.Module:
+    """Swap every :class:`SparseLinear` of ``model`` back to an ``nn.Linear`` with identical
+    weights (pruned entries zero); return the model (a bare SparseLinear comes back as a new
+    ``nn.Linear``).
+
+    >>> from torch import nn
+    >>> model = densify(sparsify(nn.Sequential(nn.Linear(4, 2)), max_density=1.0))
+    >>> type(model[0]).__name__
+    'Linear'
+    """
+    if isinstance(model, SparseLinear):
+        return model.to_dense_linear()
+    for name, m in list(model.named_modules()):
+        if isinstance(m, SparseLinear):
+            _replace(model, name, m.to_dense_linear())
+    return model

@@ -1,0 +1,40 @@
+"""Plots people would rather look at than read: accuracy and early stopping against sparsity."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+
+def plot_rounds(series: Mapping[str, Sequence[Mapping]], path: str | Path, title: str = "") -> Path:
+    """Test accuracy at early stop, and the early-stop iteration, against weights remaining.
+
+    ``series`` maps a label ("ticket", "random_reinit", ...) to round records, each with
+    ``weights_remaining``, ``early_stop_test_accuracy`` and ``early_stop_iteration``.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_acc, ax_it) = plt.subplots(1, 2, figsize=(11, 4))
+    for label, records in series.items():
+        if not records:
+            continue
+        x = [100 * r["weights_remaining"] for r in records]
+        ax_acc.plot(x, [100 * r["early_stop_test_accuracy"] for r in records], marker="o", label=label)
+        ax_it.plot(x, [r["early_stop_iteration"] for r in records], marker="o", label=label)
+    for ax, ylabel in ((ax_acc, "test accuracy at early stop (%)"), (ax_it, "early-stop iteration")):
+        ax.set_xscale("log")
+        ax.invert_xaxis()
+        ax.set_xlabel("weights remaining (%)")
+        ax.set_ylabel(ylabel)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend()
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -1,0 +1,41 @@
+"""Shared test setup: Triton's CPU interpreter, the per-dtype TOLERANCE table, the slow marker."""
+
+import os
+
+import torch  # does not import triton (checked): the env var below is still in time
+
+# Triton reads TRITON_INTERPRET once, when a kernel module is imported: set it before any test
+# module imports one. Without a GPU the kernels run on the CPU interpreter; with one, on it.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+# Three-way rule for low precision: a kernel's error against the fp64 reference may be at most
+# `factor` x torch's own error at that dtype (the same product computed by torch in that dtype)
+# plus `atol` x the reference's scale (max |ref|). Both kernels and torch round each output to
+# the dtype once, so their errors are near-equal; `factor` allows for a different summation
+# order, `atol` for a torch error of exactly 0 (an all-zero or tiny problem).
+TOLERANCE = {
+    torch.float32: {"factor": 2.0, "atol": 1e-6},
+    torch.float16: {"factor": 2.0, "atol": 1e-4},
+    torch.bfloat16: {"factor": 2.0, "atol": 1e-3},
+}
+
+
+def pytest_addoption(parser):
+    parser.addoption("--run-slow", action="store_true", default=False,
+                     help="also run tests marked slow (or set SPARSE_LTH_SLOW=1)")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: long-running; run with --run-slow")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--run-slow") or os.environ.get("SPARSE_LTH_SLOW") == "1":
+        return
+    skip = pytest.mark.skip(reason="slow: run with --run-slow or SPARSE_LTH_SLOW=1")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)

@@ -1,0 +1,218 @@
+"""Compile every Triton kernel for sm_90 (H100) and sm_80 (A100) without a GPU.
+
+Checks what only the compiled code shows: the fp16 / bf16 BSR dot runs on tensor cores
+(``wgmma`` on sm_90 when the block has >= 64 rows, ``mma.sync`` otherwise), and every
+autotune config's shared memory (compiled metadata ``shared``) fits the device's per-program
+limit after pruning, and never exceeds the launcher's estimate that pruning relies on.
+
+Compiling needs TRITON_INTERPRET off: under the interpreter Triton patches ``tl`` ops and the
+code generator fails. The conftest turns the interpreter on for the kernel tests, so the
+compiles run in one subprocess with it off (and a fresh Triton cache, so timings are honest).
+This file is also that subprocess's script: ``python tests/test_kernel_compile.py`` reads a
+JSON list of jobs on stdin and prints results as JSON.
+
+The default set (CI) covers every config for 64 x 64 blocks and the extreme configs for every
+block shape: about a minute on 2 cores. The exhaustive sweep (every config x block shape x
+dtype x arch, several minutes) is marked ``slow``: ``pytest --run-slow`` or
+``SPARSE_LTH_SLOW=1``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+import pytest
+
+# Per-program opt-in shared memory (cudaDevAttrMaxSharedMemoryPerBlockOptin): 227 KB on H100
+# (228 KB per SM less 1 KB the driver keeps), 163 KB on A100.
+SMEM_LIMIT = {90: 232448, 80: 166912}
+ARCHS = (90, 80)
+DTYPES = ("fp32", "fp16", "bf16")
+ELEM_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
+BLOCK_SHAPES = ((16, 16), (32, 32), (64, 64), (128, 128), (16, 128), (128, 32))
+
+
+# --- the subprocess side ------------------------------------------------------------------------
+
+def _compile(job: dict) -> dict:
+    """Compile one kernel for one target; report shared memory and which matmul unit it uses."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from triton.runtime.jit import JITFunction
+
+    from sparse_lth.kernels import bsr, csr
+
+    raw = {"bsr": bsr._bsr_kernel, "csr": csr._csr_kernel}[job["kernel"]]
+    fn = JITFunction(getattr(raw, "fn", raw))  # a plain JITFunction even if made under interpret
+    consts = job["constexprs"]
+    signature, attrs = {}, {}
+    for i, (name, param) in enumerate(zip(fn.arg_names, fn.params)):
+        if param.is_constexpr:
+            signature[name] = "constexpr"
+        elif name in ("crow_ptr", "col_ptr"):
+            signature[name] = "*" + job["index"]
+        elif name.endswith("_ptr"):
+            signature[name] = "*" + job["dtype"]
+        else:
+            signature[name] = "i32"
+        # What a launch sees with torch allocations and layer-sized M, K, N (the case that
+        # pipelines both tiles and so needs the most shared memory): aligned pointers, sizes
+        # and strides divisible by 16. Bucket arguments are unused by the body.
+        if name.endswith("_ptr") or name in ("M", "N", "K", "stride_x", "stride_y"):
+            attrs[(i,)] = [["tt.divisibility", 16]]
+    start = time.perf_counter()
+    compiled = triton.compile(
+        ASTSource(fn=fn, signature=signature, constexprs=consts, attrs=attrs),
+        target=GPUTarget("cuda", job["arch"], 32),
+        options={"num_warps": job["num_warps"], "num_stages": job["num_stages"]},
+    )
+    ptx = compiled.asm["ptx"]
+    return {**job, "shared": int(compiled.metadata.shared), "wgmma": "wgmma" in ptx,
+            "mma_sync": "mma.sync" in ptx, "seconds": time.perf_counter() - start}
+
+
+def _main() -> None:
+    jobs = json.load(sys.stdin)
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(max_workers=min(2, os.cpu_count() or 1)) as pool:
+        results = list(pool.map(_compile, jobs, chunksize=4))
+    json.dump(results, sys.stdout)
+
+
+# --- the pytest side ----------------------------------------------------------------------------
+
+def _run(jobs: list[dict]) -> list[dict]:
+    """Compile ``jobs`` in a subprocess with the interpreter off and an empty Triton cache."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # silence triton 3.9's default-change warning
+    with tempfile.TemporaryDirectory() as cache:
+        env["TRITON_CACHE_DIR"] = cache
+        proc = subprocess.run([sys.executable, os.path.abspath(__file__)], input=json.dumps(jobs),
+                              capture_output=True, text=True, env=env, timeout=1800)
+    if proc.returncode != 0:
+        raise AssertionError(f"compile subprocess failed:\n{proc.stderr[-6000:]}")
+    return json.loads(proc.stdout)
+
+
+def _bsr_job(arch, dtype, br, bc, config, index="i32", x_t=False, precision="ieee") -> dict:
+    return {"kernel": "bsr", "arch": arch, "dtype": dtype, "index": index,
+            "num_warps": config.num_warps, "num_stages": config.num_stages,
+            "constexprs": {"BR": br, "BC": bc, "X_T": x_t, "Y_T": x_t,
+                           "DOT_PRECISION": precision, "UPCAST": False,
+                           "BLOCK_N": config.kwargs["BLOCK_N"]}}
+
+
+def _csr_job(arch, dtype, config, index="i32", x_t=False) -> dict:
+    return {"kernel": "csr", "arch": arch, "dtype": dtype, "index": index,
+            "num_warps": config.num_warps, "num_stages": config.num_stages,
+            "constexprs": {"X_T": x_t, "Y_T": x_t, **config.kwargs}}
+
+
+def _surviving(arch, dtype, br, bc):
+    """The BSR configs the launcher's pruning keeps on this arch for some N."""
+    from sparse_lth.kernels.bsr import BSR_CONFIGS, bsr_shared_bytes
+
+    return [c for c in BSR_CONFIGS
+            if bsr_shared_bytes(c, br, bc, ELEM_BYTES[dtype]) <= SMEM_LIMIT[arch]]
+
+
+def _default_jobs() -> list[dict]:
+    from sparse_lth.kernels.bsr import bsr_shared_bytes
+    from sparse_lth.kernels.csr import CSR_CONFIGS
+
+    jobs = []
+    for arch in ARCHS:
+        for dtype in DTYPES:
+            for c in _surviving(arch, dtype, 64, 64):  # every config, one wgmma-sized block
+                jobs.append(_bsr_job(arch, dtype, 64, 64, c))
+            for br, bc in BLOCK_SHAPES:  # every block: the config nearest the limit
+                if (br, bc) == (64, 64):
+                    continue
+                kept = _surviving(arch, dtype, br, bc)
+                jobs.append(_bsr_job(arch, dtype, br, bc, max(
+                    kept, key=lambda c: bsr_shared_bytes(c, br, bc, ELEM_BYTES[dtype]))))
+            for c in CSR_CONFIGS:
+                jobs.append(_csr_job(arch, dtype, c))
+        # layouts, int64 indices and tf32 on one config each
+        mid = next(c for c in _surviving(arch, "fp16", 64, 64)
+                   if c.kwargs["BLOCK_N"] == 64 and c.num_stages == 3)
+        jobs.append(_bsr_job(arch, "bf16", 64, 64, mid, index="i64", x_t=True))
+        jobs.append(_bsr_job(arch, "fp32", 64, 64, mid, precision="tf32"))
+        jobs.append(_csr_job(arch, "bf16", CSR_CONFIGS[0], index="i64", x_t=True))
+        jobs.append(_csr_job(arch, "fp16", CSR_CONFIGS[-3], x_t=True))
+    return jobs
+
+
+@pytest.fixture(scope="module")
+def compiled() -> list[dict]:
+    pytest.importorskip("triton")
+    return _run(_default_jobs())
+
+
+def _check(results: list[dict]) -> None:
+    from sparse_lth.kernels.bsr import bsr_shared_bytes
+
+    import triton
+
+    for r in results:
+        what = (f"{r['kernel']} sm_{r['arch']} {r['dtype']} {r['constexprs']} "
+                f"warps={r['num_warps']} stages={r['num_stages']}")
+        assert r["shared"] <= SMEM_LIMIT[r["arch"]], f"{what}: shared {r['shared']} over limit"
+        if r["kernel"] != "bsr":
+            continue
+        k = r["constexprs"]
+        config = triton.Config({"BLOCK_N": k["BLOCK_N"]}, num_warps=r["num_warps"],
+                               num_stages=r["num_stages"])
+        estimate = bsr_shared_bytes(config, k["BR"], k["BC"], ELEM_BYTES[r["dtype"]])
+        assert r["shared"] <= estimate, f"{what}: shared {r['shared']} > estimate {estimate}"
+        tensor_cores = r["dtype"] != "fp32" or k["DOT_PRECISION"] == "tf32"
+        if tensor_cores and r["arch"] == 90 and k["BR"] >= 64:
+            assert r["wgmma"], f"{what}: no wgmma in the PTX"
+        elif tensor_cores:
+            assert r["mma_sync"] or r["wgmma"], f"{what}: no tensor-core mma in the PTX"
+        else:  # IEEE fp32 is FMA: must not silently use tf32 tensor cores
+            assert not (r["mma_sync"] or r["wgmma"]), f"{what}: fp32 ieee used tensor cores"
+
+
+def test_bsr_and_csr_compile_for_sm90_and_sm80(compiled):
+    assert {r["arch"] for r in compiled} == set(ARCHS)
+    assert {r["kernel"] for r in compiled} == {"bsr", "csr"}
+    _check(compiled)
+
+
+def test_fp16_bsr_uses_wgmma_on_hopper(compiled):
+    hits = [r for r in compiled if r["kernel"] == "bsr" and r["arch"] == 90
+            and r["dtype"] in ("fp16", "bf16") and r["constexprs"]["BR"] >= 64]
+    assert hits and all(r["wgmma"] for r in hits)
+
+
+def test_every_bsr_block_shape_keeps_a_config():
+    for arch in ARCHS:
+        for dtype in DTYPES:
+            for br, bc in BLOCK_SHAPES:
+                assert _surviving(arch, dtype, br, bc), (arch, dtype, br, bc)
+
+
+@pytest.mark.slow
+def test_exhaustive_compile():
+    """Every surviving BSR config x block shape x dtype x arch, and every CSR config with
+    int64 indices and the linear layout."""
+    from sparse_lth.kernels.csr import CSR_CONFIGS
+
+    jobs = [_bsr_job(arch, dtype, br, bc, c)
+            for arch in ARCHS for dtype in DTYPES for br, bc in BLOCK_SHAPES
+            for c in _surviving(arch, dtype, br, bc)]
+    jobs += [_csr_job(arch, dtype, c, index="i64", x_t=True)
+             for arch in ARCHS for dtype in DTYPES for c in CSR_CONFIGS]
+    _check(_run(jobs))
+
+
+if __name__ == "__main__":
+    _main()

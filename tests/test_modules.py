@@ -1,0 +1,236 @@
+"""SparseLinear, sparsify / densify and the backend choice (sparse_lth/modules.py, backends.py)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from sparse_lth.backends import BACKENDS, choose_backend, sparse_linear, sparse_matmul
+from sparse_lth.formats import to_sparse_weight
+from sparse_lth.kernels import has_triton
+from sparse_lth.masks import Mask
+from sparse_lth.modules import DEFAULT_MAX_DENSITY, SparseLinear, densify, sparsify
+
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:Sparse (BSR|CSR) tensor support is in beta"),
+    pytest.mark.filterwarnings("ignore:Sparse invariant checks are implicitly disabled"),
+]
+
+CPU_BACKENDS = ["auto", "scipy", "torch", "dense"]
+
+
+def mlp(dtype: torch.dtype = torch.float32) -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Linear(64, 300), nn.ReLU(), nn.Linear(300, 100), nn.ReLU(), nn.Linear(100, 10)
+    ).to(dtype)
+
+
+def random_mask(model: nn.Module, density: float = 0.1, seed: int = 1) -> Mask:
+    gen = torch.Generator().manual_seed(seed)
+    return Mask({n: torch.rand(p.shape, generator=gen) < density
+                 for n, p in model.named_parameters() if n.endswith("weight")})
+
+
+def masked_copy(model: nn.Module, mask: Mask) -> nn.Module:
+    dense = mlp(next(model.parameters()).dtype)
+    dense.load_state_dict(model.state_dict())
+    return mask.apply(dense)
+
+
+INPUTS = [(5, 64), (2, 3, 64), (1, 64), (64,), (0, 64)]
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("fmt", ["csr", "bsr"])
+def test_sparsified_mlp_matches_masked_dense(fmt, backend):
+    model = mlp()
+    mask = random_mask(model)
+    reference = masked_copy(model, mask)
+    sparse = sparsify(model, mask, format=fmt, blocksize=16, backend=backend, max_density=1.0)
+    assert [type(m) for m in sparse if not isinstance(m, nn.ReLU)] == [SparseLinear] * 3
+    gen = torch.Generator().manual_seed(2)
+    for shape in INPUTS:
+        x = torch.randn(shape, generator=gen)
+        got, want = sparse(x), reference(x)
+        assert got.shape == want.shape and got.is_contiguous()
+        assert torch.allclose(got, want, rtol=1e-5, atol=1e-5), (shape, (got - want).abs().max())
+
+
+def test_densify_round_trip_is_exact():
+    model = mlp()
+    mask = random_mask(model, 0.2)
+    reference = masked_copy(model, mask)
+    for fmt in ("csr", "bsr"):
+        back = densify(sparsify(masked_copy(model, mask), mask, format=fmt, blocksize=32, max_density=1.0))
+        assert all(type(m) in (nn.Linear, nn.ReLU) for m in back)
+        for (name, p), (_, q) in zip(back.named_parameters(), reference.named_parameters()):
+            assert torch.equal(p, q), name
+        x = torch.randn(4, 64)
+        assert torch.equal(back(x), reference(x))
+
+
+def test_mask_pattern_is_kept_not_the_zeros():
+    linear = nn.Linear(6, 4)
+    mask = torch.zeros(4, 6, dtype=torch.bool)
+    mask[0, :3] = True
+    with torch.no_grad():
+        linear.weight[0, 1] = 0.0  # alive but exactly zero: still stored
+    layer = SparseLinear.from_linear(linear, mask=mask)
+    assert layer.nnz == 3
+    assert torch.equal(layer.dense_weight(), linear.weight.detach() * mask)
+
+
+def test_threshold_picks_layers_from_mask_or_nonzeros():
+    model = mlp()
+    gen = torch.Generator().manual_seed(3)
+    mask = Mask({"0.weight": torch.rand(300, 64, generator=gen) < 0.05,
+                 "2.weight": torch.rand(100, 300, generator=gen) < 0.5})
+    out = sparsify(model, mask, max_density=0.1)
+    # 0: masked at 5% -> sparse; 2: masked at 50% -> dense; 4: not in the mask, dense weights -> dense
+    assert [type(out[i]) for i in (0, 2, 4)] == [SparseLinear, nn.Linear, nn.Linear]
+    assert 0.0 < DEFAULT_MAX_DENSITY < 1.0
+    # No mask: density from the weight's nonzeros.
+    model = mlp()
+    with torch.no_grad():
+        model[4].weight.mul_(torch.rand(10, 100, generator=gen) < 0.1)
+    out = sparsify(model)
+    assert [type(out[i]) for i in (0, 2, 4)] == [nn.Linear, nn.Linear, SparseLinear]
+
+
+def test_bsr_threshold_uses_stored_block_density():
+    model = nn.Sequential(nn.Linear(64, 64))
+    mask = Mask({"0.weight": torch.rand(64, 64, generator=torch.Generator().manual_seed(4)) < 0.1})
+    # 10% unstructured: nearly every 16x16 block is non-empty, so BSR would store ~100%.
+    assert type(sparsify(model, mask, format="bsr", blocksize=16, max_density=0.2)[0]) is nn.Linear
+    assert type(sparsify(model, mask, format="csr", max_density=0.2)[0]) is SparseLinear
+
+
+def test_conv_and_linear_subclasses_stay_dense():
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.Linear(2 * 4 * 4, 3))
+    attention = nn.MultiheadAttention(8, 2)
+    model.add_module("attn", attention)
+    out = sparsify(model, max_density=1.0)
+    assert type(out[0]) is nn.Conv2d and type(out[2]) is SparseLinear
+    assert type(out.attn.out_proj) is not SparseLinear
+
+
+def test_bare_linear_and_bare_sparse_linear():
+    linear = nn.Linear(8, 4)
+    layer = sparsify(linear, max_density=1.0)
+    assert isinstance(layer, SparseLinear)
+    back = densify(layer)
+    assert type(back) is nn.Linear and torch.equal(back.weight, linear.weight)
+
+
+def test_inference_only():
+    layer = SparseLinear.from_linear(nn.Linear(8, 4), mask=torch.rand(4, 8) < 0.5)
+    assert list(layer.parameters()) == []
+    assert set(layer.state_dict()) == {"weight", "bias"}
+    x = torch.randn(3, 8, requires_grad=True)
+    assert not layer(x).requires_grad
+
+
+def test_from_sparse_tensors_and_padded_bsr():
+    gen = torch.Generator().manual_seed(5)
+    w = torch.randn(20, 40, generator=gen) * (torch.rand(20, 40, generator=gen) < 0.3)
+    b = torch.randn(20, generator=gen)
+    x = torch.randn(7, 40, generator=gen)
+    want = x @ w.T + b
+    for weight in (w.to_sparse_csr(), to_sparse_weight(w, "bsr", 16), to_sparse_weight(w, "csr")):
+        for backend in CPU_BACKENDS:
+            layer = SparseLinear(weight, b, backend=backend)
+            assert (layer.in_features, layer.out_features) == (40, 20)
+            assert torch.allclose(layer(x), want, atol=1e-5)
+            assert torch.equal(layer.to_dense_linear().weight, w)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+def test_other_dtypes_on_cpu(dtype):
+    model = mlp(dtype)
+    mask = random_mask(model)
+    reference = masked_copy(model, mask)
+    sparse = sparsify(model, mask, max_density=1.0)
+    x = torch.randn(6, 64).to(dtype)
+    got, want = sparse(x), reference(x)
+    assert got.dtype == dtype
+    tol = {torch.float16: 2e-2, torch.bfloat16: 1e-1, torch.float64: 1e-10}[dtype]
+    assert torch.allclose(got.double(), want.double(), atol=tol, rtol=tol)
+    if dtype != torch.float64:  # torch's CPU sparse product refuses half types: a clear error
+        with pytest.raises(ValueError, match="float32 / float64"):
+            SparseLinear.from_linear(nn.Linear(64, 8).to(dtype), backend="torch")(x)
+
+
+def test_choose_backend_rules_and_errors():
+    assert choose_backend("csr", "cpu", torch.float32, 1) == "scipy"
+    assert choose_backend(torch.sparse_bsr, "cpu", torch.float16, 512) == "scipy"
+    for b in ("scipy", "torch", "dense"):
+        assert choose_backend("csr", "cpu", torch.float32, 4, b) == b
+    with pytest.raises(ValueError, match="backend must be"):
+        choose_backend("csr", "cpu", torch.float32, 1, "mkl")
+    with pytest.raises(ValueError, match="layout"):
+        choose_backend("coo", "cpu", torch.float32)
+    with pytest.raises(ValueError, match="CPU only"):
+        choose_backend("csr", "cuda", torch.float32, 1, "scipy")
+    assert set(BACKENDS) == {"auto", "triton", "scipy", "torch", "dense"}
+
+
+def test_sparse_matmul_and_linear_errors():
+    W = torch.eye(4).to_sparse_csr()
+    with pytest.raises(ValueError, match="share a dtype"):
+        sparse_matmul(W, torch.ones(4, 2, dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"shape \[K, N\]"):
+        sparse_matmul(W, torch.ones(3, 2))
+    with pytest.raises(ValueError, match=r"\[\.\.\., 4\]"):
+        sparse_linear(torch.ones(2, 3), W)
+    with pytest.raises(ValueError, match="bias"):
+        sparse_linear(torch.ones(2, 4), W, bias=torch.ones(3))
+    with pytest.raises(ValueError, match="sparse CSR or BSR"):
+        sparse_matmul(torch.eye(4), torch.ones(4, 2))
+    for b in CPU_BACKENDS:
+        assert torch.equal(sparse_matmul(W, torch.ones(4, 2), backend=b), torch.ones(4, 2))
+
+
+def test_module_argument_errors():
+    linear = nn.Linear(8, 4)
+    with pytest.raises(ValueError, match="backend"):
+        SparseLinear.from_linear(linear, backend="gpu")
+    with pytest.raises(ValueError, match="format"):
+        sparsify(nn.Sequential(linear), format="coo")
+    with pytest.raises(ValueError, match="max_density"):
+        sparsify(nn.Sequential(linear), max_density=1.5)
+    with pytest.raises(ValueError, match="sparse CSR / BSR"):
+        SparseLinear(torch.eye(3))
+    with pytest.raises(ValueError, match="input"):
+        SparseLinear.from_linear(linear)(torch.ones(2, 7))
+    with pytest.raises(ValueError, match="has shape"):
+        sparsify(nn.Sequential(linear), Mask({"0.weight": torch.ones(3, 3, dtype=torch.bool)}))
+
+
+def _triton_launchers_present() -> bool:
+    if not has_triton():
+        return False
+    try:
+        from sparse_lth.kernels import bsr, csr  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+@pytest.mark.skipif(not _triton_launchers_present(), reason="Triton or its launchers are missing")
+@pytest.mark.parametrize("fmt", ["csr", "bsr"])
+def test_forced_triton_backend(fmt):
+    # On the CPU this runs Triton's interpreter (TRITON_INTERPRET=1, set in conftest): keep it tiny.
+    from sparse_lth.kernels._triton import is_interpreting
+
+    if not torch.cuda.is_available() and not is_interpreting():
+        pytest.skip("no CUDA and TRITON_INTERPRET is not set")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    gen = torch.Generator().manual_seed(6)
+    linear = nn.Linear(32, 16)
+    mask = torch.rand(16, 32, generator=gen) < 0.3
+    layer = SparseLinear.from_linear(linear, mask=mask, format=fmt, blocksize=16, backend="triton").to(device)
+    x = torch.randn(3, 32, generator=gen).to(device)
+    want = x @ (linear.weight.detach() * mask).to(device).T + linear.bias.detach().to(device)
+    assert torch.allclose(layer(x), want, atol=1e-4)
