@@ -6,8 +6,8 @@ machine without it.
 
 from __future__ import annotations
 
+import contextlib
 import functools
-import importlib.util
 import os
 
 import torch
@@ -20,11 +20,9 @@ _TRUE = ("1", "true", "yes", "on", "y")
 @functools.lru_cache(maxsize=None)
 def has_triton() -> bool:
     """True when ``import triton`` works (the package is installed and loads)."""
-    if importlib.util.find_spec("triton") is None:
-        return False
     try:
         import triton  # noqa: F401
-    except Exception:  # a broken install (missing libs, wrong ABI) counts as absent
+    except Exception:  # absent, or a broken install (missing libs, wrong ABI): both count
         return False
     return True
 
@@ -125,6 +123,11 @@ def x_layout(X: torch.Tensor, name: str = "X") -> tuple[bool, int]:
         return True, max(K, 1)
     raise ValueError(f"{name} must be contiguous [K, N] or the transpose of a contiguous "
                      f"[N, K] tensor, got shape {tuple(X.shape)} with strides {X.stride()}")
+
+
+def on_device(t: torch.Tensor) -> contextlib.AbstractContextManager:
+    """Make t's GPU current: Triton launches on the current device, not the tensors'."""
+    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
 
 
 @functools.lru_cache(maxsize=None)

@@ -28,6 +28,7 @@ from ._triton import (
     check_sparse,
     is_interpreting,
     next_pow2,
+    on_device,
     shared_memory_limit,
     x_layout,
 )
@@ -162,12 +163,13 @@ def _launch(W: torch.Tensor, X: torch.Tensor, Y: torch.Tensor, *, N: int, x_t: b
     br, bc = W.values().shape[-2:]
     fp32 = X.dtype == torch.float32
     precision = "tf32" if fp32 and torch.backends.cuda.matmul.allow_tf32 else "ieee"
-    kernel[lambda meta_: (M // br, triton.cdiv(N, meta_["BLOCK_N"]))](
-        W.crow_indices(), W.col_indices(), W.values(), X, Y,
-        M, N, K, stride_x, stride_y, next_pow2(N),
-        BR=br, BC=bc, X_T=x_t, Y_T=y_t, DOT_PRECISION=precision,
-        UPCAST=is_interpreting() and X.dtype == torch.bfloat16, **meta,
-    )
+    with on_device(X):
+        kernel[lambda meta_: (M // br, triton.cdiv(N, meta_["BLOCK_N"]))](
+            W.crow_indices(), W.col_indices(), W.values(), X, Y,
+            M, N, K, stride_x, stride_y, next_pow2(N),
+            BR=br, BC=bc, X_T=x_t, Y_T=y_t, DOT_PRECISION=precision,
+            UPCAST=is_interpreting() and X.dtype == torch.bfloat16, **meta,
+        )
 
 
 def triton_bsr_matmul(W: torch.Tensor, X: torch.Tensor, *,

@@ -58,6 +58,7 @@ TORCH_MIN_BATCH = 2
 
 _FLOATS = (torch.float32, torch.float64)
 _UPCAST = (torch.float16, torch.bfloat16)
+_ALL_FLOATS = _FLOATS + _UPCAST
 _NP_DTYPES = {torch.float32: np.float32, torch.float64: np.float64}
 
 
@@ -83,7 +84,7 @@ def _check(W: torch.Tensor, X: torch.Tensor, layout: torch.layout, fn: str) -> N
         )
     if W.dtype != X.dtype:
         raise ValueError(f"{fn}: W and X must share a dtype, got W {W.dtype} and X {X.dtype}")
-    if W.dtype not in _FLOATS + _UPCAST:
+    if W.dtype not in _ALL_FLOATS:
         raise ValueError(f"{fn}: dtype {W.dtype} is not supported (float32, float64, float16, bfloat16)")
 
 

@@ -29,6 +29,7 @@ from ._triton import (
     check_sparse,
     is_interpreting,
     next_pow2,
+    on_device,
     x_layout,
 )
 
@@ -81,7 +82,7 @@ def _cfg(block_n: int, block_nnz: int, warps: int, stages: int = 2) -> triton.Co
 
 # Hopper: memory-bound either way. Decode configs spread a row's nonzeros over all threads
 # (16-byte index/value loads); wide configs give each gathered X row a 64 .. 512-byte segment.
-# The register tile BLOCK_NNZ * BLOCK_N stays <= 64 fp32 per thread.
+# The register tile BLOCK_NNZ * BLOCK_N stays <= 16 fp32 per thread (room to grow on a GPU).
 CSR_CONFIGS: list[triton.Config] = [
     _cfg(1, 128, 4), _cfg(1, 256, 4), _cfg(1, 512, 8),
     _cfg(4, 64, 4), _cfg(4, 128, 4),
@@ -133,11 +134,12 @@ def _launch(W: torch.Tensor, X: torch.Tensor, Y: torch.Tensor, *, N: int, x_t: b
         return
     M, K = W.shape
     nnz_per_row = W.values().numel() // max(M, 1)
-    kernel[lambda meta_: (M, triton.cdiv(N, meta_["BLOCK_N"]))](
-        W.crow_indices(), W.col_indices(), W.values(), X, Y,
-        M, N, K, stride_x, stride_y, next_pow2(N), next_pow2(nnz_per_row),
-        X_T=x_t, Y_T=y_t, **meta,
-    )
+    with on_device(X):
+        kernel[lambda meta_: (M, triton.cdiv(N, meta_["BLOCK_N"]))](
+            W.crow_indices(), W.col_indices(), W.values(), X, Y,
+            M, N, K, stride_x, stride_y, next_pow2(N), next_pow2(nnz_per_row),
+            X_T=x_t, Y_T=y_t, **meta,
+        )
 
 
 def triton_csr_matmul(W: torch.Tensor, X: torch.Tensor, *,

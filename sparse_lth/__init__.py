@@ -17,3 +17,9 @@ __all__ = ["Mask", "prunable_names", "build_model", "prune_by_magnitude", "prune
            "SparseWeight", "check_format", "from_scipy", "nbytes", "padded_shape", "to_bsr", "to_csr", "to_dense",
            "to_scipy", "to_sparse_weight",
            "ConvertReport", "TensorReport", "convert_checkpoint", "load_sparse", "save_sparse"]
+
+# SparseLinear / sparsify / densify and the kernel choice behind them
+from sparse_lth.backends import choose_backend, sparse_linear, sparse_matmul  # noqa: E402
+from sparse_lth.modules import SparseLinear, densify, sparsify  # noqa: E402
+
+__all__ += ["SparseLinear", "sparsify", "densify", "choose_backend", "sparse_matmul", "sparse_linear"]

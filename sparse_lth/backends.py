@@ -183,9 +183,14 @@ def sparse_linear(
             yt = (cpu_csr_matmul if csr else cpu_bsr_matmul)(W, x2.t(), threads=threads)
         else:
             yt = W @ x2.t()
-        y = torch.empty((N, M), dtype=x.dtype, device=x.device)
-        if bias is not None:
-            torch.add(yt.t(), bias, out=y)
+        if N == 1:  # [M, 1] and [1, M] share one memory order: no copy, and yt is ours to add to
+            y = yt.reshape(1, M)
+            if bias is not None:
+                y.add_(bias)
         else:
-            y.copy_(yt.t())
+            y = torch.empty((N, M), dtype=x.dtype, device=x.device)
+            if bias is not None:
+                torch.add(yt.t(), bias, out=y)
+            else:
+                y.copy_(yt.t())
     return y.reshape(*lead, M)

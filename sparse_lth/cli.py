@@ -68,6 +68,16 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_report(args: argparse.Namespace) -> int:
+    from sparse_lth.bench_report import make_report
+
+    text, paths = make_report(args.json, args.out, stat=args.stat)
+    print(text)
+    for path in paths:
+        print(f"plot: {path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from sparse_lth.lottery import CONTROLS, LotteryConfig
     from sparse_lth.data import DATASETS
@@ -116,6 +126,13 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--format", choices=("csr", "bsr"), default="csr")
     convert.add_argument("--block", type=_parse_block, default=None, help="BSR block, e.g. 32 or 32x16")
     convert.set_defaults(func=_cmd_convert)
+
+    report = sub.add_parser("report", help="benchmark JSON (pytest --benchmark-json) -> tables and PNG plots")
+    report.add_argument("json", help="the JSON file pytest-benchmark wrote")
+    report.add_argument("--out", default="bench-report", help="folder for the PNG plots (default: bench-report)")
+    report.add_argument("--stat", choices=("median", "min", "mean"), default="median",
+                        help="which timing statistic to compare (default: median)")
+    report.set_defaults(func=_cmd_report)
     return parser
 
 

@@ -6,6 +6,9 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 
+_PERCENT_TICKS = [100, 50, 20, 10, 5, 2, 1, 0.5, 0.2, 0.1]
+
+
 def plot_rounds(series: Mapping[str, Sequence[Mapping]], path: str | Path, title: str = "") -> Path:
     """Test accuracy at early stop, and the early-stop iteration, against weights remaining.
 
@@ -18,6 +21,8 @@ def plot_rounds(series: Mapping[str, Sequence[Mapping]], path: str | Path, title
     import matplotlib.pyplot as plt
 
     fig, (ax_acc, ax_it) = plt.subplots(1, 2, figsize=(11, 4))
+    lowest = min((100 * r["weights_remaining"] for rows in series.values() for r in rows), default=1.0)
+    ticks = [t for t in _PERCENT_TICKS if t >= 0.7 * lowest]
     for label, records in series.items():
         if not records:
             continue
@@ -26,6 +31,8 @@ def plot_rounds(series: Mapping[str, Sequence[Mapping]], path: str | Path, title
         ax_it.plot(x, [r["early_stop_iteration"] for r in records], marker="o", label=label)
     for ax, ylabel in ((ax_acc, "test accuracy at early stop (%)"), (ax_it, "early-stop iteration")):
         ax.set_xscale("log")
+        ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
+        ax.minorticks_off()
         ax.invert_xaxis()
         ax.set_xlabel("weights remaining (%)")
         ax.set_ylabel(ylabel)

@@ -1,0 +1,152 @@
+"""sparse_lth.bench_report on a synthetic pytest-benchmark JSON: speed-ups, bytes ratios and
+crossover densities against values computed by hand, and the CLI writing its plots."""
+
+import json
+import math
+
+import pytest
+
+from sparse_lth.bench_report import (
+    Crossover,
+    crossover_density,
+    crossovers,
+    format_report,
+    kernel_results,
+    make_report,
+)
+from sparse_lth.cli import main
+
+
+def _kernel(backend, structure, density, N, median, *, weight_bytes, shape="64x64", baseline=False):
+    M, K = map(int, shape.split("x"))
+    return {
+        "group": f"matmul {shape} N={N} fp32 cpu", "name": f"test_matmul[{backend}-{density}-{N}]",
+        "stats": {"median": median, "min": median / 2, "mean": median * 1.1, "rounds": 5},
+        "extra_info": {
+            "kind": "kernel", "shape": shape, "M": M, "K": K, "N": N, "dtype": "fp32", "device": "cpu",
+            "backend": backend, "structure": structure, "density": density * 1.01, "density_nominal": density,
+            "weight_bytes": weight_bytes, "dense_bytes": 4 * M * K, "flops": int(2 * density * M * K * N),
+            "baseline": baseline,
+        },
+    }
+
+
+def synthetic() -> dict:
+    """Dense takes 1.0 ms at N=1 and 8.0 ms at N=16; one CSR backend at three densities."""
+    dense_bytes = 4 * 64 * 64  # 16384
+    benches = [
+        _kernel("torch_dense", "dense", 1.0, 1, 1.0e-3, weight_bytes=dense_bytes, baseline=True),
+        _kernel("torch_dense", "dense", 1.0, 16, 8.0e-3, weight_bytes=dense_bytes, baseline=True),
+        # N=1: speed-ups 4, 2, 0.5 at densities 0.01, 0.1, 0.2 -> crosses between 10% and 20%
+        _kernel("ours_cpu", "unstructured", 0.01, 1, 0.25e-3, weight_bytes=400),
+        _kernel("ours_cpu", "unstructured", 0.1, 1, 0.5e-3, weight_bytes=3300),
+        _kernel("ours_cpu", "unstructured", 0.2, 1, 2.0e-3, weight_bytes=6600),
+        # N=16: wins everywhere (speed-ups 8, 4, 2) -> at or above 20%
+        _kernel("ours_cpu", "unstructured", 0.01, 16, 1.0e-3, weight_bytes=400),
+        _kernel("ours_cpu", "unstructured", 0.1, 16, 2.0e-3, weight_bytes=3300),
+        _kernel("ours_cpu", "unstructured", 0.2, 16, 4.0e-3, weight_bytes=6600),
+        # a block backend that never wins at N=1
+        _kernel("scipy", "block16", 0.1, 1, 4.0e-3, weight_bytes=1700),
+        _kernel("scipy", "block16", 0.2, 1, 5.0e-3, weight_bytes=3350),
+        # timings missing (a --benchmark-disable run): ignored
+        {**_kernel("scipy", "block16", 0.01, 1, 1.0, weight_bytes=1), "stats": None},
+        # model and masked-step records
+        {"group": "m", "name": "m1", "stats": {"median": 2e-3},
+         "extra_info": {"kind": "model", "model": "mlp", "variant": "dense", "batch": 1, "device": "cpu",
+                        "density": 0.1, "weight_bytes": 1000}},
+        {"group": "m", "name": "m2", "stats": {"median": 5e-4},
+         "extra_info": {"kind": "model", "model": "mlp", "variant": "sparse-csr", "batch": 1, "device": "cpu",
+                        "density": 0.1, "weight_bytes": 200}},
+        {"group": "s", "name": "s1", "stats": {"median": 1.0e-3},
+         "extra_info": {"kind": "masked_step", "model": "lenet300", "variant": "plain", "batch": 60, "device": "cpu"}},
+        {"group": "s", "name": "s2", "stats": {"median": 1.2e-3},
+         "extra_info": {"kind": "masked_step", "model": "lenet300", "variant": "masked", "batch": 60, "device": "cpu",
+                        "ratio_interleaved": 1.15, "ratio_target": 1.3}},
+    ]
+    return {"machine_info": {"node": "test", "cpu": {"brand_raw": "CPU", "count": 2}},
+            "datetime": "2026-01-01T00:00:00", "benchmarks": benches}
+
+
+def _by(results, backend, N, density):
+    return next(r for r in results if r.backend == backend and r.N == N and r.density == density)
+
+
+def test_speedups_and_bytes_against_hand_values():
+    results = kernel_results(synthetic())
+    assert len(results) == 10  # the one without stats is left out, models / steps are not kernels
+    assert _by(results, "ours_cpu", 1, 0.01).speedup == pytest.approx(4.0)
+    assert _by(results, "ours_cpu", 1, 0.2).speedup == pytest.approx(0.5)
+    assert _by(results, "ours_cpu", 16, 0.1).speedup == pytest.approx(4.0)
+    assert _by(results, "scipy", 1, 0.1).speedup == pytest.approx(0.25)
+    assert _by(results, "ours_cpu", 1, 0.1).bytes_ratio == pytest.approx(3300 / 16384)
+    assert _by(results, "ours_cpu", 16, 0.1).gflops == pytest.approx(2 * 0.1 * 64 * 64 * 16 / 2e-3 / 1e9, rel=1e-3)
+    assert _by(results, "torch_dense", 1, 1.0).speedup == pytest.approx(1.0)
+
+
+def test_speedups_follow_the_chosen_statistic():
+    # min is half the median for every benchmark, so the ratios do not change; mean likewise
+    for stat in ("min", "mean"):
+        assert _by(kernel_results(synthetic(), stat), "ours_cpu", 1, 0.01).speedup == pytest.approx(4.0)
+    with pytest.raises(ValueError, match="stat"):
+        kernel_results(synthetic(), "p99")
+
+
+def test_crossover_density_by_hand():
+    # log-log interpolation between (0.1, 2) and (0.2, 0.5): t = ln2 / (ln2 + ln2) = 1/2,
+    # density = exp((ln 0.1 + ln 0.2) / 2) = sqrt(0.02)
+    c = crossover_density([(0.01, 4.0), (0.1, 2.0), (0.2, 0.5)])
+    assert c.kind == "interpolated" and c.density == pytest.approx(math.sqrt(0.02))
+    # exactly 1 at a point: crosses there
+    assert crossover_density([(0.1, 1.0), (0.2, 0.5)]).density == pytest.approx(0.1)
+    # unordered input, and a noisy win below a loss: the densest win counts
+    c = crossover_density([(0.2, 0.8), (0.05, 3.0), (0.1, 0.9), (0.01, 9.0)])
+    assert c.density == pytest.approx(math.exp(math.log(0.05) + math.log(3.0) / (math.log(3.0) - math.log(0.9))
+                                               * (math.log(0.1) - math.log(0.05))))
+    assert crossover_density([(0.1, 3.0), (0.5, 1.5)]) == Crossover(0.5, "at_or_above")
+    assert crossover_density([(0.1, 0.3), (0.5, 0.1)]) == Crossover(None, "never")
+    assert str(Crossover(0.5, "at_or_above")) == ">=50%" and str(Crossover(None, "never")) == "never"
+
+
+def test_crossovers_per_series():
+    cross = crossovers(kernel_results(synthetic()))
+    assert cross[("64x64", "fp32", "cpu", 1, "ours_cpu/unstructured")].density == pytest.approx(math.sqrt(0.02))
+    assert cross[("64x64", "fp32", "cpu", 16, "ours_cpu/unstructured")] == Crossover(0.2, "at_or_above")
+    assert cross[("64x64", "fp32", "cpu", 1, "scipy/block16")] == Crossover(None, "never")
+    assert not any(key[-1] == "torch_dense" for key in cross)  # the baseline is no series
+
+
+def _rows(text):
+    """Every markdown table row of ``text`` as a list of stripped cells."""
+    return [[c.strip() for c in line.strip("|").split("|")] for line in text.splitlines() if line.startswith("|")]
+
+
+def test_report_text_tables():
+    rows = _rows(format_report(synthetic()))
+    assert ["1", "ours_cpu/unstructured", "1 ms", "0.50x", "2.00x", "4.00x", "14.1%"] in rows
+    assert ["16", "ours_cpu/unstructured", "8 ms", "2.00x", "4.00x", "8.00x", ">=20%"] in rows
+    assert ["1", "scipy/block16", "1 ms", "0.20x", "0.25x", "-", "never"] in rows
+    assert ["unstructured", "0.403", "0.201", "0.024"] in rows  # 6600 / 16384, 3300 / ..., 400 / ...
+    assert ["mlp", "1", "cpu", "sparse-csr", "0.1000", "0.5 ms", "4.00x", "200", "0.200"] in rows
+    assert ["lenet300", "60", "cpu", "1 ms", "1.2 ms", "1.200", "1.150", "<= 1.3"] in rows
+
+
+def test_report_rejects_what_is_not_benchmark_json(tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"hello": 1}))
+    with pytest.raises(ValueError, match="pytest-benchmark"):
+        make_report(bad)
+    with pytest.raises(FileNotFoundError):
+        make_report(tmp_path / "missing.json")
+
+
+def test_cli_report_writes_plots(tmp_path, capsys):
+    path = tmp_path / "bench.json"
+    path.write_text(json.dumps(synthetic()))
+    out = tmp_path / "plots"
+    assert main(["report", str(path), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "Speed-up over dense" in printed
+    names = sorted(p.name for p in out.iterdir())
+    assert names == ["bytes_64x64_fp32_cpu.png", "crossover_64x64_fp32_cpu.png", "speedup_64x64_fp32_cpu.png"]
+    assert all((out / n).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for n in names)
+    assert main(["report", str(tmp_path / "nope.json")]) == 2
