@@ -423,7 +423,7 @@ def measure_ceilings(run: Run) -> None:
     ms = _do_bench(lambda: b.copy_(a)) if dev == "cuda" else time_calls(run, [lambda: b.copy_(a)])[0]
     run.ceilings["copy_GBps"] = 2 * a.numel() * a.element_size() / (ms * 1e-3) / 1e9
     run.ceilings["copy_bytes"] = 2 * a.numel() * a.element_size()
-    del a, b
+    a = b = None  # free the copy buffers before the matmul ceilings
     log(f"copy    : {run.ceilings['copy_GBps']:.0f} GB/s (read + write of {s.copy_bytes >> 20} MiB)")
     m = s.matmul_n
     for name in ("fp16", "bf16"):

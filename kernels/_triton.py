@@ -125,6 +125,44 @@ def x_layout(X: torch.Tensor, name: str = "X") -> tuple[bool, int]:
                      f"[N, K] tensor, got shape {tuple(X.shape)} with strides {X.stride()}")
 
 
+def matmul_problem(W: torch.Tensor, X: torch.Tensor, out: torch.Tensor | None
+                   ) -> tuple[torch.Tensor, dict]:
+    """Check ``X`` [K, N] against the (already checked) ``W`` [M, K]; return the output [M, N]
+    (allocated, or the caller's ``out`` checked) and the launch's layout arguments."""
+    check_dense(X, W, "X")
+    M, K = W.shape
+    if X.dim() != 2 or X.shape[0] != K:
+        raise ValueError(f"X must have shape [K, N] with K = {K} (W is {M} x {K}), "
+                         f"got {tuple(X.shape)}")
+    N = X.shape[1]
+    x_t, stride_x = x_layout(X)
+    if out is None:
+        out = torch.empty((M, N), dtype=X.dtype, device=X.device)
+    else:
+        check_out(out, (M, N), X)
+    return out, dict(N=N, x_t=x_t, stride_x=stride_x, y_t=False, stride_y=N)
+
+
+def linear_problem(W: torch.Tensor, x: torch.Tensor, out: torch.Tensor | None
+                   ) -> tuple[torch.Tensor, dict]:
+    """Check a linear layer's input ``x`` [..., K] against ``W`` [M, K]; return the output
+    [..., M] and the launch's layout arguments: x read as X^T, Y written as Y^T, no copies."""
+    check_dense(x, W, "x")
+    M, K = W.shape
+    if x.dim() < 1 or x.shape[-1] != K:
+        raise ValueError(f"x must have shape [..., K] with K = {K} (W is {M} x {K}), "
+                         f"got {tuple(x.shape)}")
+    if not x.is_contiguous():
+        raise ValueError("x must be contiguous (a linear layer's input [..., K], row-major)")
+    N = int(torch.Size(x.shape[:-1]).numel())
+    shape = (*x.shape[:-1], M)
+    if out is None:
+        out = torch.empty(shape, dtype=x.dtype, device=x.device)
+    else:
+        check_out(out, shape, x)
+    return out, dict(N=N, x_t=True, stride_x=max(K, 1), y_t=True, stride_y=M)
+
+
 def on_device(t: torch.Tensor) -> contextlib.AbstractContextManager:
     """Make t's GPU current: Triton launches on the current device, not the tensors'."""
     return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()

@@ -24,13 +24,12 @@ import triton
 import triton.language as tl
 
 from ._triton import (
-    check_dense,
-    check_out,
     check_sparse,
     is_interpreting,
+    linear_problem,
+    matmul_problem,
     next_pow2,
     on_device,
-    x_layout,
 )
 
 __all__ = ["triton_csr_matmul", "triton_csr_linear"]
@@ -163,20 +162,9 @@ def triton_csr_matmul(W: torch.Tensor, X: torch.Tensor, *,
         True
     """
     check_sparse(W, torch.sparse_csr)
-    check_dense(X, W, "X")
-    M, K = W.shape
-    if X.dim() != 2 or X.shape[0] != K:
-        raise ValueError(f"X must have shape [K, N] with K = {K} (W is {M} x {K}), "
-                         f"got {tuple(X.shape)}")
-    N = X.shape[1]
-    x_t, stride_x = x_layout(X)
-    if out is None:
-        out = torch.empty((M, N), dtype=X.dtype, device=X.device)
-    else:
-        check_out(out, (M, N), X)
-    if M == 0 or N == 0:
-        return out
-    _launch(W, X, out, N=N, x_t=x_t, stride_x=stride_x, y_t=False, stride_y=N)
+    out, layout = matmul_problem(W, X, out)
+    if out.numel():
+        _launch(W, X, out, **layout)
     return out
 
 
@@ -197,20 +185,7 @@ def triton_csr_linear(W: torch.Tensor, x: torch.Tensor, *,
         (torch.Size([3, 7, 32]), True)
     """
     check_sparse(W, torch.sparse_csr)
-    check_dense(x, W, "x")
-    M, K = W.shape
-    if x.dim() < 1 or x.shape[-1] != K:
-        raise ValueError(f"x must have shape [..., K] with K = {K} (W is {M} x {K}), "
-                         f"got {tuple(x.shape)}")
-    if not x.is_contiguous():
-        raise ValueError("x must be contiguous (a linear layer's input [..., K], row-major)")
-    N = int(torch.Size(x.shape[:-1]).numel())
-    shape = (*x.shape[:-1], M)
-    if out is None:
-        out = torch.empty(shape, dtype=x.dtype, device=x.device)
-    else:
-        check_out(out, shape, x)
-    if M == 0 or N == 0:
-        return out
-    _launch(W, x, out, N=N, x_t=True, stride_x=max(K, 1), y_t=True, stride_y=M)
+    out, layout = linear_problem(W, x, out)
+    if out.numel():
+        _launch(W, x, out, **layout)
     return out

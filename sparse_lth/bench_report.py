@@ -21,6 +21,7 @@ Only json, math and matplotlib (Agg) are used: the report runs anywhere the JSON
 
 from __future__ import annotations
 
+import gzip
 import json
 import math
 import re
@@ -111,13 +112,14 @@ class Crossover:
 
 # -- reading -------------------------------------------------------------------------------------
 def load_results(path: str | Path) -> dict[str, Any]:
-    """The pytest-benchmark JSON as a dict; ValueError when it is not one."""
+    """The pytest-benchmark JSON (plain or gzipped) as a dict; ValueError when it is not one."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no benchmark JSON at {path} (write one with pytest --benchmark-json {path})")
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
+    try:  # .json, or .json.gz as kept in the repository
+        raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+        data = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError, OSError) as e:
         raise ValueError(f"{path} is not JSON: {e}") from None
     if not isinstance(data, dict) or not isinstance(data.get("benchmarks"), list):
         raise ValueError(f"{path} is not pytest-benchmark output (no 'benchmarks' list)")

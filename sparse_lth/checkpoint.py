@@ -194,12 +194,16 @@ def _build(obj: nn.Module | Mapping[str, torch.Tensor], format: str, blocksize: 
             raise ValueError(f"{name}: dtype {t.dtype} cannot be stored")
         shape = list(t.shape)
         sparse = None
+        candidate = None
         if mask is not None and name in mask:
-            sparse = to_sparse_weight(t, format, blocksize, mask=mask[name].cpu(), name=name)
+            candidate = to_sparse_weight(t, format, blocksize, mask=mask[name].cpu(), name=name)
         elif mask is None and t.dtype in VALUE_DTYPES and t.dim() >= 2:
             candidate = to_sparse_weight(t, format, blocksize, name=name)
-            if _parts_nbytes(_sparse_parts(candidate)) < t.numel() * t.element_size():
-                sparse = candidate
+        # Sparse only where it is smaller: an unstructured mask in BSR fills nearly every block.
+        if candidate is not None and _parts_nbytes(_sparse_parts(candidate)) < t.numel() * t.element_size():
+            sparse = candidate
+        elif candidate is not None and mask is not None and name in mask:
+            t = t.masked_fill(~mask[name].cpu(), 0)  # stored dense, still pruned
         if sparse is None:
             t = t.contiguous()
             if t.numel() and t.untyped_storage().data_ptr() in seen_storage:

@@ -11,6 +11,10 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
+# The tests' models are tiny: one intra-op thread is as fast, and it cannot collapse the way
+# two spinning OpenMP threads do on a loaded 2-core machine (seen: 10x slower training).
+torch.set_num_threads(1)
+
 # Three-way rule for low precision: a kernel's error against the fp64 reference may be at most
 # `factor` x torch's own error at that dtype (the same product computed by torch in that dtype)
 # plus `atol` x the reference's scale (max |ref|). Both kernels and torch round each output to

@@ -1,6 +1,7 @@
 """sparse_lth.bench_report on a synthetic pytest-benchmark JSON: speed-ups, bytes ratios and
 crossover densities against values computed by hand, and the CLI writing its plots."""
 
+import gzip
 import json
 import math
 
@@ -128,6 +129,13 @@ def test_report_text_tables():
     assert ["unstructured", "0.403", "0.201", "0.024"] in rows  # 6600 / 16384, 3300 / ..., 400 / ...
     assert ["mlp", "1", "cpu", "sparse-csr", "0.1000", "0.5 ms", "4.00x", "200", "0.200"] in rows
     assert ["lenet300", "60", "cpu", "1 ms", "1.2 ms", "1.200", "1.150", "<= 1.3"] in rows
+
+
+def test_gzipped_json_reads_the_same(tmp_path):
+    plain, packed = tmp_path / "b.json", tmp_path / "b.json.gz"
+    plain.write_text(json.dumps(synthetic()))
+    packed.write_bytes(gzip.compress(plain.read_bytes()))
+    assert make_report(packed)[0] == make_report(plain)[0]
 
 
 def test_report_rejects_what_is_not_benchmark_json(tmp_path):

@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-from torch import nn
 
 from sparse_lth import Mask, build_model, prune_by_magnitude
 from sparse_lth.data import load_dataset
