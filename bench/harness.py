@@ -1,8 +1,20 @@
 """What every benchmark module shares: the sizes, the session's devices and dtypes, timing, and
 the correctness check each benchmark makes before it is timed.
 
-Kept out of ``conftest.py`` because benchmark modules import it by name (bench/ is not a
-package, and ``tests/`` has a ``conftest`` of its own).
+Benchmark modules import it by name (bench/ is not a package, and pytest puts bench/ on
+``sys.path``). The command-line options are registered in the root conftest.py.
+
+Sizes (``--bench-size``, see ``SIZE_CONFIGS``):
+
+* ``small``: CI smoke. Tiny shapes, every backend and structure, three densities; meant for
+  ``--benchmark-disable`` (each benchmark runs once, its output checked against dense).
+* ``default``: about 8-10 minutes on 2 CPU cores: 2048 x 2048 weights at N = 1..1024,
+  4096 x 4096 at decode batches (N = 1, 16).
+* ``large``: GPU-scale: 4096 x 4096 at N up to 4096, decode at 8192 x 8192 and 4096 x 16384.
+
+Without ``--bench-size`` the size is ``default`` when the run is for numbers
+(``--benchmark-only`` or ``--benchmark-json``) and ``small`` otherwise, so a plain ``pytest``
+from the root stays a quick smoke test of the benchmarks.
 """
 
 from __future__ import annotations

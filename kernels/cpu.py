@@ -249,13 +249,14 @@ def cpu_bsr_matmul(W: torch.Tensor, X: torch.Tensor, threads: int | None = None)
 
 
 # -- choice ------------------------------------------------------------------------------------
-def auto_cpu_backend(layout: torch.layout, dtype: torch.dtype, batch: int) -> str:
+def auto_cpu_backend(layout: torch.layout, dtype: torch.dtype, batch: int, nnz: int | None = None) -> str:
     """The faster CPU path, ``"scipy"`` or ``"torch"``, for a product with ``batch`` columns.
 
     torch's CSR / BSR products (MKL, multi-threaded) win from ``TORCH_MIN_BATCH`` (2) columns
-    on; scipy (threaded row blocks) wins at a single column (a matrix-vector product), and is the
-    only path for float16 / bfloat16, which torch's CPU sparse product refuses. The layout does
-    not change the rule (measured for both). Measurements: bench/cpu_crossover.md.
+    on, and for BSR at every batch; for CSR, scipy (threaded row blocks) wins at a single column
+    (a matrix-vector product) once the ``nnz`` stored values give two threads
+    ``MIN_WORK_PER_THREAD`` each. scipy is the only path for float16 / bfloat16, which torch's
+    CPU sparse product refuses. Measurements: bench/cpu_crossover.md, bench/cpu_goals.py.
 
     >>> import torch
     >>> auto_cpu_backend(torch.sparse_csr, torch.float32, 1), auto_cpu_backend(torch.sparse_csr, torch.float32, 128)
@@ -265,4 +266,10 @@ def auto_cpu_backend(layout: torch.layout, dtype: torch.dtype, batch: int) -> st
     """
     if dtype not in _FLOATS:
         return "scipy"
-    return "torch" if batch >= TORCH_MIN_BATCH else "scipy"
+    if batch >= TORCH_MIN_BATCH or layout == torch.sparse_bsr:
+        # BSR at one column too: MKL's BSR product beat threaded scipy for 32 and 64 blocks
+        # (4096^2: 0.35 vs 0.41-0.51 ms at 10%); scipy won only with 16 blocks from 10% dense.
+        return "torch"
+    # A matrix-vector product: scipy's threaded rows win once each of two threads has work;
+    # below that torch's single call is cheaper (4096^2 at 1%: 0.084 ms vs 0.112 ms).
+    return "scipy" if nnz is None or nnz >= 2 * MIN_WORK_PER_THREAD else "torch"

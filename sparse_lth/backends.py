@@ -60,10 +60,12 @@ def choose_backend(
     dtype: torch.dtype,
     batch: int = 1,
     backend: str = "auto",
+    nnz: int | None = None,
 ) -> str:
     """The concrete backend (``"triton"``, ``"scipy"``, ``"torch"`` or ``"dense"``) for one product.
 
-    ``batch`` is the number of columns of X (rows of a linear layer's 2-D input). A forced
+    ``batch`` is the number of columns of X (rows of a linear layer's 2-D input); ``nnz`` the
+    number of stored values (it decides the CPU's matrix-vector path). A forced
     backend that cannot run here raises ValueError saying why, rather than silently falling back.
 
     >>> import torch
@@ -82,7 +84,7 @@ def choose_backend(
         if device.type == "cuda":
             return "triton" if kernels.has_triton() and dtype in _TRITON_DTYPES else "torch"
         if device.type == "cpu":
-            return auto_cpu_backend(layout, dtype, batch)
+            return auto_cpu_backend(layout, dtype, batch, nnz)
         return "dense"
     if backend == "scipy" and device.type != "cpu":
         raise ValueError(f"backend 'scipy' runs on the CPU only, got a tensor on {device}")
@@ -127,7 +129,7 @@ def sparse_matmul(W: torch.Tensor, X: torch.Tensor, backend: str = "auto", threa
     _check_operands(W, X, "X")
     if X.dim() != 2 or X.shape[0] != W.shape[1]:
         raise ValueError(f"X must have shape [K, N] with K = {W.shape[1]} (W is {tuple(W.shape)}), got {tuple(X.shape)}")
-    name = choose_backend(W.layout, W.device, W.dtype, X.shape[1], backend)
+    name = choose_backend(W.layout, W.device, W.dtype, X.shape[1], backend, W.values().numel())
     csr = W.layout == torch.sparse_csr
     if name == "scipy":
         return (cpu_csr_matmul if csr else cpu_bsr_matmul)(W, X, threads=threads)
@@ -168,7 +170,7 @@ def sparse_linear(
     lead = x.shape[:-1]
     x2 = x.reshape(-1, K)
     N = x2.shape[0]
-    name = choose_backend(W.layout, W.device, W.dtype, N, backend)
+    name = choose_backend(W.layout, W.device, W.dtype, N, backend, W.values().numel())
     csr = W.layout == torch.sparse_csr
     if name == "dense":
         y = F.linear(x2, W.to_dense(), bias)

@@ -250,7 +250,8 @@ def _model_table(benchmarks: Sequence[Mapping[str, Any]], stat: str) -> str | No
             rows_by_key[key][info["variant"]] = (seconds, info)
     if not rows_by_key:
         return None
-    head = ["model", "batch", "device", "variant", "density", "latency", "speed-up", "weight bytes", "bytes / dense"]
+    head = ["model", "batch", "device", "variant", "density", "latency", "speed-up", "weight bytes", "bytes / dense",
+            "sparse layers"]
     rows = []
     for key in sorted(rows_by_key, key=str):
         variants = rows_by_key[key]
@@ -260,7 +261,8 @@ def _model_table(benchmarks: Sequence[Mapping[str, Any]], stat: str) -> str | No
             speed = f"{dense[0] / seconds:.2f}x" if dense else "-"
             ratio = f"{info['weight_bytes'] / dense[1]['weight_bytes']:.3f}" if dense else "-"
             rows.append([info["model"], str(info["batch"]), info["device"], variant, f"{info['density']:.4f}",
-                         _ms(seconds), speed, f"{info['weight_bytes']:,}", ratio])
+                         _ms(seconds), speed, f"{info['weight_bytes']:,}", ratio,
+                         str(len(info["sparse_layers"])) if "sparse_layers" in info else "-"])
     return f"### Models: dense against sparsify(...)\n\n{_table(head, rows)}"
 
 

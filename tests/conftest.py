@@ -1,4 +1,4 @@
-"""Shared test setup: Triton's CPU interpreter, the per-dtype TOLERANCE table, the slow marker."""
+"""Shared test setup: Triton's CPU interpreter, one torch thread, the slow marker."""
 
 import os
 
@@ -14,17 +14,6 @@ import pytest  # noqa: E402
 # The tests' models are tiny: one intra-op thread is as fast, and it cannot collapse the way
 # two spinning OpenMP threads do on a loaded 2-core machine (seen: 10x slower training).
 torch.set_num_threads(1)
-
-# Three-way rule for low precision: a kernel's error against the fp64 reference may be at most
-# `factor` x torch's own error at that dtype (the same product computed by torch in that dtype)
-# plus `atol` x the reference's scale (max |ref|). Both kernels and torch round each output to
-# the dtype once, so their errors are near-equal; `factor` allows for a different summation
-# order, `atol` for a torch error of exactly 0 (an all-zero or tiny problem).
-TOLERANCE = {
-    torch.float32: {"factor": 2.0, "atol": 1e-6},
-    torch.float16: {"factor": 2.0, "atol": 1e-4},
-    torch.bfloat16: {"factor": 2.0, "atol": 1e-3},
-}
 
 
 def pytest_addoption(parser):

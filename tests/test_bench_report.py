@@ -57,7 +57,7 @@ def synthetic() -> dict:
                         "density": 0.1, "weight_bytes": 1000}},
         {"group": "m", "name": "m2", "stats": {"median": 5e-4},
          "extra_info": {"kind": "model", "model": "mlp", "variant": "sparse-csr", "batch": 1, "device": "cpu",
-                        "density": 0.1, "weight_bytes": 200}},
+                        "density": 0.1, "weight_bytes": 200, "sparse_layers": ["0", "2"]}},
         {"group": "s", "name": "s1", "stats": {"median": 1.0e-3},
          "extra_info": {"kind": "masked_step", "model": "lenet300", "variant": "plain", "batch": 60, "device": "cpu"}},
         {"group": "s", "name": "s2", "stats": {"median": 1.2e-3},
@@ -127,7 +127,7 @@ def test_report_text_tables():
     assert ["16", "ours_cpu/unstructured", "8 ms", "2.00x", "4.00x", "8.00x", ">=20%"] in rows
     assert ["1", "scipy/block16", "1 ms", "0.20x", "0.25x", "-", "never"] in rows
     assert ["unstructured", "0.403", "0.201", "0.024"] in rows  # 6600 / 16384, 3300 / ..., 400 / ...
-    assert ["mlp", "1", "cpu", "sparse-csr", "0.1000", "0.5 ms", "4.00x", "200", "0.200"] in rows
+    assert ["mlp", "1", "cpu", "sparse-csr", "0.1000", "0.5 ms", "4.00x", "200", "0.200", "2"] in rows
     assert ["lenet300", "60", "cpu", "1 ms", "1.2 ms", "1.200", "1.150", "<= 1.3"] in rows
 
 

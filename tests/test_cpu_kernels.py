@@ -10,7 +10,7 @@ from sparse_lth.kernels import cpu_bsr_matmul, cpu_csr_matmul
 from sparse_lth.kernels.reference import sparse_matmul_reference
 
 try:
-    from conftest import TOLERANCE
+    from tolerances import TOLERANCE
 except ImportError:  # pragma: no cover - run from another rootdir
     TOLERANCE = {}
 
@@ -177,6 +177,9 @@ def test_cuda_tensors_are_refused():
 def test_auto_cpu_backend_rule():
     csr = torch.sparse_csr
     assert cpu.auto_cpu_backend(csr, torch.float32, 1) == "scipy"
+    # a matrix-vector product too small for two threads goes to torch's single call
+    assert cpu.auto_cpu_backend(csr, torch.float32, 1, nnz=2 * cpu.MIN_WORK_PER_THREAD - 1) == "torch"
+    assert cpu.auto_cpu_backend(csr, torch.float32, 1, nnz=2 * cpu.MIN_WORK_PER_THREAD) == "scipy"
     for dtype in (torch.float16, torch.bfloat16):
         assert cpu.auto_cpu_backend(csr, dtype, 128) == "scipy"  # torch's CPU product refuses them
     assert {cpu.auto_cpu_backend(csr, torch.float32, n) for n in (1, 2, 16, 128, 4096)} <= {"scipy", "torch"}

@@ -20,7 +20,7 @@ triton = pytest.importorskip("triton")
 if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("no CUDA and TRITON_INTERPRET is not set", allow_module_level=True)
 
-from conftest import TOLERANCE  # noqa: E402
+from tolerances import TOLERANCE  # noqa: E402
 from sparse_lth.kernels import (  # noqa: E402
     triton_bsr_linear,
     triton_bsr_matmul,
