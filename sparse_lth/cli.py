@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 
 DEMO_SETTINGS = dict(model="lenet300", dataset="digits", rounds=12, iterations=1500, eval_every=50,
                      controls=("random_reinit",))
@@ -139,6 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # torch warns on every sparse CSR/BSR tensor it builds; a command-line user cannot act on it.
+    warnings.filterwarnings("ignore", message="Sparse (CSR|BSR) tensor support is in beta")
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

@@ -59,13 +59,6 @@ class Mask(Mapping[str, torch.Tensor]):
         params = dict(model.named_parameters())
         return cls({name: torch.ones_like(params[name], dtype=torch.bool) for name in prunable_names(model)})
 
-    @classmethod
-    def from_model_zeros(cls, model: nn.Module) -> Mask:
-        """Mask from the zeros of a model's prunable weights: only for weights known to be pruned
-        dense checkpoints; a trained weight that is exactly zero will read as pruned."""
-        params = dict(model.named_parameters())
-        return cls({name: params[name].detach() != 0 for name in prunable_names(model)})
-
     # -- mapping ------------------------------------------------------------------------------
     def __getitem__(self, name: str) -> torch.Tensor:
         return self._tensors[name]
