@@ -200,12 +200,18 @@ def _ms(seconds: float) -> str:
     return f"{1e3 * seconds:.3g} ms" if seconds >= 1e-4 else f"{1e6 * seconds:.3g} us"
 
 
+def _by_group(results: Sequence[KernelResult]) -> dict[tuple[str, str, str], list[KernelResult]]:
+    """Results by (shape, dtype, device): one table and one figure each."""
+    groups: dict[tuple[str, str, str], list[KernelResult]] = defaultdict(list)
+    for r in results:
+        groups[r.group].append(r)
+    return groups
+
+
 def _kernel_tables(results: Sequence[KernelResult]) -> list[str]:
     out: list[str] = []
     cross = crossovers(results)
-    by_group: dict[tuple[str, str, str], list[KernelResult]] = defaultdict(list)
-    for r in results:
-        by_group[r.group].append(r)
+    by_group = _by_group(results)
     for (shape, dtype, device), group in sorted(by_group.items()):
         sparse = [r for r in group if not r.baseline]
         densities = sorted({r.density for r in sparse}, reverse=True)
@@ -326,9 +332,7 @@ def write_plots(results: Sequence[KernelResult], out_dir: str | Path) -> list[Pa
     out.mkdir(parents=True, exist_ok=True)
     paths: list[Path] = []
     cross = crossovers(results)
-    by_group: dict[tuple[str, str, str], list[KernelResult]] = defaultdict(list)
-    for r in results:
-        by_group[r.group].append(r)
+    by_group = _by_group(results)
 
     for (shape, dtype, device), group in sorted(by_group.items()):
         sparse = [r for r in group if not r.baseline and r.speedup is not None]

@@ -194,16 +194,18 @@ def _build(obj: nn.Module | Mapping[str, torch.Tensor], format: str, blocksize: 
             raise ValueError(f"{name}: dtype {t.dtype} cannot be stored")
         shape = list(t.shape)
         sparse = None
-        candidate = None
+        candidate = parts = None
         if mask is not None and name in mask:
             candidate = to_sparse_weight(t, format, blocksize, mask=mask[name].cpu(), name=name)
         elif mask is None and t.dtype in VALUE_DTYPES and t.dim() >= 2:
             candidate = to_sparse_weight(t, format, blocksize, name=name)
-        # Sparse only where it is smaller: an unstructured mask in BSR fills nearly every block.
-        if candidate is not None and _parts_nbytes(_sparse_parts(candidate)) < t.numel() * t.element_size():
-            sparse = candidate
-        elif candidate is not None and mask is not None and name in mask:
-            t = t.masked_fill(~mask[name].cpu(), 0)  # stored dense, still pruned
+        if candidate is not None:
+            parts = _sparse_parts(candidate)
+            # Sparse only where it is smaller: an unstructured mask in BSR fills nearly every block.
+            if _parts_nbytes(parts) < t.numel() * t.element_size():
+                sparse = candidate
+            elif mask is not None and name in mask:
+                t = t.masked_fill(~mask[name].cpu(), 0)  # stored dense, still pruned
         if sparse is None:
             t = t.contiguous()
             if t.numel() and t.untyped_storage().data_ptr() in seen_storage:
@@ -215,7 +217,6 @@ def _build(obj: nn.Module | Mapping[str, torch.Tensor], format: str, blocksize: 
             nonzero = float((t != 0).float().mean()) if t.numel() and t.dtype != torch.bool else 1.0
             report[name] = TensorReport("dense", tuple(shape), nonzero, t.numel() * t.element_size())
             continue
-        parts = _sparse_parts(sparse)
         for part, value in parts.items():
             tensors[f"{name}{_SEP}{part}"] = value
         entries[name] = {"format": format, "shape": shape, "dtype": dtype,

@@ -207,7 +207,7 @@ class _Search:
     def fresh_model(self, seed: int) -> torch.nn.Module:
         return build_model(self.config.model, self.data.input_shape, self.data.num_classes, seed=seed)
 
-    def train_round(self, base: Path, round_index: int, mask: Mask, start: dict[str, torch.Tensor],
+    def train_round(self, round_index: int, mask: Mask, start: dict[str, torch.Tensor],
                     kind: str, start_step: int = 0, snapshot_at: int | None = None):
         self.model.load_state_dict(start)
         desc = f"{kind} round {round_index} ({100 * mask.density():.2f}% left)"
@@ -223,11 +223,11 @@ class _Search:
             return self.init_state
         return _load_state(self.run_dir / run_files.REWIND_FILE)
 
-    def next_mask(self, base: Path, round_index: int) -> Mask:
+    def next_mask(self, round_index: int) -> Mask:
         """Prune round ``round_index - 1``'s trained weights to get this round's mask."""
         if round_index == 0:
             return Mask.ones_like(self.model)
-        mask_tensors, trained, _ = run_files.read_round(base, round_index - 1)
+        mask_tensors, trained, _ = run_files.read_round(self.run_dir, round_index - 1)
         self.model.load_state_dict(trained)
         return prune_by_magnitude(self.model, Mask(mask_tensors), self.config.prune_fraction,
                                   scope=self.config.scope, layer_fractions=self.fractions,
@@ -240,14 +240,14 @@ class _Search:
             if r in done:
                 bar.update(1)
                 continue
-            mask = self.next_mask(self.run_dir, r)
+            mask = self.next_mask(r)
             if r == 0:
-                result, record = self.train_round(self.run_dir, 0, mask, self.init_state, "ticket",
+                result, record = self.train_round(0, mask, self.init_state, "ticket",
                                                   snapshot_at=k or None)
                 if k:  # the rewind point must be on disk before round 0 is
                     run_files.atomic_save_safetensors(result.snapshot, self.run_dir / run_files.REWIND_FILE)
             else:
-                _, record = self.train_round(self.run_dir, r, mask, self.rewind_state(), "ticket", start_step=k)
+                _, record = self.train_round(r, mask, self.rewind_state(), "ticket", start_step=k)
             run_files.write_round(self.run_dir, r, mask, self.model.state_dict(), record)
             bar.update(1)
             self.write_summary()
@@ -259,7 +259,7 @@ class _Search:
             if r in done:
                 bar.update(1)
                 continue
-            ticket_mask = Mask(run_files.read_round(self.run_dir, r)[0])
+            ticket_mask = Mask(run_files.read_mask(self.run_dir, r))
             # Each control round has its own seed, derived from the run's seed and the round.
             control_seed = self.config.seed * 1_000_003 + 7919 * r + CONTROLS.index(control) + 1
             if control == "random_reinit":
@@ -267,17 +267,17 @@ class _Search:
             else:
                 mask = random_mask_like(ticket_mask, torch.Generator().manual_seed(control_seed))
                 start = self.rewind_state()
-            _, record = self.train_round(base, r, mask, start, control, start_step=self.config.rewind_iteration)
+            _, record = self.train_round(r, mask, start, control, start_step=self.config.rewind_iteration)
             run_files.write_round(base, r, mask, self.model.state_dict(), record)
             bar.update(1)
             self.write_summary()
 
     def records(self) -> tuple[list[dict], dict[str, list[dict]]]:
-        ticket = [run_files.read_round(self.run_dir, r)[2] for r in run_files.completed_rounds(self.run_dir)]
+        ticket = [run_files.read_record(self.run_dir, r) for r in run_files.completed_rounds(self.run_dir)]
         controls = {}
         for control in self.config.controls:
             base = run_files.control_dir(self.run_dir, control)
-            controls[control] = [run_files.read_round(base, r)[2] for r in run_files.completed_rounds(base)]
+            controls[control] = [run_files.read_record(base, r) for r in run_files.completed_rounds(base)]
         return ticket, controls
 
     def write_summary(self) -> None:
@@ -311,5 +311,5 @@ def find_ticket(config: LotteryConfig, out_dir: str | Path, data_dir: str | Path
     search.write_summary()
     ticket_records, control_records = search.records()
     last = run_files.completed_rounds(search.run_dir)[-1]
-    return Ticket(config=config, run_dir=search.run_dir, mask=Mask(run_files.read_round(search.run_dir, last)[0]),
+    return Ticket(config=config, run_dir=search.run_dir, mask=Mask(run_files.read_mask(search.run_dir, last)),
                   rewind_state=search.rewind_state(), records=ticket_records, controls=control_records)

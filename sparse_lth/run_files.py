@@ -100,17 +100,31 @@ def write_round(base: str | Path, round_index: int, mask: dict[str, torch.Tensor
     return final
 
 
+def _existing_round(base: str | Path, round_index: int) -> Path:
+    folder = round_dir(base, round_index)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"no completed round {round_index} under {base}")
+    return folder
+
+
+def read_record(base: str | Path, round_index: int) -> dict:
+    """The record of one completed round, without loading its tensors."""
+    return json.loads((_existing_round(base, round_index) / RECORD_FILE).read_text())
+
+
+def read_mask(base: str | Path, round_index: int) -> dict[str, torch.Tensor]:
+    """The mask tensors of one completed round."""
+    from safetensors.torch import load_file
+
+    return load_file(str(_existing_round(base, round_index) / MASK_FILE))
+
+
 def read_round(base: str | Path, round_index: int) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict]:
     """(mask tensors, trained state dict, record) of one completed round."""
     from safetensors.torch import load_file
 
-    folder = round_dir(base, round_index)
-    if not folder.is_dir():
-        raise FileNotFoundError(f"no completed round {round_index} under {base}")
-    mask = load_file(str(folder / MASK_FILE))
-    trained = load_file(str(folder / TRAINED_FILE))
-    record = json.loads((folder / RECORD_FILE).read_text())
-    return mask, trained, record
+    trained = load_file(str(_existing_round(base, round_index) / TRAINED_FILE))
+    return read_mask(base, round_index), trained, read_record(base, round_index)
 
 
 def remove_stale_temporaries(run_dir: str | Path) -> None:
