@@ -14,18 +14,28 @@ Two models:
 The dense model is the masked model itself (pruned weights zero, ``nn.Linear``); the sparse
 one is ``sparsify(copy, mask, max_density=SPARSIFY_MAX_DENSITY)``: layers above it stay dense
 (the ticket's output layer). Both run under ``torch.no_grad()``.
+
+Each sparse variant also measures its speed-up over the dense model itself, in the same run:
+dense and sparse forward passes on the same input alternated in short bursts
+(harness.run_speedup; ``extra_info["speedup_interleaved"]``, the median of bursts). Under
+``--benchmark-disable`` it is skipped.
+
+Weight bytes count every parameter and buffer a model keeps, biases included; a SparseLinear
+layer counts as ``formats.nbytes`` of its ``.weight`` (the CSR / BSR arrays) plus its bias, so the
+count does not depend on how the layer stores them.
 """
 
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import pytest
 import torch
 from torch import nn
 
-from harness import assert_close, bench_devices, device_name, run_benchmark, size_config
+from harness import assert_close, bench_devices, machine_info, run_benchmark, run_speedup, size_config
 from sparse_lth import run_files
 from sparse_lth.data import load_dataset
 from sparse_lth.formats import nbytes
@@ -136,6 +146,26 @@ def models_for(case: ModelCase, request: pytest.FixtureRequest) -> tuple[nn.Modu
     return _models[key]
 
 
+def weight_bytes(model: nn.Module) -> int:
+    """Bytes of every tensor ``model`` keeps; a SparseLinear's weight as its sparse arrays."""
+    total = 0
+    for module in model.modules():
+        if isinstance(module, SparseLinear):
+            total += nbytes(module.weight) + (nbytes(module.bias) if module.bias is not None else 0)
+            continue
+        own = [*module.parameters(recurse=False), *module.buffers(recurse=False)]
+        total += sum(nbytes(t) for t in own)
+    return total
+
+
+def _forward(model: nn.Module, x: torch.Tensor) -> Callable[[], None]:
+    """A no-argument inference call of ``model`` on ``x`` (what is timed)."""
+    def forward() -> None:
+        with torch.no_grad():
+            model(x)
+    return forward
+
+
 def test_model_forward(benchmark, model_case_id: str, request: pytest.FixtureRequest) -> None:
     case = _CASES[model_case_id]
     cfg = size_config(request.config)
@@ -150,16 +180,16 @@ def test_model_forward(benchmark, model_case_id: str, request: pytest.FixtureReq
     benchmark.group = f"model {case.model}{f' d={case.density:g}' if case.density else ''} B={case.batch} {case.device}"
     benchmark.extra_info.update({
         "kind": "model", "model": case.model, "variant": case.variant, "batch": case.batch,
-        "device": case.device, "device_name": device_name(case.device), "dtype": "fp32",
+        "device": case.device, **machine_info(case.device), "dtype": "fp32",
         "density": mask.density(), "density_target": case.density or None,
-        "weight_bytes": nbytes(model.state_dict()), "dense_weight_bytes": nbytes(dense.state_dict()),
-        "sparse_layers": swapped, "threads": torch.get_num_threads(),
+        "weight_bytes": weight_bytes(model), "dense_weight_bytes": weight_bytes(dense),
+        "sparse_layers": swapped,
     })
 
-    def forward() -> None:
-        with torch.no_grad():
-            model(x)
-
-    median = run_benchmark(benchmark, forward, case.device, cfg)
-    if median:
-        benchmark.extra_info["latency_ms"] = 1e3 * median
+    forward = _forward(model, x)
+    if model is dense:
+        run_benchmark(benchmark, forward, case.device, cfg)
+    else:
+        run_speedup(benchmark, _forward(dense, x), forward, case.device, cfg)
+    if not benchmark.disabled:
+        benchmark.extra_info["latency_ms"] = 1e3 * float(benchmark.stats.stats.median)

@@ -1,9 +1,16 @@
 """Sparse x dense kernels, imported as ``sparse_lth.kernels``.
 
 Kernels take index and value tensors (torch sparse CSR / BSR tensors), never a model or a Mask.
+Every public kernel checks the sparse tensor's indices before following them
+(:func:`check_index_invariants`); ``check_invariants=False`` skips that for a tensor checked
+already (``SparseLinear`` checks once, when it is built).
 """
 
 __all__: list[str] = []
+
+from .invariants import check_index_invariants  # noqa: E402
+
+__all__ += ["check_index_invariants"]
 
 # --- Triton kernels (GPU, or CPU under TRITON_INTERPRET=1) ---------------------------------------
 # Thin wrappers: triton is imported on the first call, so this package imports without it.
@@ -11,36 +18,36 @@ __all__: list[str] = []
 from ._triton import has_triton, require_triton  # noqa: E402
 
 
-def triton_csr_matmul(W, X, *, out=None):
+def triton_csr_matmul(W, X, *, out=None, check_invariants=True):
     """``W @ X`` for a sparse CSR ``W`` [M, K] and dense ``X`` [K, N] (see ``csr.py``)."""
     require_triton()
     from .csr import triton_csr_matmul as impl
 
-    return impl(W, X, out=out)
+    return impl(W, X, out=out, check_invariants=check_invariants)
 
 
-def triton_csr_linear(W, x, *, out=None):
+def triton_csr_linear(W, x, *, out=None, check_invariants=True):
     """``x @ W.T`` for a sparse CSR weight ``W`` [M, K] and ``x`` [..., K] (see ``csr.py``)."""
     require_triton()
     from .csr import triton_csr_linear as impl
 
-    return impl(W, x, out=out)
+    return impl(W, x, out=out, check_invariants=check_invariants)
 
 
-def triton_bsr_matmul(W, X, *, out=None):
+def triton_bsr_matmul(W, X, *, out=None, check_invariants=True):
     """``W @ X`` for a sparse BSR ``W`` [M, K] and dense ``X`` [K, N] (see ``bsr.py``)."""
     require_triton()
     from .bsr import triton_bsr_matmul as impl
 
-    return impl(W, X, out=out)
+    return impl(W, X, out=out, check_invariants=check_invariants)
 
 
-def triton_bsr_linear(W, x, *, out=None):
+def triton_bsr_linear(W, x, *, out=None, check_invariants=True):
     """``x @ W.T`` for a sparse BSR weight ``W`` [M, K] and ``x`` [..., K] (see ``bsr.py``)."""
     require_triton()
     from .bsr import triton_bsr_linear as impl
 
-    return impl(W, x, out=out)
+    return impl(W, x, out=out, check_invariants=check_invariants)
 
 
 __all__ += ["has_triton", "triton_csr_matmul", "triton_csr_linear", "triton_bsr_matmul",

@@ -12,6 +12,8 @@ import os
 
 import torch
 
+from .invariants import check_index_invariants
+
 # Triton's own parsing of boolean env vars (triton.knobs.env_bool): checked here without
 # importing triton, so callers can ask before deciding whether to import it.
 _TRUE = ("1", "true", "yes", "on", "y")
@@ -58,8 +60,9 @@ def next_pow2(n: int) -> int:
     return 1 if n <= 1 else 1 << (int(n) - 1).bit_length()
 
 
-def check_sparse(W: torch.Tensor, layout: torch.layout, name: str = "W") -> None:
-    """Raise ValueError unless W is a 2-D sparse matrix of ``layout`` a Triton kernel can read."""
+def check_sparse(W: torch.Tensor, layout: torch.layout, check_invariants: bool = True, name: str = "W") -> None:
+    """Raise ValueError unless W is a 2-D sparse matrix of ``layout`` a Triton kernel can read;
+    with ``check_invariants`` its indices too (a bad one would read out of bounds on the GPU)."""
     if not isinstance(W, torch.Tensor):
         raise ValueError(f"{name} must be a torch sparse tensor, got {type(W).__name__}")
     if W.layout != layout:
@@ -76,6 +79,8 @@ def check_sparse(W: torch.Tensor, layout: torch.layout, name: str = "W") -> None
     for part, t in (("crow_indices", crow), ("col_indices", col), ("values", W.values())):
         if not t.is_contiguous():
             raise ValueError(f"{name}.{part}() must be contiguous")
+    if check_invariants:
+        check_index_invariants(W, name)
 
 
 def check_device(W: torch.Tensor, dense: torch.Tensor, dense_name: str) -> None:

@@ -136,8 +136,8 @@ bsr_kernel = triton.autotune(
 )(_bsr_kernel)
 
 
-def _check_bsr(W: torch.Tensor) -> tuple[int, int]:
-    check_sparse(W, torch.sparse_bsr)
+def _check_bsr(W: torch.Tensor, check_invariants: bool) -> tuple[int, int]:
+    check_sparse(W, torch.sparse_bsr, check_invariants)
     br, bc = W.values().shape[-2:]
     for side, v in (("rows", br), ("columns", bc)):
         if v < 16 or v > 128 or v & (v - 1):
@@ -171,15 +171,16 @@ def _launch(W: torch.Tensor, X: torch.Tensor, Y: torch.Tensor, *, N: int, x_t: b
         )
 
 
-def triton_bsr_matmul(W: torch.Tensor, X: torch.Tensor, *,
-                      out: torch.Tensor | None = None) -> torch.Tensor:
+def triton_bsr_matmul(W: torch.Tensor, X: torch.Tensor, *, out: torch.Tensor | None = None,
+                      check_invariants: bool = True) -> torch.Tensor:
     """``W @ X`` for a sparse BSR ``W`` [M, K] (blocks 16 .. 128, powers of two) and a dense
     ``X`` [K, N], as dense [M, N].
 
     ``X`` is either row-major contiguous or the transpose of a contiguous [N, K] tensor
     (``x.t()``), read through strides without a copy. Values fp32 / fp16 / bf16 (W and X
     alike), accumulated in fp32, returned in X's dtype; indices int32 or int64. ``out``, if
-    given, is a contiguous [M, N] tensor to write into.
+    given, is a contiguous [M, N] tensor to write into. W's block indices are checked before
+    the launch unless ``check_invariants=False`` (see :func:`triton_csr_matmul`).
 
     Example (on a GPU, or anywhere with ``TRITON_INTERPRET=1`` set before triton is imported,
     using CPU tensors)::
@@ -194,15 +195,15 @@ def triton_bsr_matmul(W: torch.Tensor, X: torch.Tensor, *,
         >>> torch.allclose(triton_bsr_matmul(W, X), W.to_dense() @ X, atol=1e-4)
         True
     """
-    _check_bsr(W)
+    _check_bsr(W, check_invariants)
     out, layout = matmul_problem(W, X, out)
     if out.numel():
         _launch(W, X, out, **layout)
     return out
 
 
-def triton_bsr_linear(W: torch.Tensor, x: torch.Tensor, *,
-                      out: torch.Tensor | None = None) -> torch.Tensor:
+def triton_bsr_linear(W: torch.Tensor, x: torch.Tensor, *, out: torch.Tensor | None = None,
+                      check_invariants: bool = True) -> torch.Tensor:
     """A linear layer's ``x @ W.T`` (no bias) for a sparse BSR weight ``W`` [M, K] (out x in)
     and a contiguous ``x`` [..., K]; returns [..., M] without transposing anything in memory.
 
@@ -216,7 +217,7 @@ def triton_bsr_linear(W: torch.Tensor, x: torch.Tensor, *,
         >>> torch.allclose(triton_bsr_linear(W, x), x @ W.to_dense().T, atol=1e-4)
         True
     """
-    _check_bsr(W)
+    _check_bsr(W, check_invariants)
     out, layout = linear_problem(W, x, out)
     if out.numel():
         _launch(W, x, out, **layout)

@@ -30,6 +30,8 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
+from .invariants import check_index_invariants
+
 try:  # The compiled loops behind ``csr_matrix @ X``. Private, but its signatures have been
     # stable since scipy 1.8; calling them directly skips scipy's per-call validation and index
     # dtype coercion (an O(nnz) copy of int64 indices) and lets each thread read the shared
@@ -63,7 +65,8 @@ _NP_DTYPES = {torch.float32: np.float32, torch.float64: np.float64}
 
 
 # -- checks ------------------------------------------------------------------------------------
-def _check(W: torch.Tensor, X: torch.Tensor, layout: torch.layout, fn: str) -> None:
+def _check(W: torch.Tensor, X: torch.Tensor, layout: torch.layout, fn: str, check_invariants: bool,
+           threads: int | None) -> None:
     lname = {torch.sparse_csr: "sparse CSR", torch.sparse_bsr: "sparse BSR"}[layout]
     if not isinstance(W, torch.Tensor) or not isinstance(X, torch.Tensor):
         raise ValueError(f"{fn}: W and X must be torch tensors, got {type(W).__name__} and {type(X).__name__}")
@@ -86,6 +89,10 @@ def _check(W: torch.Tensor, X: torch.Tensor, layout: torch.layout, fn: str) -> N
         raise ValueError(f"{fn}: W and X must share a dtype, got W {W.dtype} and X {X.dtype}")
     if W.dtype not in _ALL_FLOATS:
         raise ValueError(f"{fn}: dtype {W.dtype} is not supported (float32, float64, float16, bfloat16)")
+    if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool) or threads < 1):
+        raise ValueError(f"{fn}: threads must be a positive int or None, got {threads!r}")
+    if check_invariants:  # scipy's loops follow the indices unchecked: a bad one reads out of bounds
+        check_index_invariants(W, f"{fn}: W")
 
 
 def _np(t: torch.Tensor) -> np.ndarray:
@@ -115,8 +122,6 @@ def _num_threads(threads: int | None, work: int, rows: int) -> int:
     if threads is None:
         # Follow torch's own setting so one knob (torch.set_num_threads) governs both paths.
         threads = min(torch.get_num_threads(), max(1, work // MIN_WORK_PER_THREAD))
-    elif not isinstance(threads, int) or isinstance(threads, bool) or threads < 1:
-        raise ValueError(f"threads must be a positive int or None, got {threads!r}")
     return max(1, min(threads, rows))
 
 
@@ -155,7 +160,8 @@ def _prepare(W: torch.Tensor, X: torch.Tensor) -> tuple[torch.dtype, np.ndarray,
     return compute, _np(values).reshape(-1), _np(X).reshape(-1), out
 
 
-def cpu_csr_matmul(W: torch.Tensor, X: torch.Tensor, threads: int | None = None) -> torch.Tensor:
+def cpu_csr_matmul(W: torch.Tensor, X: torch.Tensor, threads: int | None = None, *,
+                   check_invariants: bool = True) -> torch.Tensor:
     """``W @ X`` for a sparse CSR ``W`` [M, K] and a dense ``X`` [K, N], with scipy on the CPU.
 
     Rows are split into blocks of about equal nonzeros and run on ``threads`` threads (default:
@@ -166,6 +172,10 @@ def cpu_csr_matmul(W: torch.Tensor, X: torch.Tensor, threads: int | None = None)
 
     Raises ValueError for a W that is not a 2-D CPU CSR tensor, an X that is not a 2-D dense CPU
     tensor, shapes that do not chain, mismatched or unsupported dtypes, or a bad ``threads``.
+    W's index arrays are checked first (row pointers from 0, never decreasing, ending at the
+    number of values; columns in range: :func:`~sparse_lth.kernels.check_index_invariants`),
+    so a malformed tensor is refused instead of read out of bounds. That costs O(rows + nnz);
+    a caller that has checked W already may pass ``check_invariants=False``.
 
     >>> import torch
     >>> W = torch.tensor([[0., 2., 0.], [0., 0., 0.], [1., 0., 3.]])
@@ -175,7 +185,7 @@ def cpu_csr_matmul(W: torch.Tensor, X: torch.Tensor, threads: int | None = None)
             [ 0.,  0.],
             [12., 16.]])
     """
-    _check(W, X, torch.sparse_csr, "cpu_csr_matmul")
+    _check(W, X, torch.sparse_csr, "cpu_csr_matmul", check_invariants, threads)
     M, K = W.shape
     N = X.shape[1]
     compute, data, x, y = _prepare(W, X)
@@ -201,7 +211,8 @@ def cpu_csr_matmul(W: torch.Tensor, X: torch.Tensor, threads: int | None = None)
     return out if compute == W.dtype else out.to(W.dtype)
 
 
-def cpu_bsr_matmul(W: torch.Tensor, X: torch.Tensor, threads: int | None = None) -> torch.Tensor:
+def cpu_bsr_matmul(W: torch.Tensor, X: torch.Tensor, threads: int | None = None, *,
+                   check_invariants: bool = True) -> torch.Tensor:
     """``W @ X`` for a sparse BSR ``W`` [M, K] and a dense ``X`` [K, N], with scipy on the CPU.
 
     Block rows are split into groups of about equal nonzero blocks and run on ``threads`` threads
@@ -209,7 +220,8 @@ def cpu_bsr_matmul(W: torch.Tensor, X: torch.Tensor, threads: int | None = None)
     (R, C) that divides (M, K), as torch requires. float32 / float64 are computed natively;
     float16 / bfloat16 are computed in float32 and the result is cast back to the input dtype.
 
-    Raises ValueError like :func:`cpu_csr_matmul`, for a BSR ``W``.
+    Raises ValueError like :func:`cpu_csr_matmul`, for a BSR ``W``; its block indices are
+    checked the same way (``check_invariants=False`` to skip).
 
     >>> import torch
     >>> W = torch.zeros(4, 4); W[:2, 2:] = torch.tensor([[1., 2.], [3., 4.]])
@@ -219,7 +231,7 @@ def cpu_bsr_matmul(W: torch.Tensor, X: torch.Tensor, threads: int | None = None)
             [0.],
             [0.]])
     """
-    _check(W, X, torch.sparse_bsr, "cpu_bsr_matmul")
+    _check(W, X, torch.sparse_bsr, "cpu_bsr_matmul", check_invariants, threads)
     M, K = W.shape
     N = X.shape[1]
     R, C = W.values().shape[1:]

@@ -141,14 +141,16 @@ def _launch(W: torch.Tensor, X: torch.Tensor, Y: torch.Tensor, *, N: int, x_t: b
         )
 
 
-def triton_csr_matmul(W: torch.Tensor, X: torch.Tensor, *,
-                      out: torch.Tensor | None = None) -> torch.Tensor:
+def triton_csr_matmul(W: torch.Tensor, X: torch.Tensor, *, out: torch.Tensor | None = None,
+                      check_invariants: bool = True) -> torch.Tensor:
     """``W @ X`` for a sparse CSR ``W`` [M, K] and a dense ``X`` [K, N], as dense [M, N].
 
     ``X`` is either row-major contiguous or the transpose of a contiguous [N, K] tensor
     (``x.t()``), read through strides without a copy. Values fp32 / fp16 / bf16 (W and X
     alike), accumulated in fp32, returned in X's dtype; indices int32 or int64. ``out``, if
-    given, is a contiguous [M, N] tensor to write into.
+    given, is a contiguous [M, N] tensor to write into. W's indices are checked before the
+    launch (:func:`~sparse_lth.kernels.check_index_invariants`, O(rows + nnz) and one host
+    sync); ``check_invariants=False`` skips that for a W checked already.
 
     Example (on a GPU, or anywhere with ``TRITON_INTERPRET=1`` set before triton is imported,
     using CPU tensors)::
@@ -161,15 +163,15 @@ def triton_csr_matmul(W: torch.Tensor, X: torch.Tensor, *,
         >>> torch.allclose(triton_csr_matmul(W, X), W.to_dense() @ X, atol=1e-5)
         True
     """
-    check_sparse(W, torch.sparse_csr)
+    check_sparse(W, torch.sparse_csr, check_invariants)
     out, layout = matmul_problem(W, X, out)
     if out.numel():
         _launch(W, X, out, **layout)
     return out
 
 
-def triton_csr_linear(W: torch.Tensor, x: torch.Tensor, *,
-                      out: torch.Tensor | None = None) -> torch.Tensor:
+def triton_csr_linear(W: torch.Tensor, x: torch.Tensor, *, out: torch.Tensor | None = None,
+                      check_invariants: bool = True) -> torch.Tensor:
     """A linear layer's ``x @ W.T`` (no bias) for a sparse CSR weight ``W`` [M, K] (out x in)
     and a contiguous ``x`` [..., K]; returns [..., M] without transposing anything in memory.
 
@@ -184,7 +186,7 @@ def triton_csr_linear(W: torch.Tensor, x: torch.Tensor, *,
         >>> y.shape, torch.allclose(y, x @ W.to_dense().T, atol=1e-5)
         (torch.Size([3, 7, 32]), True)
     """
-    check_sparse(W, torch.sparse_csr)
+    check_sparse(W, torch.sparse_csr, check_invariants)
     out, layout = linear_problem(W, x, out)
     if out.numel():
         _launch(W, x, out, **layout)

@@ -34,6 +34,8 @@ import torch.nn.functional as F
 from sparse_lth import kernels
 from sparse_lth.kernels import _triton
 from sparse_lth.kernels.cpu import auto_cpu_backend, cpu_bsr_matmul, cpu_csr_matmul
+from sparse_lth.formats import _make
+from sparse_lth.kernels.invariants import check_index_invariants
 
 __all__ = ["BACKENDS", "Backend", "choose_backend", "sparse_matmul", "sparse_linear"]
 
@@ -61,11 +63,13 @@ def choose_backend(
     batch: int = 1,
     backend: str = "auto",
     nnz: int | None = None,
+    blocksize: tuple[int, int] | None = None,
 ) -> str:
     """The concrete backend (``"triton"``, ``"scipy"``, ``"torch"`` or ``"dense"``) for one product.
 
     ``batch`` is the number of columns of X (rows of a linear layer's 2-D input); ``nnz`` the
-    number of stored values (it decides the CPU's matrix-vector path). A forced
+    number of stored values (it decides the CPU's matrix-vector path); ``blocksize`` a BSR
+    matrix's block (torch's CPU BSR product, MKL, takes square blocks only). A forced
     backend that cannot run here raises ValueError saying why, rather than silently falling back.
 
     >>> import torch
@@ -84,7 +88,8 @@ def choose_backend(
         if device.type == "cuda":
             return "triton" if kernels.has_triton() and dtype in _TRITON_DTYPES else "torch"
         if device.type == "cpu":
-            return auto_cpu_backend(layout, dtype, batch, nnz)
+            choice = auto_cpu_backend(layout, dtype, batch, nnz)
+            return "scipy" if choice == "torch" and not _mkl_blocks(layout, blocksize) else choice
         return "dense"
     if backend == "scipy" and device.type != "cpu":
         raise ValueError(f"backend 'scipy' runs on the CPU only, got a tensor on {device}")
@@ -93,6 +98,9 @@ def choose_backend(
             f"backend 'torch' on the CPU supports float32 / float64 only (torch's sparse CPU product "
             f"refuses {dtype}); use 'scipy' or 'auto'"
         )
+    if backend == "torch" and device.type == "cpu" and not _mkl_blocks(layout, blocksize):
+        raise ValueError(f"backend 'torch' on the CPU takes square BSR blocks only (MKL refuses "
+                         f"{blocksize[0]}x{blocksize[1]}); use 'scipy' or 'auto'")  # type: ignore[index]
     if backend == "triton":
         if not kernels.has_triton():
             raise ValueError("backend 'triton' needs Triton installed (pip install triton, Linux)")
@@ -103,10 +111,30 @@ def choose_backend(
     return backend
 
 
-def _check_operands(W: torch.Tensor, other: torch.Tensor, name: str) -> None:
+def _mkl_blocks(layout: torch.layout, blocksize: tuple[int, int] | None) -> bool:
+    """Whether torch's CPU product (MKL) takes this matrix: CSR, or BSR with square blocks."""
+    return layout != torch.sparse_bsr or blocksize is None or blocksize[0] == blocksize[1]
+
+
+def _blocksize_of(W: torch.Tensor) -> tuple[int, int] | None:
+    return tuple(W.values().shape[1:3]) if W.layout == torch.sparse_bsr else None  # type: ignore[return-value]
+
+
+def _contiguous_parts(W: torch.Tensor) -> torch.Tensor:
+    """W with contiguous index and value tensors: torch's CPU product reads strided int32
+    indices as if they were contiguous (a silently wrong result, found by the fuzz suite)."""
+    parts = (W.crow_indices(), W.col_indices(), W.values())
+    if all(p.is_contiguous() for p in parts):
+        return W
+    return _make(W.layout, *(p.contiguous() for p in parts), tuple(W.shape))
+
+
+def _check_operands(W: torch.Tensor, other: torch.Tensor, name: str, check_invariants: bool) -> None:
     if not isinstance(W, torch.Tensor) or W.layout not in _LAYOUTS.values():
         got = W.layout if isinstance(W, torch.Tensor) else type(W).__name__
         raise ValueError(f"W must be a torch sparse CSR or BSR tensor, got {got}")
+    if check_invariants:  # once here; the kernel below is told not to repeat it
+        check_index_invariants(W, "W")
     if not isinstance(other, torch.Tensor) or other.layout != torch.strided:
         raise ValueError(f"{name} must be a dense (strided) torch tensor")
     if other.device != W.device:
@@ -115,10 +143,14 @@ def _check_operands(W: torch.Tensor, other: torch.Tensor, name: str) -> None:
         raise ValueError(f"W and {name} must share a dtype, got W {W.dtype} and {name} {other.dtype}")
 
 
-def sparse_matmul(W: torch.Tensor, X: torch.Tensor, backend: str = "auto", threads: int | None = None) -> torch.Tensor:
+def sparse_matmul(W: torch.Tensor, X: torch.Tensor, backend: str = "auto", threads: int | None = None, *,
+                  check_invariants: bool = True) -> torch.Tensor:
     """``W @ X`` for a sparse CSR / BSR ``W`` [M, K] and a dense ``X`` [K, N] with the chosen backend.
 
     ``threads`` is passed to the scipy path (None: its default). Returns a dense [M, N] tensor.
+    W's indices are checked first (:func:`~sparse_lth.kernels.check_index_invariants`): every
+    backend, torch's own included, would read out of bounds on a malformed tensor.
+    ``check_invariants=False`` skips that, for a W checked already.
 
     >>> import torch
     >>> W = torch.tensor([[0., 2.], [1., 0.]]).to_sparse_csr()
@@ -126,17 +158,17 @@ def sparse_matmul(W: torch.Tensor, X: torch.Tensor, backend: str = "auto", threa
     tensor([[0., 2.],
             [1., 0.]])
     """
-    _check_operands(W, X, "X")
+    _check_operands(W, X, "X", check_invariants)
     if X.dim() != 2 or X.shape[0] != W.shape[1]:
         raise ValueError(f"X must have shape [K, N] with K = {W.shape[1]} (W is {tuple(W.shape)}), got {tuple(X.shape)}")
-    name = choose_backend(W.layout, W.device, W.dtype, X.shape[1], backend, W.values().numel())
+    name = choose_backend(W.layout, W.device, W.dtype, X.shape[1], backend, W.values().numel(), _blocksize_of(W))
     csr = W.layout == torch.sparse_csr
     if name == "scipy":
-        return (cpu_csr_matmul if csr else cpu_bsr_matmul)(W, X, threads=threads)
+        return (cpu_csr_matmul if csr else cpu_bsr_matmul)(W, X, threads=threads, check_invariants=False)
     if name == "triton":
-        return (kernels.triton_csr_matmul if csr else kernels.triton_bsr_matmul)(W, X)
+        return (kernels.triton_csr_matmul if csr else kernels.triton_bsr_matmul)(W, X, check_invariants=False)
     if name == "torch":
-        return W @ X
+        return _contiguous_parts(W) @ X
     return W.to_dense() @ X
 
 
@@ -146,45 +178,51 @@ def sparse_linear(
     bias: torch.Tensor | None = None,
     backend: str = "auto",
     threads: int | None = None,
+    *,
+    check_invariants: bool = True,
 ) -> torch.Tensor:
     """A linear layer with a sparse weight: ``x @ W.T + bias`` for ``x`` [..., K], ``W`` [M, K].
 
     The weight is used as stored (no transpose of W per call): the CPU paths compute
     ``W @ x.T`` and hand back its transpose; Triton reads ``x`` row-major directly. Returns a
-    contiguous [..., M] tensor of x's dtype.
+    contiguous [..., M] tensor of x's dtype. W's indices are checked first unless
+    ``check_invariants=False`` (see :func:`sparse_matmul`).
 
     >>> import torch
     >>> W = torch.tensor([[0., 2.], [1., 0.]]).to_sparse_csr()
     >>> sparse_linear(torch.tensor([[1., 3.]]), W, backend="dense")
     tensor([[6., 1.]])
     """
-    _check_operands(W, x, "x")
+    _check_operands(W, x, "x", check_invariants)
     M, K = W.shape
     if x.dim() < 1 or x.shape[-1] != K:
         raise ValueError(f"x must have shape [..., {K}] (W is {tuple(W.shape)}), got {tuple(x.shape)}")
+    if bias is not None and not isinstance(bias, torch.Tensor):
+        raise ValueError(f"bias must be a torch tensor of shape [{M}] or None, got {type(bias).__name__}")
     if bias is not None and (bias.shape != (M,) or bias.dtype != x.dtype or bias.device != x.device):
         raise ValueError(
             f"bias must be a [{M}] tensor of {x.dtype} on {x.device}, got {tuple(bias.shape)} "
             f"{bias.dtype} on {bias.device}"
         )
     lead = x.shape[:-1]
-    x2 = x.reshape(-1, K)
+    x2 = x.reshape(lead.numel(), K)  # not -1: K may be 0
     N = x2.shape[0]
-    name = choose_backend(W.layout, W.device, W.dtype, N, backend, W.values().numel())
+    name = choose_backend(W.layout, W.device, W.dtype, N, backend, W.values().numel(), _blocksize_of(W))
     csr = W.layout == torch.sparse_csr
     if name == "dense":
         y = F.linear(x2, W.to_dense(), bias)
     elif name == "triton":
-        y = (kernels.triton_csr_linear if csr else kernels.triton_bsr_linear)(W, x2.contiguous())
+        y = (kernels.triton_csr_linear if csr else kernels.triton_bsr_linear)(W, x2.contiguous(),
+                                                                              check_invariants=False)
         if bias is not None:
             y += bias
     else:
         # [K, N] view of x; scipy copies it to row-major (cheap next to the product), MKL reads
         # it in place. The [M, N] result goes back to [N, M] in the same pass as the bias add.
         if name == "scipy":
-            yt = (cpu_csr_matmul if csr else cpu_bsr_matmul)(W, x2.t(), threads=threads)
+            yt = (cpu_csr_matmul if csr else cpu_bsr_matmul)(W, x2.t(), threads=threads, check_invariants=False)
         else:
-            yt = W @ x2.t()
+            yt = _contiguous_parts(W) @ x2.t()
         if N == 1:  # [M, 1] and [1, M] share one memory order: no copy, and yt is ours to add to
             y = yt.reshape(1, M)
             if bias is not None:

@@ -21,18 +21,30 @@ A conv weight is stored as its ``(out, in * kh * kw)`` matrix; a BSR matrix is p
 zeros to whole blocks and ``shape`` keeps the logical shape. Tensors are listed in the state
 dict's order.
 
-Which tensors are stored sparse: with a mask, exactly the ones it names (their alive entries,
-zeros included; pruned entries read back as +0.0). Without one, every floating tensor of two or
-more dimensions whose sparse parts are smaller than its dense bytes. A sparse tensor must be
-finite: NaN / Inf is a ``ValueError`` naming it.
+Which tensors are stored sparse: with a mask, the ones it names (their alive entries, zeros
+included; pruned entries read back as +0.0); without one, every floating tensor of two or more
+dimensions (its nonzeros). Either way only where the sparse parts are smaller than the dense
+bytes: otherwise the tensor is stored dense, pruned entries zeroed (an unstructured mask in BSR
+fills nearly every block). A layer that holds its weight sparse already (a sparsified model's)
+is stored as it is held. A sparse tensor must be finite: NaN / Inf is a ``ValueError`` naming it.
 
 Reading validates everything (metadata against tensors, canonical indices) and raises a
 ``ValueError`` naming the file, the tensor and the problem.
+
+Reading to dense tensors is bounded: metadata could declare a shape far beyond the stored data
+(a 240 KB file declaring a weight that takes 14 GB dense). ``load_sparse`` refuses a file whose
+dense tensors (BSR ones padded to whole blocks) would take more than ``max_dense_bytes``; by
+default ``max(1 GiB, 1024 x the file's size)``, which any honest checkpoint down to about 0.1%
+density meets. Pass a larger ``max_dense_bytes`` for a file you trust.
 """
 
 from __future__ import annotations
 
 import json
+import math
+import os
+import pickle
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -68,6 +80,8 @@ _DTYPES = {str(d).removeprefix("torch."): d for d in (
 )}
 _INT16_LIMIT = 2**15  # column indices 0 .. 32767
 _INT32_MAX = 2**31 - 1
+_MIN_DENSE_LIMIT = 2**30  # load_sparse's default limit: max(1 GiB, 1024 x the file's size)
+_DENSE_PER_FILE_BYTE = 1024
 
 
 @dataclass(frozen=True)
@@ -136,18 +150,42 @@ def _parts_nbytes(parts: Mapping[str, torch.Tensor]) -> int:
     return sum(t.numel() * t.element_size() for t in parts.values())
 
 
-def _state_dict_of(obj: nn.Module | Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def _module_state(model: nn.Module) -> dict[str, torch.Tensor | SparseWeight]:
+    """``model.state_dict()``, except that a layer holding its weight sparse (it has a
+    ``sparse_state_dict()`` method, as :class:`~sparse_lth.modules.SparseLinear` does) gives the
+    state of the dense layer it stands for, its weight a SparseWeight: the file then loads into
+    the dense model, and nothing is densified to write it."""
+    held: dict[str, dict[str, torch.Tensor | SparseWeight]] = {}
+    for prefix, module in model.named_modules(remove_duplicate=False):  # state_dict repeats shared ones too
+        export = getattr(module, "sparse_state_dict", None)
+        if callable(export):
+            held[f"{prefix}." if prefix else ""] = export()
+    state: dict[str, torch.Tensor | SparseWeight] = {}
+    for key, value in model.state_dict().items():
+        prefix = next((p for p in held if key.startswith(p) and "." not in key[len(p):]), None)
+        if prefix is None:
+            state[key] = value
+        else:  # the held layer's own buffers: its dense-layer state replaces them, in place
+            for name, part in held[prefix].items():
+                state.setdefault(prefix + name, part)
+    return state
+
+
+def _state_dict_of(obj: nn.Module | Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor | SparseWeight]:
     if isinstance(obj, nn.Module):
-        return dict(obj.state_dict())
+        return _module_state(obj)
     if not isinstance(obj, Mapping):
         raise TypeError(f"expected an nn.Module or a state dict, got {type(obj).__name__}")
     for name, t in obj.items():
         if not isinstance(name, str):
             raise ValueError(f"state dict key {name!r} is not a string")
+        if isinstance(t, SparseWeight):
+            continue
         if not isinstance(t, torch.Tensor):
             raise ValueError(f"state dict entry {name!r} is a {type(t).__name__}, not a tensor")
         if t.layout != torch.strided:
-            raise ValueError(f"state dict entry {name!r} has layout {t.layout}; save dense tensors")
+            raise ValueError(f"state dict entry {name!r} has layout {t.layout}; save dense tensors "
+                             "(or a SparseWeight)")
     return dict(obj)
 
 
@@ -164,6 +202,26 @@ def _check_mask(mask: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tens
         if state[name].dtype not in VALUE_DTYPES:
             raise ValueError(f"mask names {name!r}, a {state[name].dtype} tensor; only fp16, bf16, "
                              "fp32 and fp64 tensors can be stored sparse")
+
+
+def _held_sparse(name: str, sw: SparseWeight) -> tuple[dict[str, torch.Tensor], dict[str, Any], TensorReport]:
+    """The parts, metadata entry and report of a weight that is sparse already (a sparsified
+    layer's): its own format, block and pattern, whatever ``format`` the call asked for."""
+    matrix = sw.matrix.detach().cpu()
+    sw = SparseWeight(matrix, sw.shape)
+    _check_finite(matrix.values(), name)
+    parts = _sparse_parts(sw)
+    numel = math.prod(sw.shape)
+    alive = int((matrix.values() != 0).sum()) if sw.format == "bsr" else matrix.values().numel()
+    block_density = None
+    if sw.format == "bsr":
+        br, bc = sw.blocksize  # type: ignore[misc]
+        nblocks = (matrix.shape[0] // br) * (matrix.shape[1] // bc)
+        block_density = matrix.values().shape[0] / nblocks if nblocks else 1.0
+    entry = {"format": sw.format, "shape": list(sw.shape), "dtype": str(sw.dtype).removeprefix("torch."),
+             "block": list(sw.blocksize) if sw.format == "bsr" else None}
+    report = TensorReport(sw.format, sw.shape, alive / numel if numel else 1.0, _parts_nbytes(parts), block_density)
+    return parts, entry, report
 
 
 def _build(obj: nn.Module | Mapping[str, torch.Tensor], format: str, blocksize: Any,
@@ -188,6 +246,10 @@ def _build(obj: nn.Module | Mapping[str, torch.Tensor], format: str, blocksize: 
     for name, t in state.items():
         if _SEP in name:
             raise ValueError(f"tensor name {name!r} contains {_SEP!r}, which this format reserves")
+        if isinstance(t, SparseWeight):  # held sparse already: written as held
+            parts, entries[name], report[name] = _held_sparse(name, t)
+            tensors.update({f"{name}{_SEP}{part}": value for part, value in parts.items()})
+            continue
         t = t.detach().cpu()
         dtype = str(t.dtype).removeprefix("torch.")
         if dtype not in _DTYPES:
@@ -241,6 +303,11 @@ def save_sparse(model_or_state_dict: nn.Module | Mapping[str, torch.Tensor], pat
 
     ``mask`` (a :class:`~sparse_lth.masks.Mask` or name -> bool tensor) names the pruned tensors
     and their alive entries; BSR needs ``blocksize``. Returns how each tensor was stored.
+
+    A sparsified model (``sparsify(...)``) is written as the dense model it stands for: each
+    ``SparseLinear`` as ``<name>.weight`` (kept in its own format, block and pattern, whatever
+    ``format`` says; a mask does not re-prune it) and ``<name>.bias``, so ``load_sparse`` gives
+    a state dict the dense model loads. A state dict may likewise hold SparseWeight values.
 
     >>> import tempfile, os
     >>> model = nn.Linear(64, 32)
@@ -353,7 +420,35 @@ def _read_entry(path: Path, name: str, entry: Any, tensors: Mapping[str, torch.T
     return SparseWeight(_make(layout, crow, col, values, size), shape), keys
 
 
-def load_sparse(path: str | Path, dense: bool = True) -> dict[str, Any]:
+def _declared_dense_bytes(entries: Mapping[str, Any]) -> int:
+    """Bytes the metadata's tensors take dense (BSR padded to whole blocks); malformed entries
+    count 0 here and fail in ``_read_entry`` with their own message."""
+    total = 0
+    for entry in entries.values():
+        if not isinstance(entry, dict):
+            continue
+        shape, dtype, block = entry.get("shape"), _DTYPES.get(entry.get("dtype")), entry.get("block")
+        if dtype is None or not isinstance(shape, list) or not all(isinstance(s, int) and s >= 0 for s in shape):
+            continue
+        rows, cols = _matrix_shape(tuple(shape))
+        if entry.get("format") == "bsr" and isinstance(block, list) and len(block) == 2 \
+                and all(isinstance(b, int) and b > 0 for b in block):
+            rows, cols = padded_shape((rows, cols), tuple(block))  # type: ignore[arg-type]
+        total += rows * cols * dtype.itemsize
+    return total
+
+
+def _check_dense_limit(path: Path, entries: Mapping[str, Any], max_dense_bytes: int | None) -> None:
+    size = path.stat().st_size
+    limit = max_dense_bytes if max_dense_bytes is not None else max(_MIN_DENSE_LIMIT, _DENSE_PER_FILE_BYTE * size)
+    declared = _declared_dense_bytes(entries)
+    if declared > limit:
+        raise ValueError(f"{path}: its metadata declares {declared:,} bytes of dense tensors in a {size:,}-byte "
+                         f"file, over the limit of {limit:,} bytes; if you trust the file, raise the limit "
+                         "(load_sparse(..., max_dense_bytes=N), sparse-lth convert --max-dense-bytes N)")
+
+
+def load_sparse(path: str | Path, dense: bool = True, max_dense_bytes: int | None = None) -> dict[str, Any]:
     """Read a file written by :func:`save_sparse`.
 
     ``dense=True``: a state dict of dense tensors that ``model.load_state_dict`` takes, equal
@@ -362,6 +457,10 @@ def load_sparse(path: str | Path, dense: bool = True) -> dict[str, Any]:
     shape, ready for deployment) and the others as dense tensors.
     Raises ``ValueError`` naming the file and tensor for a truncated or corrupt file or metadata
     that disagrees with the tensors.
+
+    ``max_dense_bytes`` (``dense=True`` only) bounds the memory the dense tensors may take, so
+    that a small file whose metadata declares huge shapes is refused instead of allocated;
+    None means ``max(1 GiB, 1024 x the file's size)`` (BSR counted padded to whole blocks).
 
     >>> import tempfile, os
     >>> path = os.path.join(tempfile.mkdtemp(), "w.safetensors")
@@ -373,6 +472,8 @@ def load_sparse(path: str | Path, dense: bool = True) -> dict[str, Any]:
     path = Path(path)
     tensors, metadata = _read_file(path)
     entries = _entries(path, metadata)
+    if dense:
+        _check_dense_limit(path, entries, max_dense_bytes)
     out: dict[str, Any] = {}
     used: set[str] = set()
     for name, entry in entries.items():
@@ -398,7 +499,32 @@ def _is_sparse_file(path: Path) -> bool:
         return False
 
 
-def _read_source(src: Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None, int]:
+def _read_torch_file(src: Path) -> Any:
+    """``torch.load`` with ``weights_only=True`` (a pickle is never executed), its errors made ours.
+
+    torch explains a refused pickle in many lines about trusting the source; what the user needs
+    to know is that the file holds Python objects where a state dict of tensors was expected.
+    """
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch's loader warnings would add lines to a one-line error
+            return torch.load(src, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        text = str(e)
+        if "Unsupported global" in text:
+            found = text.split("Unsupported global:", 1)[1].split()
+            what = f" (e.g. {found[1]})" if len(found) > 1 and found[0] == "GLOBAL" else ""
+            raise ValueError(f"{src} holds pickled Python objects{what}, not a state dict of tensors; "
+                             "save model.state_dict() instead") from None
+        raise ValueError(f"{src}: not a readable torch state dict (truncated or corrupt?)") from None
+    except Exception:
+        # On damaged bytes torch raises whatever its unpickler trips on (RuntimeError from the
+        # zip reader, EOFError, IndexError, KeyError, UnicodeDecodeError, ...): the cause is the file.
+        raise ValueError(f"{src}: not a readable torch state dict (truncated or corrupt?)") from None
+
+
+def _read_source(src: Path, max_dense_bytes: int | None = None
+                 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None, int]:
     """(state dict, mask or None, bytes of the source's weight file)."""
     if src.is_dir():
         if not run_files.is_run_dir(src):
@@ -412,31 +538,52 @@ def _read_source(src: Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Te
     size = src.stat().st_size
     if src.suffix == ".safetensors":
         if _is_sparse_file(src):
-            return load_sparse(src, dense=True), None, size
+            return load_sparse(src, dense=True, max_dense_bytes=max_dense_bytes), None, size
         tensors, _ = _read_file(src)
         return tensors, None, size
     if src.suffix not in _TORCH_SUFFIXES:
         raise ValueError(f"{src}: unknown checkpoint type {src.suffix!r} (expected .safetensors, "
                          f"{', '.join(_TORCH_SUFFIXES)} or a run directory)")
-    try:
-        obj = torch.load(src, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ValueError(f"{src}: not a readable torch state dict (truncated, corrupt, or holds "
-                         f"more than tensors): {e}") from e
+    obj = _read_torch_file(src)
     if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
         obj = obj["state_dict"]  # the common {"state_dict": ..., "epoch": ...} wrapper
     if not isinstance(obj, Mapping):
-        raise ValueError(f"{src}: holds a {type(obj).__name__}, not a state dict")
-    return _state_dict_of(obj), None, size
+        raise ValueError(f"{src} holds a {type(obj).__name__}, not a state dict of tensors; "
+                         "save model.state_dict() instead")
+    try:
+        return _state_dict_of(obj), None, size
+    except ValueError as e:
+        raise ValueError(f"{src}: {e}") from None
+
+
+def _check_destination(src: Path, dst: Path) -> None:
+    """Refuse a ``dst`` that cannot or must not be written, before any work is done."""
+    if dst.is_dir():
+        raise ValueError(f"{dst} is a directory; name the file to write, e.g. {dst / 'model.safetensors'}")
+    real_src, real_dst = Path(os.path.realpath(src)), Path(os.path.realpath(dst))  # never raises on a link loop
+    if real_dst == real_src or (dst.exists() and src.exists() and os.path.samefile(src, dst)):
+        raise ValueError(f"{dst} is the source {src} itself; write the sparse checkpoint to another file")
+    if run_files.is_run_dir(src) and real_src in real_dst.parents:
+        raise ValueError(f"{dst} is inside the run directory {src}; write the sparse checkpoint outside it")
+    parent = real_dst.parent
+    while not parent.exists():  # save_sparse creates the missing folders
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ValueError(f"cannot write {dst}: {parent} is not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"cannot write {dst}: {parent} is not writable; choose another destination")
 
 
 def convert_checkpoint(src: str | Path, dst: str | Path, format: str = "csr",
-                       blocksize: int | tuple[int, int] | None = None) -> ConvertReport:
+                       blocksize: int | tuple[int, int] | None = None,
+                       max_dense_bytes: int | None = None) -> ConvertReport:
     """Convert a dense checkpoint to one sparse safetensors file at ``dst`` (written atomically).
 
     ``src`` is a torch ``.pt`` / ``.pth`` state dict (read with ``weights_only=True``), a
     safetensors file (dense, or sparse to re-encode), or a search's run directory (its newest
     ticket, mask applied). Returns sizes before and after and per-tensor densities.
+    ``dst`` may not be ``src`` itself (under any spelling or link) nor lie inside a run
+    directory ``src``; ``max_dense_bytes`` is passed to :func:`load_sparse` for a sparse ``src``.
 
     >>> import tempfile, os
     >>> d = tempfile.mkdtemp()
@@ -447,7 +594,8 @@ def convert_checkpoint(src: str | Path, dst: str | Path, format: str = "csr",
     ('csr', True)
     """
     src, dst = Path(src), Path(dst)
-    state, mask, bytes_before = _read_source(src)
+    _check_destination(src, dst)
+    state, mask, bytes_before = _read_source(src, max_dense_bytes)
     report = save_sparse(state, dst, format=format, blocksize=blocksize, mask=mask)
     return ConvertReport(str(src), str(dst), format,
                          _blocksize(blocksize, "blocksize") if blocksize is not None else None,

@@ -8,9 +8,27 @@ from __future__ import annotations
 import argparse
 import sys
 import warnings
+from typing import NoReturn
 
 DEMO_SETTINGS = dict(model="lenet300", dataset="digits", rounds=12, iterations=1500, eval_every=50,
                      controls=("random_reinit",))
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse whose usage errors are one line too (the usage text is one ``--help`` away)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {' '.join(message.split())} (see {self.prog} --help)\n")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
 
 
 def _parse_block(text: str | None) -> tuple[int, int] | None:
@@ -65,7 +83,8 @@ def _cmd_search(args: argparse.Namespace) -> int:
 def _cmd_convert(args: argparse.Namespace) -> int:
     from sparse_lth.checkpoint import convert_checkpoint
 
-    print(convert_checkpoint(args.src, args.dst, format=args.format, blocksize=args.block))
+    print(convert_checkpoint(args.src, args.dst, format=args.format, blocksize=args.block,
+                             max_dense_bytes=args.max_dense_bytes))
     return 0
 
 
@@ -84,14 +103,14 @@ def build_parser() -> argparse.ArgumentParser:
     from sparse_lth.data import DATASETS
     from sparse_lth.models import MODELS
 
-    parser = argparse.ArgumentParser(prog="sparse-lth", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="sparse-lth", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     defaults = LotteryConfig()
 
     def common(p: argparse.ArgumentParser) -> None:
         p.add_argument("--out", default="runs", help="folder for run directories (default: runs)")
         p.add_argument("--seed", type=int, default=0)
-        p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+        p.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads (default: torch's)")
 
     demo = sub.add_parser("demo", help="find a ticket on the embedded digits in about a minute")
     common(demo)
@@ -128,6 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("dst", help="the sparse .safetensors file to write")
     convert.add_argument("--format", choices=("csr", "bsr"), default="csr")
     convert.add_argument("--block", type=_parse_block, default=None, help="BSR block, e.g. 32 or 32x16")
+    convert.add_argument("--max-dense-bytes", type=_positive_int, default=None,
+                         help="largest dense size a sparse SRC may declare (default: max(1 GiB, 1024 x its size))")
     convert.set_defaults(func=_cmd_convert)
 
     report = sub.add_parser("report", help="benchmark JSON (pytest --benchmark-json) -> tables and PNG plots")
@@ -139,16 +160,30 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line(error: BaseException) -> str:
+    """An error's message on one line: a terminal user gets one line per error, never a dump."""
+    return " ".join(str(error).split()) or type(error).__name__
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run the command line; errors a user can cause print one line on stderr and return 2."""
     # torch warns on every sparse CSR/BSR tensor it builds; a command-line user cannot act on it.
     warnings.filterwarnings("ignore", message="Sparse (CSR|BSR) tensor support is in beta")
-    parser = build_parser()
-    args = parser.parse_args(argv)
     try:
-        return args.func(args)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"sparse-lth {args.command}: error: {e}", file=sys.stderr)
-        return 2
+        parser = build_parser()
+        try:
+            args = parser.parse_args(argv)
+        except SystemExit as e:  # --help (0) or a usage error (2), already printed on one line
+            return e.code if isinstance(e.code, int) else 2
+        try:
+            return args.func(args)
+        # The library raises ValueError naming the file or value at fault; OSError covers what
+        # the file system refuses (permissions, a directory where a file belongs, a full disk).
+        except (ValueError, OSError) as e:
+            print(f"sparse-lth {args.command}: error: {_one_line(e)}", file=sys.stderr)
+            return 2
+    except KeyboardInterrupt:
+        return 130  # Ctrl-C: the user knows why it stopped; no traceback
 
 
 if __name__ == "__main__":

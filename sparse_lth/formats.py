@@ -40,6 +40,7 @@ as ``+0.0``.
 from __future__ import annotations
 
 import math
+import os
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -90,6 +91,30 @@ def _blocksize(blocksize: Any, name: str) -> tuple[int, int]:
     if not ok:
         raise ValueError(f"{name}: blocksize must be a positive int or a pair of positive ints, got {blocksize!r}")
     return int(br), int(bc)
+
+
+def _available_memory() -> int | None:
+    """Bytes the machine can still hand out: /proc/meminfo's MemAvailable, else free pages
+    (``sysconf``); None where neither is known."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def _check_allocation(nbytes: int, what: str, remedy: str) -> None:
+    """Refuse (``ValueError``) to allocate more than the machine has, instead of dying of it."""
+    available = _available_memory()
+    if available is not None and nbytes > available:
+        raise ValueError(f"{what} would need {nbytes:,} bytes of memory, but only {available:,} are "
+                         f"available; {remedy}")
 
 
 def _matrix_shape(shape: tuple[int, ...]) -> tuple[int, int]:
@@ -192,7 +217,9 @@ def to_bsr(weight: torch.Tensor, blocksize: Blocksize, *, mask: torch.Tensor | N
     A block is stored when it holds a nonzero (with ``mask``: an alive entry); pruned entries
     inside a stored block are stored as zeros. A shape that is not a multiple of the block is
     an error unless ``pad=True``: then the result has shape ``padded_shape(w.shape, blocksize)``
-    and the logical shape is the caller's to keep (see :class:`SparseWeight`).
+    and the logical shape is the caller's to keep (see :class:`SparseWeight`). Padding that
+    would need more memory than the machine has available (a block far larger than the
+    matrix) is a ``ValueError`` saying how many bytes it needs and how many are free.
 
     >>> w = torch.zeros(4, 6); w[0, 5] = 1.0; w[3, 0] = 2.0
     >>> x = to_bsr(w, 2)
@@ -212,6 +239,10 @@ def to_bsr(weight: torch.Tensor, blocksize: Blocksize, *, mask: torch.Tensor | N
             "e.g. with to_sparse_weight)"
         )
     prows, pcols = padded_shape((rows, cols), (br, bc))
+    if (prows, pcols) != (rows, cols):  # the padded weight, its pattern and the stored blocks
+        _check_allocation(prows * pcols * (2 * weight.element_size() + 1),
+                          f"{name}: padding {rows}x{cols} to whole {br}x{bc} blocks ({prows}x{pcols})",
+                          "use a smaller block")
     w = weight if mask is None else weight.masked_fill(~pattern, 0)
     pad4 = (0, pcols - cols, 0, prows - rows)
     if pcols != cols or prows != rows:

@@ -4,6 +4,7 @@ Round 0 trains the dense network from theta_0. Every later round prunes the prev
 trained weights by magnitude, resets the survivors to the rewind weights (theta_0, or theta_k
 with late rewinding) and trains again. Each round lands on disk whole (see ``run_files``); a
 rerun of the same config continues after the last complete round and gives the same records.
+A run directory has one writer at a time (``run_files.RunLock``).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,7 +25,7 @@ from sparse_lth.data import DATASETS, load_dataset
 from sparse_lth.masks import Mask
 from sparse_lth.models import MODELS, build_model, output_layer_name
 from sparse_lth.plots import plot_rounds
-from sparse_lth.pruning import SCOPES, prune_by_magnitude, random_mask_like
+from sparse_lth.pruning import SCOPES, check_block, prune_by_magnitude, random_mask_like
 from sparse_lth.training import OPTIMIZERS, TrainSettings, train
 
 CONTROLS = ("random_reinit", "random_mask")
@@ -87,8 +89,12 @@ class LotteryConfig:
             bad(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
         if self.scope not in SCOPES:
             bad(f"scope must be one of {SCOPES}, got {self.scope!r}")
-        if self.lr <= 0:
-            bad(f"lr must be positive, got {self.lr}")
+        if not 0 < self.lr < math.inf:
+            bad(f"lr must be positive and finite, got {self.lr}")
+        if not 0 <= self.weight_decay < math.inf:
+            bad(f"weight_decay must be non-negative and finite, got {self.weight_decay}")
+        if not 0 <= self.momentum < 1:
+            bad(f"momentum must be in [0, 1), got {self.momentum}")
         if self.block is not None and (len(self.block) != 2 or min(self.block) < 1):
             bad(f"block must be (rows, cols) of positive ints, got {self.block}")
         unknown = set(self.controls) - set(CONTROLS)
@@ -104,6 +110,10 @@ class LotteryConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> LotteryConfig:
+        """The config ``to_dict`` gave; ``ValueError`` for keys this version does not know."""
+        unknown = sorted(set(data) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            raise ValueError(f"unknown LotteryConfig keys {unknown} (made by another version of sparse_lth?)")
         data = dict(data)
         data["controls"] = tuple(data.get("controls", ()))
         if data.get("block") is not None:
@@ -163,10 +173,14 @@ class Ticket:
         return rounds_table(self.records, self.controls)
 
 
-def _load_state(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    return load_file(str(path))
+def _config_of_run(run_dir: Path) -> LotteryConfig:
+    """The config a run directory was made with; ``ValueError`` naming its file if broken."""
+    data = run_files.read_config(run_dir)
+    try:
+        return LotteryConfig.from_dict(data)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{run_dir / run_files.CONFIG_FILE} is not a valid run config ({e}); fix it, or "
+                         f"delete the run directory {run_dir} to start that search over") from None
 
 
 def _record(round_index: int, mask: Mask, result, kind: str) -> dict[str, Any]:
@@ -185,24 +199,46 @@ class _Search:
 
     def __init__(self, config: LotteryConfig, out_dir: str | Path, data_dir: str | Path | None, progress: bool):
         self.config = config
-        self.run_dir = Path(out_dir) / config.run_name()
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.run_dir = run_files.make_run_dir(out_dir, config.run_name())
+        # One writer per run: the lock comes before anything in the run directory is read,
+        # cleaned or written (a live writer's temporaries look like a dead one's).
+        self.lock = run_files.lock_run_dir(self.run_dir)
+        try:
+            self._open(data_dir, progress)
+        except BaseException:
+            self.lock.release()
+            raise
+
+    def _open(self, data_dir: str | Path | None, progress: bool) -> None:
+        config = self.config
+        run_files.refuse_symlinks(self.run_dir)
         run_files.remove_stale_temporaries(self.run_dir)
+        run_files.check_run_files(self.run_dir)  # a broken file fails now, not after hours of training
         config_path = self.run_dir / run_files.CONFIG_FILE
-        if config_path.exists():
-            if LotteryConfig.from_dict(json.loads(config_path.read_text())) != config:
-                raise ValueError(f"{self.run_dir} holds a run of another config; remove it or change out_dir")
-        else:
-            run_files.atomic_write_json(config.to_dict(), config_path)
+        if config_path.exists() and _config_of_run(self.run_dir) != config:
+            raise ValueError(f"{self.run_dir} holds a run of another config; remove it or change out_dir")
         self.data = load_dataset(config.dataset, data_dir, config.val_size, config.seed)
         self.model = self.fresh_model(config.seed)
         self.settings = config.train_settings()
         self.fractions = config.layer_fractions(self.model)
+        if config.block is not None:  # refuse a tile the machine cannot hold before round 0 trains
+            check_block(Mask.ones_like(self.model), config.block)
         self.progress = progress
-        init_path = self.run_dir / run_files.INIT_FILE
-        if not init_path.exists():
-            run_files.atomic_save_safetensors(self.model.state_dict(), init_path)
-        self.init_state = _load_state(init_path)
+        if not config_path.exists():
+            run_files.atomic_write_json(config.to_dict(), config_path)
+        if not (self.run_dir / run_files.INIT_FILE).exists():
+            run_files.atomic_save_safetensors(self.model.state_dict(), self.run_dir / run_files.INIT_FILE)
+        self.init_state = run_files.read_init(self.run_dir)
+
+    def close(self) -> None:
+        """Release the run directory for the next writer."""
+        self.lock.release()
+
+    def __enter__(self) -> _Search:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def fresh_model(self, seed: int) -> torch.nn.Module:
         return build_model(self.config.model, self.data.input_shape, self.data.num_classes, seed=seed)
@@ -221,7 +257,7 @@ class _Search:
     def rewind_state(self) -> dict[str, torch.Tensor]:
         if self.config.rewind_iteration == 0:
             return self.init_state
-        return _load_state(self.run_dir / run_files.REWIND_FILE)
+        return run_files.read_rewind(self.run_dir)
 
     def next_mask(self, round_index: int) -> Mask:
         """Prune round ``round_index - 1``'s trained weights to get this round's mask."""
@@ -296,20 +332,27 @@ def find_ticket(config: LotteryConfig, out_dir: str | Path, data_dir: str | Path
     Results land in ``out_dir / config.run_name()``; calling again with the same config
     continues after the last complete round, and a finished run just loads.
 
+    One process writes a run directory at a time: while a search holds it (an OS lock on
+    ``run.lock``, dropped when its holder exits or dies), another raises
+    :class:`~sparse_lth.run_files.RunDirBusy` naming the holder's pid, host and start time.
+    A run directory holding a symbolic link, or a broken file (truncated safetensors, invalid
+    JSON, a config of unknown keys), is refused with a ``ValueError`` naming it, before any
+    training.
+
     >>> import tempfile
     >>> config = LotteryConfig(dataset="digits", rounds=1, iterations=200, controls=())
     >>> ticket = find_ticket(config, tempfile.mkdtemp(), progress=False)
     >>> [round(r["weights_remaining"], 3) for r in ticket.records]
-    [1.0, 0.801]
+    [1.0, 0.802]
     """
-    search = _Search(config, out_dir, data_dir, progress)
     total = config.rounds + 1 + config.rounds * len(config.controls)
-    with tqdm(total=total, desc="rounds", unit="round", disable=not progress) as bar:
-        search.run_ticket_rounds(bar)
-        for control in config.controls:
-            search.run_control_rounds(control, bar)
-    search.write_summary()
-    ticket_records, control_records = search.records()
-    last = run_files.completed_rounds(search.run_dir)[-1]
-    return Ticket(config=config, run_dir=search.run_dir, mask=Mask(run_files.read_mask(search.run_dir, last)),
-                  rewind_state=search.rewind_state(), records=ticket_records, controls=control_records)
+    with _Search(config, out_dir, data_dir, progress) as search:
+        with tqdm(total=total, desc="rounds", unit="round", disable=not progress) as bar:
+            search.run_ticket_rounds(bar)
+            for control in config.controls:
+                search.run_control_rounds(control, bar)
+        search.write_summary()
+        ticket_records, control_records = search.records()
+        last = run_files.completed_rounds(search.run_dir)[-1]
+        return Ticket(config=config, run_dir=search.run_dir, mask=Mask(run_files.read_mask(search.run_dir, last)),
+                      rewind_state=search.rewind_state(), records=ticket_records, controls=control_records)

@@ -6,10 +6,13 @@ in the layout the kernels read (out x in, no transpose per call), and multiplies
 backend :mod:`sparse_lth.backends` picks: scipy or torch's MKL product on the CPU, Triton on
 CUDA. ``densify(model)`` swaps them back to ``nn.Linear`` with identical weights.
 
-Inference only: a SparseLinear's weight and bias are buffers, not parameters; nothing requires
-grad, and forward runs without autograd (its output never requires grad). Convolution layers
-are left dense (no sparse conv path yet); so are subclasses of ``nn.Linear`` (e.g. the output
-projection inside ``nn.MultiheadAttention``, which reads its weight directly).
+Inference only: a SparseLinear's weight (three index / value buffers) and bias are buffers, not
+parameters; nothing requires grad, and an input that requires grad is refused rather than left
+without a gradient. A sparsified model is an ordinary module: ``copy.deepcopy``, ``.to()``,
+``state_dict`` / ``load_state_dict`` (indices re-checked) and ``save_sparse`` (the file loads
+into the dense model) work. Convolution layers are left dense (no sparse conv path yet); so
+are subclasses of ``nn.Linear`` (e.g. the output projection inside ``nn.MultiheadAttention``,
+which reads its weight directly).
 
 >>> import torch
 >>> from torch import nn
@@ -30,7 +33,6 @@ projection inside ``nn.MultiheadAttention``, which reads its weight directly).
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Mapping
 from typing import Optional
 
@@ -39,7 +41,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from sparse_lth.backends import BACKENDS, sparse_linear
-from sparse_lth.formats import SparseWeight, to_sparse_weight
+from sparse_lth.formats import SparseWeight, _make, to_sparse_weight
+from sparse_lth.kernels.invariants import check_index_invariants
+from sparse_lth.masks import Mask
 
 __all__ = ["SparseLinear", "sparsify", "densify", "DEFAULT_MAX_DENSITY"]
 
@@ -53,33 +57,26 @@ DEFAULT_MAX_DENSITY = 0.1
 _INT32_MAX = 2**31 - 1
 
 
-def _int32_indices(W: torch.Tensor) -> torch.Tensor:
-    """The same sparse tensor with int32 indices where they fit: a third less memory traffic
-    than torch's default int64, for both scipy and MKL (measured faster for both)."""
-    crow, col = W.crow_indices(), W.col_indices()
-    if crow.dtype == torch.int32 or max(W.shape[0], W.shape[1], col.numel()) > _INT32_MAX:
-        return W
-    make = torch.sparse_csr_tensor if W.layout == torch.sparse_csr else torch.sparse_bsr_tensor
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*Sparse (BSR|CSR) tensor support is in beta.*")
-        return make(crow.to(torch.int32), col.to(torch.int32), W.values(), W.shape, check_invariants=False)
-
-
 class SparseLinear(nn.Module):
     """A linear layer ``y = x @ W.T + b`` whose weight is stored as a CSR or BSR matrix.
 
     Build one from an ``nn.Linear`` with :meth:`from_linear`, or directly from a torch sparse
     CSR / BSR tensor [out, in] (or a :class:`~sparse_lth.formats.SparseWeight`, whose BSR
-    matrix may be padded up to whole blocks; the logical shape is kept). Indices are stored as
-    int32 where they fit. With ``backend="dense"`` the weight is stored dense instead.
+    matrix may be padded up to whole blocks; the logical shape is kept). The weight's indices
+    are checked once, here (a malformed tensor is refused with a ValueError instead of being
+    read out of bounds later), and stored as int32 where they fit.
 
-    forward takes ``x`` [..., in_features] of the weight's dtype and device and returns
+    The weight lives in three plain buffers, ``crow_indices``, ``col_indices`` and ``values``
+    (what the kernels read; they move with ``.to()``, are in ``state_dict`` and survive
+    ``copy.deepcopy``); :attr:`weight` is the torch sparse tensor over them, built without a
+    copy. forward takes ``x`` [..., in_features] of the weight's dtype and device and returns
     [..., out_features]. ``backend`` ("auto" | "triton" | "scipy" | "torch" | "dense") is
     resolved per call from the device, dtype and batch (:func:`sparse_lth.backends.choose_backend`);
     ``threads`` goes to the scipy path.
 
-    Inference only: weight and bias are buffers (they move with ``.to()`` and are in
-    ``state_dict``) and never require grad; forward runs under ``torch.no_grad()``.
+    Inference only: nothing here requires grad. An input that requires grad while autograd is
+    on raises a RuntimeError rather than returning an output whose gradient is silently
+    missing: run under ``torch.no_grad()`` / ``torch.inference_mode()``, or :func:`densify` to train.
 
     >>> import torch
     >>> from torch import nn
@@ -90,9 +87,13 @@ class SparseLinear(nn.Module):
     >>> ref = x @ (linear.weight * mask).T + linear.bias
     >>> layer(x).shape, torch.allclose(layer(x), ref, atol=1e-6)
     (torch.Size([2, 3, 4]), True)
+    >>> sorted(layer.state_dict())
+    ['bias', 'col_indices', 'crow_indices', 'values']
     """
 
-    weight: torch.Tensor
+    crow_indices: torch.Tensor
+    col_indices: torch.Tensor
+    values: torch.Tensor
     bias: Optional[torch.Tensor]
 
     def __init__(
@@ -117,6 +118,7 @@ class SparseLinear(nn.Module):
         else:
             got = weight.layout if isinstance(weight, torch.Tensor) else type(weight).__name__
             raise ValueError(f"weight must be a torch sparse CSR / BSR tensor or a SparseWeight, got {got}")
+        check_index_invariants(matrix, "SparseLinear weight")  # once: forward then skips it
         if bias is not None and (not isinstance(bias, torch.Tensor) or bias.shape != (out_features,)):
             raise ValueError(f"bias must be a tensor of shape ({out_features},), got "
                              f"{tuple(bias.shape) if isinstance(bias, torch.Tensor) else type(bias).__name__}")
@@ -125,16 +127,20 @@ class SparseLinear(nn.Module):
         self.blocksize: tuple[int, int] | None = (
             tuple(int(b) for b in matrix.values().shape[1:]) if self.format == "bsr" else None  # type: ignore[assignment]
         )
-        self.nnz = int(matrix.values().numel())  # stored values (whole blocks for BSR)
+        self.matrix_shape = (int(matrix.shape[0]), int(matrix.shape[1]))  # padded to whole blocks for BSR
         self.backend = backend
         self.threads = threads
-        matrix = matrix.detach()
-        if backend == "dense":  # the dense kernel wants a dense weight: materialize it once
-            stored = matrix.to_dense()[: self.out_features, : self.in_features].contiguous()
-        else:
-            stored = _int32_indices(matrix)
-        self.register_buffer("weight", stored)
+        crow, col = matrix.crow_indices(), matrix.col_indices()
+        if crow.dtype == torch.int64 and max(*self.matrix_shape, col.numel()) <= _INT32_MAX:
+            # a third less index traffic than torch's default int64, for scipy and MKL alike
+            crow, col = crow.to(torch.int32), col.to(torch.int32)
+        # contiguous: what every kernel reads (torch's CPU product misreads strided int32 indices)
+        self.register_buffer("crow_indices", crow.contiguous())
+        self.register_buffer("col_indices", col.contiguous())
+        self.register_buffer("values", matrix.values().detach().contiguous())
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
+        # A state dict loaded later may carry other indices: they are checked like these.
+        self.register_load_state_dict_post_hook(_recheck_after_load)
 
     # -- construction -------------------------------------------------------------------------
     @classmethod
@@ -160,6 +166,10 @@ class SparseLinear(nn.Module):
         """
         if not isinstance(linear, nn.Linear):
             raise ValueError(f"from_linear needs an nn.Linear, got {type(linear).__name__}")
+        if linear.weight.is_meta:
+            raise ValueError("from_linear: the layer's weight is on the meta device (shapes only, no values "
+                             "to store); materialize it first, e.g. model.to_empty(device='cpu') and "
+                             "load_state_dict(...)")
         sw = to_sparse_weight(
             linear.weight.detach(), format, blocksize if format == "bsr" else None, mask=mask, name="linear.weight"
         )
@@ -184,37 +194,85 @@ class SparseLinear(nn.Module):
                 linear.bias.copy_(self.bias)
         return linear
 
-    # -- use ------------------------------------------------------------------------------------
+    # -- the weight -----------------------------------------------------------------------------
+    @property
+    def weight(self) -> torch.Tensor:
+        """The stored weight as a torch sparse CSR / BSR tensor [out, in] (padded to whole blocks
+        for BSR): a view over the buffers, never a copy, built on first use and kept while the
+        buffers are the same tensors (building one costs ~5 us, a sizeable share of a small
+        layer's call)."""
+        parts = (self.crow_indices, self.col_indices, self.values)
+        cached = self.__dict__.get("_weight_view")
+        if cached is None or any(a is not b for a, b in zip(cached[0], parts)):
+            layout = torch.sparse_csr if self.format == "csr" else torch.sparse_bsr
+            cached = self.__dict__["_weight_view"] = (parts, _make(layout, *parts, self.matrix_shape))
+        return cached[1]
+
+    def _apply(self, fn, recurse=True):  # .to() / .cuda() / .half() replace the buffers
+        self.__dict__.pop("_weight_view", None)
+        return super()._apply(fn, recurse)
+
+    def __getstate__(self) -> dict:  # deepcopy / pickle: torch's sparse tensors refuse; rebuilt on use
+        state = super().__getstate__()
+        state.pop("_weight_view", None)
+        return state
+
+    @property
+    def nnz(self) -> int:
+        """Stored values (whole blocks for BSR, zeros inside them included)."""
+        return self.values.numel()
+
+    def sparse_weight(self) -> SparseWeight:
+        """The weight with its logical shape ``(out_features, in_features)``: what
+        :func:`~sparse_lth.checkpoint.save_sparse` writes for this layer."""
+        return SparseWeight(self.weight, (self.out_features, self.in_features))
+
+    def sparse_state_dict(self) -> dict[str, SparseWeight | torch.Tensor]:
+        """The state of the ``nn.Linear`` this layer stands for, its weight kept sparse:
+        ``{"weight": SparseWeight, "bias": tensor}``. :func:`~sparse_lth.checkpoint.save_sparse`
+        saves a sparsified model through it, so the file loads into the dense model."""
+        state: dict[str, SparseWeight | torch.Tensor] = {"weight": self.sparse_weight()}
+        if self.bias is not None:
+            state["bias"] = self.bias
+        return state
+
     def dense_weight(self) -> torch.Tensor:
         """The logical [out_features, in_features] weight as a dense tensor."""
-        if self.weight.layout == torch.strided:
-            return self.weight.clone()
-        return self.weight.to_dense()[: self.out_features, : self.in_features].contiguous()
+        return self.sparse_weight().to_dense()
 
     def density(self) -> float:
         """Stored values / logical entries (for BSR whole blocks count, padding does not)."""
         total = self.in_features * self.out_features
         return min(1.0, self.nnz / total) if total else 1.0
 
+    # -- use ------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1:] != (self.in_features,):
             raise ValueError(f"SparseLinear expects input [..., {self.in_features}], got {tuple(x.shape)}")
-        with torch.no_grad():
-            W = self.weight
-            if W.layout == torch.strided:
-                return F.linear(x, W, self.bias)
-            rows, cols = W.shape
-            if cols != self.in_features:  # BSR padded to whole blocks: pad the input to match
-                x = F.pad(x, (0, cols - self.in_features))
-            if rows == self.out_features:
-                return sparse_linear(x, W, self.bias, backend=self.backend, threads=self.threads)
-            y = sparse_linear(x, W, backend=self.backend, threads=self.threads)[..., : self.out_features]
-            return y + self.bias if self.bias is not None else y.contiguous()
+        if x.requires_grad and torch.is_grad_enabled():
+            raise RuntimeError(
+                "SparseLinear is inference-only: its input requires grad, and no gradient would flow "
+                "back through this layer. Run the model under torch.no_grad() / torch.inference_mode(), "
+                "or densify(model) to train it."
+            )
+        W = self.weight
+        rows, cols = self.matrix_shape
+        if cols != self.in_features:  # BSR padded to whole blocks: pad the input to match
+            x = F.pad(x, (0, cols - self.in_features))
+        if rows == self.out_features:
+            return sparse_linear(x, W, self.bias, backend=self.backend, threads=self.threads, check_invariants=False)
+        y = sparse_linear(x, W, backend=self.backend, threads=self.threads, check_invariants=False)
+        y = y[..., : self.out_features]
+        return y + self.bias if self.bias is not None else y.contiguous()
 
     def extra_repr(self) -> str:
         block = f", blocksize={self.blocksize}" if self.blocksize else ""
         return (f"in_features={self.in_features}, out_features={self.out_features}, format={self.format}{block}, "
                 f"density={self.density():.4f}, bias={self.bias is not None}, backend={self.backend}")
+
+
+def _recheck_after_load(module: SparseLinear, incompatible_keys) -> None:
+    check_index_invariants(module.weight, "SparseLinear weight (loaded state dict)")
 
 
 # -- whole models -----------------------------------------------------------------------------
@@ -233,18 +291,21 @@ def sparsify(
 ) -> nn.Module:
     """Swap each sparse enough ``nn.Linear`` of ``model`` for a :class:`SparseLinear`; return the model.
 
-    A layer's density is read from ``mask[f"{name}.weight"]`` (a :class:`~sparse_lth.masks.Mask`
-    or any name -> bool tensor mapping) when the mask has it, else from the weight's nonzeros.
+    With a ``mask`` (a :class:`~sparse_lth.masks.Mask` or any name -> bool tensor mapping, names
+    as ``model.named_parameters()`` reports them) the model first gets the mask applied in place,
+    every masked parameter whichever layers are swapped, so the result computes exactly what
+    ``mask.apply(model)`` computes. A layer's density is its mask's when the mask names its weight
+    (under any name the weight has: tied layers share one entry), else its weight's nonzeros.
     With ``format="bsr"`` the density that counts is the stored one (whole blocks), which for an
     unstructured mask is far above the element density. Layers with density <= ``max_density``
     (default :data:`DEFAULT_MAX_DENSITY`, from the measured CPU crossover) are swapped; the
-    rest stay dense. Masked weights are stored with the mask's pattern, so the
-    sparse model computes what ``mask.apply(model)`` would.
+    rest stay dense. Layers that share one weight share one set of sparse buffers.
 
     Left dense, always: convolution layers (no sparse conv path yet), and subclasses of
-    ``nn.Linear`` (they may read their weight outside forward). The model is changed in place
-    (a bare ``nn.Linear`` passed as ``model`` is returned as a new SparseLinear). Inference
-    only: see :class:`SparseLinear`.
+    ``nn.Linear`` (they may read their weight outside forward, as ``nn.MultiheadAttention``
+    does with its output projection). The model is changed in place (a bare ``nn.Linear``
+    passed as ``model`` is returned as a new SparseLinear). A model on the meta device holds no
+    values to store: that is a ValueError saying so. Inference only: see :class:`SparseLinear`.
 
     >>> import torch
     >>> from torch import nn
@@ -260,26 +321,49 @@ def sparsify(
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if format not in ("csr", "bsr"):
         raise ValueError(f"format must be 'csr' or 'bsr', got {format!r}")
-    if mask is not None and hasattr(mask, "check_model"):
-        mask.check_model(model)  # names and shapes, before anything is swapped
     targets = [(name, m) for name, m in model.named_modules() if type(m) is nn.Linear]
     for name, linear in targets:
-        key = f"{name}.weight" if name else "weight"
-        layer_mask = mask[key] if mask is not None and key in mask else None
-        if layer_mask is not None:
-            layer_mask = layer_mask.to(linear.weight.device)
-            density = float(layer_mask.sum()) / max(layer_mask.numel(), 1)
+        if linear.weight.is_meta:
+            raise ValueError(f"sparsify: layer {name or 'model'!r} has its weight on the meta device (shapes "
+                             "only, no values to store); materialize the model first, e.g. "
+                             "model.to_empty(device='cpu') and load_state_dict(...)")
+    by_weight: dict[int, torch.Tensor] = {}  # id(parameter) -> its mask: tied layers find it too
+    if mask is not None:
+        mask = mask if isinstance(mask, Mask) else Mask(mask)
+        mask.check_model(model)  # names and shapes, before anything changes
+        mask.apply(model)
+        params = dict(model.named_parameters())
+        by_weight = {id(params[name]): alive for name, alive in mask.items()}
+    built: dict[int, SparseLinear] = {}  # id(weight) -> the layer holding it sparse
+    for name, linear in targets:
+        shared = built.get(id(linear.weight))
+        if shared is not None:  # a tied weight: reuse its buffers, keep this layer's bias
+            bias = None if linear.bias is None else linear.bias.detach()
+            sparse = SparseLinear(shared.sparse_weight(), bias, backend=shared.backend, threads=shared.threads)
         else:
-            density = float((linear.weight != 0).sum()) / max(linear.weight.numel(), 1)
-        if density > max_density:  # cheap check first: a bsr layer's stored density is never lower
-            continue
-        sparse = SparseLinear.from_linear(linear, mask=layer_mask, format=format, blocksize=blocksize, backend=backend)
-        if sparse.density() > max_density:
-            continue
+            sparse = _sparse_or_none(linear, by_weight.get(id(linear.weight)), format, blocksize, backend,
+                                     max_density)
+            if sparse is None:
+                continue
+            built[id(linear.weight)] = sparse
         if not name:
             return sparse
         _replace(model, name, sparse)
     return model
+
+
+def _sparse_or_none(linear: nn.Linear, layer_mask: torch.Tensor | None, format: str,
+                    blocksize: int | tuple[int, int], backend: str, max_density: float) -> SparseLinear | None:
+    """``linear`` as a SparseLinear when it is sparse enough (as stored), else None."""
+    if layer_mask is not None:
+        layer_mask = layer_mask.to(linear.weight.device)
+        density = float(layer_mask.sum()) / max(layer_mask.numel(), 1)
+    else:
+        density = float((linear.weight != 0).sum()) / max(linear.weight.numel(), 1)
+    if density > max_density:  # cheap check first: a bsr layer's stored density is never lower
+        return None
+    sparse = SparseLinear.from_linear(linear, mask=layer_mask, format=format, blocksize=blocksize, backend=backend)
+    return sparse if sparse.density() <= max_density else None
 
 
 def densify(model: nn.Module) -> nn.Module:

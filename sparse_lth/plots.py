@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from sparse_lth import run_files
 
 _PERCENT_TICKS = [100, 50, 20, 10, 5, 2, 1, 0.5, 0.2, 0.1]
 
@@ -14,6 +15,7 @@ def plot_rounds(series: Mapping[str, Sequence[Mapping]], path: str | Path, title
 
     ``series`` maps a label ("ticket", "random_reinit", ...) to round records, each with
     ``weights_remaining``, ``early_stop_test_accuracy`` and ``early_stop_iteration``.
+    The PNG is written atomically (a temporary file renamed into place).
     """
     import matplotlib
 
@@ -41,7 +43,9 @@ def plot_rounds(series: Mapping[str, Sequence[Mapping]], path: str | Path, title
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    try:
+        # Through a temporary file and a rename: never half a PNG, never written through a
+        # symbolic link planted at ``path`` (the rename replaces the link).
+        return run_files.atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+    finally:
+        plt.close(fig)

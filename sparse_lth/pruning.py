@@ -4,6 +4,9 @@
   first, per layer or globally; whole tiles by their RMS with ``block=(br, bc)``.
 * ``prune_n_m``: keep the N largest of every M consecutive weights along the input axis (2:4).
 * ``random_mask_like``: the random-mask control, same per-layer density, random positions.
+* ``check_block``: whether tiles of a block size are valid for a mask and fit in memory (tile
+  scoring pads each weight to whole tiles; a block far larger than a layer is refused with a
+  ``ValueError`` saying how many bytes it would need and how many are available).
 
 Ties are broken by position (the lower flat index is pruned first), so a criterion is
 deterministic for given weights.
@@ -12,13 +15,18 @@ deterministic for given weights.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from numbers import Integral
 
 import torch
 from torch import nn
 
+from sparse_lth import formats
 from sparse_lth.masks import Mask
 
 SCOPES = ("layerwise", "global")
+# Peak bytes per padded entry while scoring tiles: three fp32 padded tensors (squares, counts,
+# alive flags) and the bool expansion of the kept tiles.
+_TILE_BYTES_PER_ENTRY = 13
 
 
 def _check_fraction(fraction: float, what: str) -> None:
@@ -29,6 +37,27 @@ def _check_fraction(fraction: float, what: str) -> None:
 def _as_matrix(t: torch.Tensor) -> torch.Tensor:
     """Weights as [out, in]: a conv kernel's input channels and taps form one row."""
     return t.reshape(t.shape[0], -1) if t.dim() != 1 else t.reshape(1, -1)
+
+
+def check_block(mask: Mask, block: tuple[int, int] | None) -> None:
+    """Raise ``ValueError`` unless ``block`` is None or (rows, cols) of positive ints whose tiles
+    of every layer in ``mask`` can be scored in the memory available.
+
+    >>> check_block(Mask({"w": torch.ones(300, 784, dtype=torch.bool)}), (32, 32))
+    """
+    if block is None:
+        return
+    if len(block) != 2 or not all(isinstance(b, Integral) and not isinstance(b, bool) and b >= 1 for b in block):
+        raise ValueError(f"block must be (rows, cols) of positive ints, got {block}")
+    br, bc = int(block[0]), int(block[1])
+    for name, alive in mask.items():
+        rows = alive.shape[0] if alive.dim() > 1 else 1
+        cols = alive.numel() // rows if rows else 0
+        prows, pcols = -(-rows // br) * br, -(-cols // bc) * bc
+        formats._check_allocation(
+            prows * pcols * _TILE_BYTES_PER_ENTRY,
+            f"pruning {name} ({rows}x{cols}) in whole {br}x{bc} tiles (padded to {prows}x{pcols})",
+            "use a smaller block")
 
 
 def _tile_scores(weight: torch.Tensor, alive: torch.Tensor, block: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -89,7 +118,8 @@ def prune_by_magnitude(
     gives some layers their own rate, pruned on their own in either scope (the paper prunes the
     output layer at half rate; a fraction of 0 leaves a layer untouched). ``block=(br, bc)``
     scores whole tiles of the [out, in] weight by their RMS and removes tiles, so the ticket
-    maps onto BSR with no stored zeros; ``fraction`` then counts tiles.
+    maps onto BSR with no stored zeros; ``fraction`` then counts tiles (see :func:`check_block`
+    for the memory a block needs).
 
     >>> from torch import nn
     >>> model = nn.Sequential(nn.Linear(10, 10), nn.ReLU(), nn.Linear(10, 2))
@@ -105,8 +135,7 @@ def prune_by_magnitude(
         if name not in mask:
             raise ValueError(f"layer_fractions names {name!r}, which is not in the mask ({', '.join(mask)})")
         _check_fraction(f, f"layer_fractions[{name!r}]")
-    if block is not None and (len(block) != 2 or min(block) < 1):
-        raise ValueError(f"block must be (rows, cols) of positive ints, got {block}")
+    check_block(mask, block)
     mask.check_model(model)
     params = dict(model.named_parameters())
 

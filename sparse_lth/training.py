@@ -3,10 +3,15 @@
 Pruned weights stay exactly zero: the mask multiplies the weights after every optimizer step,
 so momentum, weight decay and Adam's moments can never revive a pruned weight. (Masking the
 gradient alone is not enough: weight decay and momentum move a weight without a gradient.)
+
+One step of that loop is :func:`training_step`, over the pairs :func:`masked_weights` builds;
+``train`` runs it, and bench/bench_masked_step.py times the same function (with and without
+the mask), so the benchmark measures the library's loop rather than a copy of it.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -88,6 +93,29 @@ def _batches(n: int, batch_size: int, generator: torch.Generator):
             yield order[start:start + batch_size]
 
 
+def masked_weights(model: nn.Module, mask: Mask) -> list[tuple[nn.Parameter, torch.Tensor]]:
+    """(parameter, mask in the parameter's dtype) for every masked parameter of ``model``: what
+    :func:`training_step` multiplies after each optimizer step (converted once, not per step)."""
+    params = dict(model.named_parameters())
+    return [(params[name], alive.to(params[name].dtype)) for name, alive in mask.items()]
+
+
+def training_step(model: nn.Module, optimizer: torch.optim.Optimizer,
+                  masked: Sequence[tuple[torch.Tensor, torch.Tensor]], x: torch.Tensor,
+                  y: torch.Tensor) -> torch.Tensor:
+    """One masked step: forward, cross-entropy, ``zero_grad``, backward, optimizer step, then
+    ``weight *= alive`` for every pair of ``masked`` (:func:`masked_weights`); an empty
+    ``masked`` is a plain torch step. Returns the loss of the batch (detached)."""
+    loss = F.cross_entropy(model(x), y)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    with torch.no_grad():  # after the step: the optimizer's own update cannot revive a weight
+        for weight, alive in masked:
+            weight.mul_(alive)
+    return loss.detach()
+
+
 def train(model: nn.Module, mask: Mask, data: Dataset, settings: TrainSettings, seed: int,
           start_step: int = 0, snapshot_at: int | None = None, progress=None) -> TrainResult:
     """Train ``model`` in place under ``mask`` from step ``start_step`` to ``settings.iterations``.
@@ -99,8 +127,7 @@ def train(model: nn.Module, mask: Mask, data: Dataset, settings: TrainSettings, 
     ``progress`` is an optional tqdm bar advanced once per step.
     """
     mask.apply(model)
-    params = dict(model.named_parameters())
-    masked = [(params[name], alive.to(params[name].dtype)) for name, alive in mask.items()]
+    masked = masked_weights(model, mask)
     optimizer = make_optimizer(model.parameters(), settings)
     batches = _batches(len(data.train), settings.batch_size, torch.Generator().manual_seed(seed))
     for _ in range(start_step):
@@ -109,13 +136,7 @@ def train(model: nn.Module, mask: Mask, data: Dataset, settings: TrainSettings, 
     model.train()
     for step in range(start_step + 1, settings.iterations + 1):
         idx = next(batches)
-        loss = F.cross_entropy(model(data.train.x[idx]), data.train.y[idx])
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        with torch.no_grad():
-            for weight, alive in masked:
-                weight.mul_(alive)
+        training_step(model, optimizer, masked, data.train.x[idx], data.train.y[idx])
         if snapshot_at is not None and step == snapshot_at:
             result.snapshot = {k: v.detach().clone() for k, v in model.state_dict().items()}
         if step % settings.eval_every == 0 or step == settings.iterations:

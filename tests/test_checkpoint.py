@@ -368,3 +368,94 @@ def test_docstring_examples_run():
     for module in (formats, checkpoint):
         result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
         assert result.failed == 0 and result.attempted > 0, module.__name__
+
+
+# -- limits and destinations --------------------------------------------------------------------
+def test_declared_shape_far_beyond_the_data_is_refused(good_file, tmp_path):
+    # good_file stores 3 values; declaring the weight 10^9 wide keeps every index valid, and
+    # reading it dense would allocate 6 x 10^9 fp32 = 24 GB.
+    bomb = _rewrite(good_file, tmp_path / "bomb.safetensors", edit_meta=_set("shape", [6, 10**9]))
+    size = bomb.stat().st_size
+    expected = 6 * 10**9 * 4 + 6 * 4  # the weight and the bias, dense
+    message = (rf"bomb\.safetensors: its metadata declares {expected:,} bytes of dense tensors in a {size:,}-byte "
+               rf"file, over the limit of {2**30:,} bytes; if you trust the file, raise the limit "
+               r"\(load_sparse\(\.\.\., max_dense_bytes")
+    with pytest.raises(ValueError, match=message):
+        load_sparse(bomb)
+    assert load_sparse(bomb, dense=False)["fc.weight"].shape == (6, 10**9)  # nothing dense is allocated
+    with pytest.raises(ValueError, match="over the limit"):
+        convert_checkpoint(bomb, tmp_path / "o.safetensors")
+
+
+def test_max_dense_bytes_is_the_caller_limit(good_file, tmp_path):
+    wide = _rewrite(good_file, tmp_path / "wide.safetensors", edit_meta=_set("shape", [6, 50_000]))
+    need = 6 * 50_000 * 4 + 6 * 4
+    with pytest.raises(ValueError, match=f"declares {need:,} bytes .* over the limit of {need - 1:,} bytes"):
+        load_sparse(wide, max_dense_bytes=need - 1)
+    loaded = load_sparse(wide, max_dense_bytes=need)
+    reference = load_sparse(good_file)["fc.weight"]
+    assert torch.equal(loaded["fc.weight"][:, :8], reference) and not loaded["fc.weight"][:, 8:].any()
+    assert torch.equal(load_sparse(wide)["fc.weight"], loaded["fc.weight"])  # 1.2 MB: under the 1 GiB floor
+
+
+def test_bsr_limit_counts_the_padded_blocks(tmp_path):
+    # No stored block at all, blocks of 10^5 x 10^5: a file of a few hundred bytes, 40 GB dense.
+    save_sparse({"w": torch.zeros(4, 4)}, tmp_path / "z.safetensors", format="bsr", blocksize=2,
+                mask={"w": torch.zeros(4, 4, dtype=torch.bool)})
+    edit = lambda m: m["tensors"]["w"].update(block=[10**5, 10**5])  # noqa: E731
+
+    def no_blocks(t):
+        t["w::values"] = torch.zeros(0, 10**5, 10**5)
+        t["w::crow_indices"] = torch.zeros(2, dtype=torch.int32)
+    bad = _rewrite(tmp_path / "z.safetensors", tmp_path / "bad.safetensors", no_blocks, edit)
+    with pytest.raises(ValueError, match=f"declares {10**10 * 4:,} bytes"):
+        load_sparse(bad)
+
+
+def test_convert_destinations_that_must_not_be_written(tmp_path):
+    torch.save({"w": torch.randn(4, 4)}, tmp_path / "d.pt")
+    (tmp_path / "folder").mkdir()
+    for dst, message in ((tmp_path / "d.pt", "is the source"), (tmp_path / "folder" / ".." / "d.pt", "is the source"),
+                         (tmp_path / "folder", "is a directory; name the file to write"),
+                         (tmp_path / "d.pt" / "x.safetensors", "is not a directory")):
+        with pytest.raises(ValueError, match=message):
+            convert_checkpoint(tmp_path / "d.pt", dst)
+    assert torch.load(tmp_path / "d.pt", weights_only=True)["w"].shape == (4, 4)  # untouched
+    run = tmp_path / "run"
+    run.mkdir()
+    run_files.atomic_write_json({"model": "lenet300"}, run / run_files.CONFIG_FILE)
+    with pytest.raises(ValueError, match=r"is inside the run directory"):
+        convert_checkpoint(run, run / "sub" / "t.safetensors")
+    assert not (run / "sub").exists()
+
+
+@pytest.mark.parametrize("obj,message", [
+    (lambda: nn.Linear(3, 2), r"holds pickled Python objects \(e\.g\. torch\.nn\.modules\.linear\.Linear\), not a "
+                              r"state dict of tensors; save model\.state_dict\(\) instead$"),
+    (lambda: [torch.ones(2)], r"holds a list, not a state dict of tensors; save model\.state_dict\(\) instead$"),
+    (lambda: {"w": torch.ones(2), "epoch": 3}, r"d\.pt: state dict entry 'epoch' is a int, not a tensor"),
+])
+def test_torch_files_that_are_not_state_dicts(tmp_path, obj, message):
+    torch.save(obj(), tmp_path / "d.pt")
+    with pytest.raises(ValueError, match=message) as info:
+        convert_checkpoint(tmp_path / "d.pt", tmp_path / "o.safetensors")
+    assert "\n" not in str(info.value) and "weights_only" not in str(info.value)
+
+
+def test_damaged_torch_files_are_always_a_one_line_value_error(tmp_path):
+    # On random bytes torch's unpickler raises IndexError, KeyError, UnicodeDecodeError, ... as
+    # well as UnpicklingError; every one must come out as our ValueError naming the file.
+    import random
+
+    torch.save({"fc.weight": torch.randn(8, 8)}, tmp_path / "good.pt", _use_new_zipfile_serialization=False)
+    good = (tmp_path / "good.pt").read_bytes()
+    for seed in range(300):
+        rng = random.Random(seed)
+        data = rng.randbytes(256) if seed % 2 else good[: rng.randrange(len(good))]
+        (tmp_path / "bad.pt").write_bytes(data)
+        try:
+            convert_checkpoint(tmp_path / "bad.pt", tmp_path / "o.safetensors")
+        except ValueError as e:
+            assert "bad.pt" in str(e) and "\n" not in str(e), (seed, str(e))
+        else:
+            raise AssertionError(f"seed {seed}: damaged bytes were read as a checkpoint")

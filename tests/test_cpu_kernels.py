@@ -175,11 +175,23 @@ def test_cuda_tensors_are_refused():
 
 
 def test_auto_cpu_backend_rule():
-    csr = torch.sparse_csr
-    assert cpu.auto_cpu_backend(csr, torch.float32, 1) == "scipy"
-    # a matrix-vector product too small for two threads goes to torch's single call
-    assert cpu.auto_cpu_backend(csr, torch.float32, 1, nnz=2 * cpu.MIN_WORK_PER_THREAD - 1) == "torch"
-    assert cpu.auto_cpu_backend(csr, torch.float32, 1, nnz=2 * cpu.MIN_WORK_PER_THREAD) == "scipy"
-    for dtype in (torch.float16, torch.bfloat16):
-        assert cpu.auto_cpu_backend(csr, dtype, 128) == "scipy"  # torch's CPU product refuses them
-    assert {cpu.auto_cpu_backend(csr, torch.float32, n) for n in (1, 2, 16, 128, 4096)} <= {"scipy", "torch"}
+    csr, bsr = torch.sparse_csr, torch.sparse_bsr
+    auto = cpu.auto_cpu_backend
+    big = 10 * cpu.MIN_WORK_PER_THREAD
+    # The measured crossover (bench/cpu_crossover.md): scipy's threaded rows win a matrix-vector
+    # product with work for two threads; torch's MKL product wins from 2 columns on, and for BSR
+    # at every batch. Each branch and both sides of each threshold, literally.
+    assert cpu.TORCH_MIN_BATCH == 2
+    for dtype in (torch.float32, torch.float64):
+        assert auto(csr, dtype, 1) == "scipy"
+        assert auto(csr, dtype, 1, nnz=big) == "scipy"
+        assert auto(csr, dtype, 1, nnz=2 * cpu.MIN_WORK_PER_THREAD) == "scipy"
+        assert auto(csr, dtype, 1, nnz=2 * cpu.MIN_WORK_PER_THREAD - 1) == "torch"  # too small for two threads
+        for n in (2, 3, 16, 128, 4096):
+            assert auto(csr, dtype, n) == auto(csr, dtype, n, nnz=big) == "torch", n
+        for n in (1, 2, 128):
+            assert auto(bsr, dtype, n, nnz=big) == "torch", n
+    for dtype in (torch.float16, torch.bfloat16):  # torch's CPU sparse product refuses them
+        for layout in (csr, bsr):
+            for n in (1, 2, 128):
+                assert auto(layout, dtype, n, nnz=big) == "scipy", (layout, dtype, n)

@@ -290,3 +290,32 @@ def test_formats_is_data_only():
     imported |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
     forbidden = ("sparse_lth.training", "sparse_lth.lottery", "sparse_lth.kernels", "kernels", "triton")
     assert not {m for m in imported if m.startswith(forbidden)}
+
+
+def test_bsr_padding_beyond_available_memory_is_refused(monkeypatch):
+    w = torch.randn(300, 784)
+    # A block far beyond the matrix: 10^12 padded entries x (fp32 weight + bool pattern + fp32 blocks).
+    with pytest.raises(ValueError, match=r"fc1\.weight: padding 300x784 to whole 1000000x1000000 blocks "
+                                         rf"\(1000000x1000000\) would need {9 * 10**12:,} bytes of memory, "
+                                         r"but only [\d,]+ are available; use a smaller block"):
+        to_bsr(w, 10**6, pad=True, name="fc1.weight")
+    with pytest.raises(ValueError, match="would need"):
+        to_sparse_weight(w, "bsr", 10**6, name="fc1.weight")
+    # The limit is the machine's: with 1 MB available, padding 300x784 to 512x1024 (4.7 MB) is refused,
+    # and a block that divides the matrix needs no padding, hence no check.
+    monkeypatch.setattr(formats, "_available_memory", lambda: 1_000_000)
+    with pytest.raises(ValueError, match=rf"would need {512 * 1024 * 9:,} bytes of memory, but only 1,000,000"):
+        to_bsr(w, (256, 256), pad=True)
+    assert torch.equal(to_dense(to_bsr(w, (100, 112))), w)
+    monkeypatch.setattr(formats, "_available_memory", lambda: None)  # unknown: no refusal
+    assert torch.equal(to_dense(to_bsr(w, (256, 256), pad=True), shape=(300, 784)), w)
+
+
+def test_available_memory_reads_the_machine():
+    available = formats._available_memory()
+    meminfo = Path("/proc/meminfo")
+    if meminfo.exists():
+        line = next(l for l in meminfo.read_text().splitlines() if l.startswith("MemAvailable:"))
+        reference = int(line.split()[1]) * 1024
+        assert abs(available - reference) < 0.25 * reference  # read moments apart on a busy machine
+    assert available is None or available > 0

@@ -1,4 +1,4 @@
-"""Who may import whom (../shared/DESIGN.md), checked by walking every import with ast."""
+"""Who may import whom (docs/DESIGN.md), checked by walking every import with ast."""
 
 import ast
 import sys

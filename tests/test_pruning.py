@@ -112,3 +112,20 @@ def test_mask_shape_mismatch_is_an_error():
     bad = Mask({"0.weight": torch.ones(3, 3, dtype=torch.bool)})
     with pytest.raises(ValueError, match="0.weight"):
         prune_by_magnitude(model, bad, 0.2)
+
+
+def test_block_beyond_available_memory_is_refused_before_scoring(monkeypatch):
+    from sparse_lth import formats, pruning
+
+    model = _mlp()
+    with pytest.raises(ValueError, match=r"pruning 0\.weight \(20x30\) in whole 1000000x1000000 tiles \(padded to "
+                                         rf"1000000x1000000\) would need {13 * 10**12:,} bytes of memory"):
+        prune_by_magnitude(model, Mask.ones_like(model), 0.5, block=(10**6, 10**6))
+    monkeypatch.setattr(formats, "_available_memory", lambda: 20_000)
+    # 20x30 in 16x16 tiles pads to 32x32 = 1024 entries x 13 bytes = 13,312: fits; 64x64 tiles: 53,248 do not
+    prune_by_magnitude(model, Mask.ones_like(model), 0.5, block=(16, 16))
+    with pytest.raises(ValueError, match=r"would need 53,248 bytes of memory, but only 20,000 are available"):
+        pruning.check_block(Mask.ones_like(model), (64, 64))
+    for bad in ((0, 4), (4,), (2.5, 2), (True, 2)):
+        with pytest.raises(ValueError, match="block must be"):
+            pruning.check_block(Mask.ones_like(model), bad)

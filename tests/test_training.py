@@ -5,7 +5,8 @@ import torch
 
 from sparse_lth import Mask, build_model, prune_by_magnitude
 from sparse_lth.data import load_dataset
-from sparse_lth.training import TrainSettings, train
+from sparse_lth import training
+from sparse_lth.training import TrainSettings, make_optimizer, masked_weights, train, training_step
 
 
 @pytest.fixture(scope="module")
@@ -60,3 +61,33 @@ def test_snapshot_and_resume_from_step_match_one_run(digits):
     for k, v in a.state_dict().items():
         assert torch.equal(v, b.state_dict()[k]), k
     assert whole.snapshot is not None and set(whole.snapshot) == set(end_whole)
+
+
+def test_training_step_masked_is_plain_times_mask(digits):
+    # Same start, same batch: the masked step's weights are the plain step's times the mask,
+    # exactly (the mask multiplies by 1 or 0 after the same update).
+    x, y = digits.train.x[:32], digits.train.y[:32]
+    models = [build_model("lenet300", digits.input_shape, seed=0) for _ in range(2)]
+    mask = prune_by_magnitude(models[0], Mask.ones_like(models[0]), 0.7)
+    settings = TrainSettings(iterations=1, optimizer="adam", weight_decay=1e-3)
+    for model, pairs in zip(models, ([], masked_weights(models[1], mask))):
+        loss = training_step(model, make_optimizer(model.parameters(), settings), pairs, x, y)
+        assert loss.ndim == 0 and not loss.requires_grad
+    plain, masked = (dict(m.named_parameters()) for m in models)
+    for name, p in masked.items():
+        expected = plain[name] * mask[name] if name in mask else plain[name]
+        assert torch.equal(p, expected), name
+
+
+def test_train_runs_training_step_every_iteration(digits, monkeypatch):
+    # bench/bench_masked_step.py times training_step: it must be the loop train() runs.
+    calls = []
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return training_step(*args, **kwargs)
+
+    monkeypatch.setattr(training, "training_step", counting)
+    model = build_model("lenet300", digits.input_shape, seed=0)
+    train(model, Mask.ones_like(model), digits, TrainSettings(iterations=30, eval_every=30), seed=0, start_step=10)
+    assert len(calls) == 20
