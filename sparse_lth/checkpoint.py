@@ -151,18 +151,24 @@ def _parts_nbytes(parts: Mapping[str, torch.Tensor]) -> int:
 
 
 def _module_state(model: nn.Module) -> dict[str, torch.Tensor | SparseWeight]:
-    """``model.state_dict()``, except that a layer holding its weight sparse (it has a
-    ``sparse_state_dict()`` method, as :class:`~sparse_lth.modules.SparseLinear` does) gives the
-    state of the dense layer it stands for, its weight a SparseWeight: the file then loads into
-    the dense model, and nothing is densified to write it."""
+    """``model.state_dict()``, except that a layer holding its weights sparse (it has a
+    ``sparse_state_dict()`` method, as :class:`~sparse_lth.modules.SparseLinear` and
+    :class:`~sparse_lth.attention.SparseMultiheadAttention` do) gives the state of the dense
+    module it stands for, local names and all (``in_proj_weight``, ``out_proj.weight``...), its
+    weights SparseWeights: the file then loads into the dense model, and nothing is densified
+    to write it. Such a layer's ``sparse_state_dict()`` covers everything under it: the state
+    dict entries of its submodules are replaced too (the outermost such layer speaks)."""
     held: dict[str, dict[str, torch.Tensor | SparseWeight]] = {}
     for prefix, module in model.named_modules(remove_duplicate=False):  # state_dict repeats shared ones too
+        prefix = f"{prefix}." if prefix else ""
+        if any(prefix.startswith(outer) for outer in held):
+            continue  # inside a held layer (pre-order: the outer one came first)
         export = getattr(module, "sparse_state_dict", None)
         if callable(export):
-            held[f"{prefix}." if prefix else ""] = export()
+            held[prefix] = export()
     state: dict[str, torch.Tensor | SparseWeight] = {}
     for key, value in model.state_dict().items():
-        prefix = next((p for p in held if key.startswith(p) and "." not in key[len(p):]), None)
+        prefix = next((p for p in held if key.startswith(p)), None)
         if prefix is None:
             state[key] = value
         else:  # the held layer's own buffers: its dense-layer state replaces them, in place
@@ -306,8 +312,10 @@ def save_sparse(model_or_state_dict: nn.Module | Mapping[str, torch.Tensor], pat
 
     A sparsified model (``sparsify(...)``) is written as the dense model it stands for: each
     ``SparseLinear`` as ``<name>.weight`` (kept in its own format, block and pattern, whatever
-    ``format`` says; a mask does not re-prune it) and ``<name>.bias``, so ``load_sparse`` gives
-    a state dict the dense model loads. A state dict may likewise hold SparseWeight values.
+    ``format`` says; a mask does not re-prune it) and ``<name>.bias``, a ``SparseConv1D`` as the
+    Conv1D's [in, out] weight, a ``SparseMultiheadAttention`` as ``in_proj_weight``,
+    ``in_proj_bias``, ``out_proj.weight``, ``out_proj.bias``; so ``load_sparse`` gives a state
+    dict the dense model loads. A state dict may likewise hold SparseWeight values.
 
     >>> import tempfile, os
     >>> model = nn.Linear(64, 32)

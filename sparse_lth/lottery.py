@@ -13,6 +13,8 @@ import dataclasses
 import hashlib
 import json
 import math
+import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,13 +24,19 @@ from tqdm.auto import tqdm
 
 from sparse_lth import run_files
 from sparse_lth.data import DATASETS, load_dataset
-from sparse_lth.masks import Mask
-from sparse_lth.models import MODELS, build_model, output_layer_name
+from sparse_lth.masks import LAYER_TYPES, Mask, layer_type, prunable_names
+from sparse_lth.models import MODELS, build_model
 from sparse_lth.plots import plot_rounds
 from sparse_lth.pruning import SCOPES, check_block, prune_by_magnitude, random_mask_like
 from sparse_lth.training import OPTIMIZERS, TrainSettings, train
+from sparse_lth.user_loop import TrainContext, TrainFn, early_stop, run_train_fn
 
 CONTROLS = ("random_reinit", "random_mask")
+ModelFn = Callable[[int], torch.nn.Module]
+_LABEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")  # model / dataset names go into a folder name
+# Fields added after the first release: left out of the digest while at their defaults, so the
+# run directories of earlier configs keep their names (and resume).
+_LATER_FIELDS = {"prune_types": LAYER_TYPES, "include": (), "exclude": (), "output_layer": "auto", "metric": None}
 # The paper's per-round rates for conv layers (Frankle & Carbin, Figure 2).
 PAPER_CONV_FRACTIONS = {"conv2": 0.1, "conv4": 0.1, "conv6": 0.15}
 
@@ -42,6 +50,20 @@ class LotteryConfig:
     ``output_fraction=None`` means half of ``prune_fraction``; ``conv_fraction=None`` means
     the paper's conv rate for the model. ``rewind_iteration=k > 0`` resets to theta_k.
     ``block=(br, bc)`` prunes whole tiles (a block ticket for BSR).
+
+    Which weights are pruned: ``prune_types`` (``"linear"``, ``"conv"``) picks layers by kind,
+    ``include`` / ``exclude`` add or remove parameters by name (glob patterns; see
+    :func:`~sparse_lth.masks.prunable_names`). ``output_layer`` names the weight pruned at
+    ``output_fraction``: ``"auto"`` (the last prunable linear weight), a parameter name, or
+    ``"none"`` (no layer gets the output rate).
+
+    ``model`` and ``dataset`` name the built-in network and data, or label your own when
+    :func:`find_ticket` gets ``model_fn`` / ``train_fn`` (they name the run directory).
+    ``batch_size``, ``optimizer``, ``lr``, ``momentum``, ``weight_decay``, ``eval_every`` and
+    ``val_size`` are the built-in loop's; with ``train_fn`` your loop decides them, and
+    ``iterations`` is the number of steps it makes per round (the progress bar's length).
+    ``metric`` is the one of ``train_fn``'s metrics that tables and plots show (default:
+    ``"accuracy"`` when it returns one, else its first).
 
     >>> LotteryConfig(rounds=2, iterations=300).prune_fraction
     0.2
@@ -66,15 +88,20 @@ class LotteryConfig:
     val_size: int | None = None
     seed: int = 0
     controls: tuple[str, ...] = ("random_reinit",)
+    prune_types: tuple[str, ...] = LAYER_TYPES
+    include: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+    output_layer: str = "auto"
+    metric: str | None = None
 
     def __post_init__(self) -> None:
         def bad(what: str) -> None:
             raise ValueError(f"LotteryConfig: {what}")
 
-        if self.model not in MODELS:
-            bad(f"unknown model {self.model!r}; choose one of {', '.join(MODELS)}")
-        if self.dataset not in DATASETS:
-            bad(f"unknown dataset {self.dataset!r}; choose one of {', '.join(DATASETS)}")
+        for name in ("model", "dataset"):
+            if not isinstance(getattr(self, name), str) or not _LABEL.match(getattr(self, name)):
+                bad(f"{name} must be a name of letters, digits and . _ + - (it names the run directory), "
+                    f"got {getattr(self, name)!r}")
         if self.rounds < 1:
             bad(f"rounds must be at least 1 (pruning rounds after the dense round), got {self.rounds}")
         for name in ("prune_fraction", "output_fraction", "conv_fraction"):
@@ -100,6 +127,16 @@ class LotteryConfig:
         unknown = set(self.controls) - set(CONTROLS)
         if unknown:
             bad(f"unknown controls {sorted(unknown)}; choose from {', '.join(CONTROLS)}")
+        for name in ("prune_types", "include", "exclude"):
+            value = getattr(self, name)
+            if isinstance(value, str) or not all(isinstance(v, str) for v in value):
+                bad(f"{name} must be a sequence of strings, got {value!r}")
+            object.__setattr__(self, name, tuple(value))
+        unknown_types = set(self.prune_types) - set(LAYER_TYPES)
+        if unknown_types:
+            bad(f"unknown prune_types {sorted(unknown_types)}; choose from {', '.join(LAYER_TYPES)}")
+        if not isinstance(self.output_layer, str) or not self.output_layer:
+            bad(f"output_layer must be 'auto', 'none' or a parameter name, got {self.output_layer!r}")
         # Normalize so that equal configs hash equally whatever sequence type was passed.
         object.__setattr__(self, "controls", tuple(self.controls))
         if self.block is not None:
@@ -115,13 +152,16 @@ class LotteryConfig:
         if unknown:
             raise ValueError(f"unknown LotteryConfig keys {unknown} (made by another version of sparse_lth?)")
         data = dict(data)
-        data["controls"] = tuple(data.get("controls", ()))
+        for name in ("controls", "prune_types", "include", "exclude"):
+            if name in data:
+                data[name] = tuple(data[name])
         if data.get("block") is not None:
             data["block"] = tuple(data["block"])
         return cls(**data)
 
     def digest(self) -> str:
-        text = json.dumps(self.to_dict(), sort_keys=True)
+        hashed = {k: v for k, v in self.to_dict().items() if k not in _LATER_FIELDS or v != _LATER_FIELDS[k]}
+        text = json.dumps(hashed, sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:10]
 
     def run_name(self) -> str:
@@ -132,15 +172,36 @@ class LotteryConfig:
         return TrainSettings(self.iterations, self.batch_size, self.optimizer, self.lr,
                              self.momentum, self.weight_decay, self.eval_every)
 
+    def prunable(self, model: torch.nn.Module) -> list[str]:
+        """The names of the weights this search prunes in ``model``."""
+        return prunable_names(model, self.prune_types, self.include, self.exclude)
+
+    def output_weight(self, model: torch.nn.Module) -> str | None:
+        """The weight pruned at ``output_fraction``, or None (``output_layer="none"``)."""
+        names = self.prunable(model)
+        if self.output_layer == "none":
+            return None
+        if self.output_layer != "auto":
+            if self.output_layer not in names:
+                raise ValueError(f"output_layer {self.output_layer!r} is not among the pruned weights "
+                                 f"({', '.join(names) or 'none'})")
+            return self.output_layer
+        modules = dict(model.named_modules())
+        linear = [n for n in names if layer_type(modules.get(n.rpartition(".")[0] if "." in n else "")) == "linear"]
+        return linear[-1] if linear else None
+
     def layer_fractions(self, model: torch.nn.Module) -> dict[str, float]:
         """Per-layer rates: output layer at half rate, conv layers at the paper's conv rate."""
+        names = set(self.prunable(model))
         fractions = {}
         conv = self.conv_fraction if self.conv_fraction is not None else PAPER_CONV_FRACTIONS.get(self.model)
         for name, module in model.named_modules():
-            if isinstance(module, torch.nn.Conv2d) and conv is not None:
-                fractions[f"{name}.weight"] = conv
-        out = self.output_fraction if self.output_fraction is not None else self.prune_fraction / 2
-        fractions[output_layer_name(model)] = out
+            weight = f"{name}.weight" if name else "weight"
+            if layer_type(module) == "conv" and conv is not None and weight in names:
+                fractions[weight] = conv
+        output = self.output_weight(model)
+        if output is not None:
+            fractions[output] = self.output_fraction if self.output_fraction is not None else self.prune_fraction / 2
         return fractions
 
 
@@ -170,7 +231,7 @@ class Ticket:
         """Accuracy and early stopping against weights remaining, ticket beside each control."""
         from sparse_lth.report_table import rounds_table
 
-        return rounds_table(self.records, self.controls)
+        return rounds_table(self.records, self.controls, metric=self.config.metric)
 
 
 def _config_of_run(run_dir: Path) -> LotteryConfig:
@@ -194,11 +255,67 @@ def _record(round_index: int, mask: Mask, result, kind: str) -> dict[str, Any]:
     }
 
 
+def _user_record(round_index: int, mask: Mask, kind: str, ctx: TrainContext,
+                 metrics: dict[str, float]) -> dict[str, Any]:
+    """A round trained by a user's loop: its metrics, steps, time, and logged curve."""
+    record: dict[str, Any] = {
+        "round": round_index,
+        "kind": kind,
+        "weights_remaining": mask.density(),
+        "layer_remaining": mask.layer_densities(),
+        "metrics": metrics,
+        "steps": ctx.steps - ctx.start_step,
+        "seconds": ctx.seconds,
+    }
+    best = early_stop(ctx.history)
+    if best is not None:
+        record["early_stop_iteration"] = int(best["step"])
+        record["early_stop_metrics"] = best
+    record["history"] = ctx.history
+    return record
+
+
+def _check_builtins(config: LotteryConfig, model_fn: ModelFn | None, train_fn: TrainFn | None) -> None:
+    """The built-in network and data exist where no model_fn / train_fn replaces them."""
+    if model_fn is None and config.model not in MODELS:
+        raise ValueError(f"unknown model {config.model!r}; choose one of {', '.join(MODELS)}, "
+                         "or pass model_fn= (and train_fn=) to search your own network")
+    needs_data = model_fn is None or train_fn is None
+    if needs_data and config.dataset not in DATASETS:
+        raise ValueError(f"unknown dataset {config.dataset!r}; choose one of {', '.join(DATASETS)}, "
+                         "or pass train_fn= to train on your own data with your own loop")
+    for name, fn in (("model_fn", model_fn), ("train_fn", train_fn)):
+        if fn is not None and not callable(fn):
+            raise ValueError(f"{name} must be callable, got {type(fn).__name__}")
+
+
+def _check_same_architecture(model: torch.nn.Module, init: dict[str, torch.Tensor], run_dir: Path) -> None:
+    """A resumed run's theta_0 must fit the network model_fn builds now."""
+    ours = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    theirs = {k: tuple(v.shape) for k, v in init.items()}
+    if ours != theirs:
+        diff = sorted(set(ours.items()) ^ set(theirs.items()))[:3]
+        raise ValueError(f"{run_dir} holds a run of another network (first differences: {diff}); the run "
+                         "directory is named from the config, not from model_fn: change the config's model "
+                         "name (or out_dir) when you change the network")
+
+
+def _check_fresh(start: dict[str, torch.Tensor], init: dict[str, torch.Tensor], mask: Mask) -> None:
+    """The random-reinit control must start from new weights, not theta_0 again."""
+    if all(torch.equal(start[name], init[name]) for name in mask):
+        raise ValueError("model_fn returned theta_0 again for another seed, so the random_reinit control "
+                         "would not reinitialize: initialize from the seed model_fn gets (or from torch's "
+                         "generators, which the search seeds), or drop the control")
+
+
 class _Search:
     """One search's state: the data, the model, the run directory and its progress bars."""
 
-    def __init__(self, config: LotteryConfig, out_dir: str | Path, data_dir: str | Path | None, progress: bool):
+    def __init__(self, config: LotteryConfig, out_dir: str | Path, data_dir: str | Path | None, progress: bool,
+                 model_fn: ModelFn | None = None, train_fn: TrainFn | None = None):
         self.config = config
+        self.model_fn, self.train_fn = model_fn, train_fn
+        _check_builtins(config, model_fn, train_fn)
         self.run_dir = run_files.make_run_dir(out_dir, config.run_name())
         # One writer per run: the lock comes before anything in the run directory is read,
         # cleaned or written (a live writer's temporaries look like a dead one's).
@@ -217,18 +334,24 @@ class _Search:
         config_path = self.run_dir / run_files.CONFIG_FILE
         if config_path.exists() and _config_of_run(self.run_dir) != config:
             raise ValueError(f"{self.run_dir} holds a run of another config; remove it or change out_dir")
-        self.data = load_dataset(config.dataset, data_dir, config.val_size, config.seed)
+        # The built-in data only where a built-in model or loop needs it: a user's loop brings its own.
+        needs_data = self.model_fn is None or self.train_fn is None
+        self.data = load_dataset(config.dataset, data_dir, config.val_size, config.seed) if needs_data else None
         self.model = self.fresh_model(config.seed)
         self.settings = config.train_settings()
+        if not config.prunable(self.model):
+            raise ValueError(f"the model has no weights to prune (prune_types={list(config.prune_types)}, "
+                             f"include={list(config.include)}, exclude={list(config.exclude)})")
         self.fractions = config.layer_fractions(self.model)
         if config.block is not None:  # refuse a tile the machine cannot hold before round 0 trains
-            check_block(Mask.ones_like(self.model), config.block)
+            check_block(self.full_mask(), config.block)
         self.progress = progress
         if not config_path.exists():
             run_files.atomic_write_json(config.to_dict(), config_path)
         if not (self.run_dir / run_files.INIT_FILE).exists():
             run_files.atomic_save_safetensors(self.model.state_dict(), self.run_dir / run_files.INIT_FILE)
         self.init_state = run_files.read_init(self.run_dir)
+        _check_same_architecture(self.model, self.init_state, self.run_dir)
 
     def close(self) -> None:
         """Release the run directory for the next writer."""
@@ -241,18 +364,45 @@ class _Search:
         self.close()
 
     def fresh_model(self, seed: int) -> torch.nn.Module:
-        return build_model(self.config.model, self.data.input_shape, self.data.num_classes, seed=seed)
+        """A newly initialized network: ``model_fn(seed)`` with torch's generators seeded from
+        ``seed`` (so an initialization that draws from them is reproducible), or the built-in."""
+        if self.model_fn is None:
+            return build_model(self.config.model, self.data.input_shape, self.data.num_classes, seed=seed)
+        devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(seed)
+            model = self.model_fn(seed)
+        if not isinstance(model, torch.nn.Module):
+            raise ValueError(f"model_fn must return an nn.Module, got {type(model).__name__}")
+        return model
+
+    def full_mask(self) -> Mask:
+        """Every weight this search prunes, alive: round 0's mask."""
+        c = self.config
+        return Mask.ones_like(self.model, c.prune_types, c.include, c.exclude)
 
     def train_round(self, round_index: int, mask: Mask, start: dict[str, torch.Tensor],
-                    kind: str, start_step: int = 0, snapshot_at: int | None = None):
+                    kind: str, start_step: int = 0, snapshot_at: int | None = None
+                    ) -> tuple[dict[str, torch.Tensor] | None, dict[str, Any]]:
+        """Train one round from ``start`` under ``mask``; (the snapshot at ``snapshot_at``, record)."""
         self.model.load_state_dict(start)
         desc = f"{kind} round {round_index} ({100 * mask.density():.2f}% left)"
-        with tqdm(total=self.settings.iterations - start_step, desc=desc, leave=False,
+        with tqdm(total=max(self.settings.iterations - start_step, 0), desc=desc, leave=False,
                   disable=not self.progress, unit="it") as bar:
-            result = train(self.model, mask, self.data, self.settings, seed=self.config.seed,
-                           start_step=start_step, snapshot_at=snapshot_at, progress=bar)
-        record = _record(round_index, mask, result, kind)
-        return result, record
+            if self.train_fn is None:
+                result = train(self.model, mask, self.data, self.settings, seed=self.config.seed,
+                               start_step=start_step, snapshot_at=snapshot_at, progress=bar)
+                return result.snapshot, _record(round_index, mask, result, kind)
+            ctx = TrainContext(mask, round=round_index, kind=kind, seed=self.config.seed, start_step=start_step,
+                               iterations=self.config.iterations, snapshot_at=snapshot_at, progress=bar)
+            metrics = run_train_fn(self.train_fn, self.model, ctx)
+        if self.config.metric is not None and self.config.metric not in metrics:
+            raise ValueError(f"train_fn returned {sorted(metrics)}, not the metric {self.config.metric!r} "
+                             "the config reports (LotteryConfig.metric)")
+        if snapshot_at is not None and ctx.snapshot is None:
+            raise ValueError(f"rewind_iteration={snapshot_at}, but train_fn made only {ctx.steps} steps "
+                             "(call ctx.step() once per optimizer step)")
+        return ctx.snapshot, _user_record(round_index, mask, kind, ctx, metrics)
 
     def rewind_state(self) -> dict[str, torch.Tensor]:
         if self.config.rewind_iteration == 0:
@@ -262,7 +412,7 @@ class _Search:
     def next_mask(self, round_index: int) -> Mask:
         """Prune round ``round_index - 1``'s trained weights to get this round's mask."""
         if round_index == 0:
-            return Mask.ones_like(self.model)
+            return self.full_mask()
         mask_tensors, trained, _ = run_files.read_round(self.run_dir, round_index - 1)
         self.model.load_state_dict(trained)
         return prune_by_magnitude(self.model, Mask(mask_tensors), self.config.prune_fraction,
@@ -278,10 +428,9 @@ class _Search:
                 continue
             mask = self.next_mask(r)
             if r == 0:
-                result, record = self.train_round(0, mask, self.init_state, "ticket",
-                                                  snapshot_at=k or None)
+                snapshot, record = self.train_round(0, mask, self.init_state, "ticket", snapshot_at=k or None)
                 if k:  # the rewind point must be on disk before round 0 is
-                    run_files.atomic_save_safetensors(result.snapshot, self.run_dir / run_files.REWIND_FILE)
+                    run_files.atomic_save_safetensors(snapshot, self.run_dir / run_files.REWIND_FILE)
             else:
                 _, record = self.train_round(r, mask, self.rewind_state(), "ticket", start_step=k)
             run_files.write_round(self.run_dir, r, mask, self.model.state_dict(), record)
@@ -300,6 +449,7 @@ class _Search:
             control_seed = self.config.seed * 1_000_003 + 7919 * r + CONTROLS.index(control) + 1
             if control == "random_reinit":
                 mask, start = ticket_mask, self.fresh_model(control_seed).state_dict()
+                _check_fresh(start, self.init_state, ticket_mask)
             else:
                 mask = random_mask_like(ticket_mask, torch.Generator().manual_seed(control_seed))
                 start = self.rewind_state()
@@ -322,15 +472,26 @@ class _Search:
         run_files.atomic_write_json({"ticket": strip(ticket), **{c: strip(rows) for c, rows in controls.items()}},
                                     self.run_dir / run_files.SUMMARY_FILE)
         title = f"{self.config.model} on {self.config.dataset}, {self.config.iterations} iterations/round"
-        plot_rounds({"ticket": ticket, **controls}, self.run_dir / run_files.PLOT_FILE, title)
+        plot_rounds({"ticket": ticket, **controls}, self.run_dir / run_files.PLOT_FILE, title, self.config.metric)
 
 
 def find_ticket(config: LotteryConfig, out_dir: str | Path, data_dir: str | Path | None = None,
-                progress: bool = True) -> Ticket:
+                progress: bool = True, *, model_fn: ModelFn | None = None,
+                train_fn: TrainFn | None = None) -> Ticket:
     """Run (or resume) iterative magnitude pruning and its controls; return the Ticket.
 
     Results land in ``out_dir / config.run_name()``; calling again with the same config
     continues after the last complete round, and a finished run just loads.
+
+    Your own network and loop: ``model_fn(seed)`` returns a freshly initialized ``nn.Module``
+    (theta_0 is the first one; the random-reinit control asks for more), and
+    ``train_fn(model, ctx)`` trains it in place with your loop and optimizer, calls
+    ``ctx.step()`` once per optimizer step, and returns a dict of metrics (say
+    ``{"accuracy": 0.91}``): see :class:`~sparse_lth.user_loop.TrainContext`. The mask holds
+    through your loop unchanged. Either may be given alone: ``model_fn`` with the built-in loop
+    and dataset, or ``train_fn`` with a built-in network. ``config.model`` / ``config.dataset``
+    then label the run; the run directory is named from the config, so change them when you
+    change the functions.
 
     One process writes a run directory at a time: while a search holds it (an OS lock on
     ``run.lock``, dropped when its holder exits or dies), another raises
@@ -346,7 +507,7 @@ def find_ticket(config: LotteryConfig, out_dir: str | Path, data_dir: str | Path
     [1.0, 0.802]
     """
     total = config.rounds + 1 + config.rounds * len(config.controls)
-    with _Search(config, out_dir, data_dir, progress) as search:
+    with _Search(config, out_dir, data_dir, progress, model_fn, train_fn) as search:
         with tqdm(total=total, desc="rounds", unit="round", disable=not progress) as bar:
             search.run_ticket_rounds(bar)
             for control in config.controls:

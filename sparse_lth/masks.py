@@ -1,36 +1,74 @@
 """Mask: which weights of a model are alive.
 
 A mask maps a parameter name (as in ``model.named_parameters()``) to a bool tensor of the
-parameter's shape. Only the weights of ``nn.Linear`` and ``nn.Conv*`` layers are prunable:
-biases and normalization scales are never in a mask, whatever their names say.
+parameter's shape. By default the weights of linear layers (``nn.Linear`` and Hugging Face's
+transposed ``Conv1D``) and convolutions (``nn.Conv1d/2d/3d``) are prunable, chosen by module
+type: biases and normalization scales are never in a mask, whatever their names say. Other
+parameters join by name (``include``, glob patterns, e.g. ``"*.in_proj_weight"`` for
+``nn.MultiheadAttention``), and any can be left out by name (``exclude``).
 A mask is kept explicitly; it is never inferred from ``weight == 0`` (a trained weight can
 be exactly zero without being pruned).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from fnmatch import fnmatchcase
 from pathlib import Path
 
 import torch
 from torch import nn
 
 PRUNABLE_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+LAYER_TYPES = ("linear", "conv")
 
 
-def prunable_names(model: nn.Module) -> list[str]:
+def layer_type(module: nn.Module) -> str | None:
+    """``"linear"``, ``"conv"`` or None: what kind of prunable layer ``module`` is.
+
+    Hugging Face's ``Conv1D`` (GPT-2's transposed linear) counts as linear; it is recognized by
+    its class name and module, so this library never imports transformers.
+    """
+    if isinstance(module, nn.Linear):
+        return "linear"
+    if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+        return "conv"
+    if type(module).__name__ == "Conv1D" and type(module).__module__.startswith("transformers"):
+        return "linear"
+    return None
+
+
+def prunable_names(model: nn.Module, types: Iterable[str] = LAYER_TYPES, include: Iterable[str] = (),
+                   exclude: Iterable[str] = ()) -> list[str]:
     """Names of the prunable weights of ``model``, in ``named_parameters()`` order.
 
+    ``types`` picks layers by kind (``"linear"``, ``"conv"``: their ``weight``); ``include`` adds
+    parameters of two or more dimensions whose names match a glob pattern; ``exclude`` removes
+    names matching a pattern. A weight shared by several layers is named once, as
+    ``named_parameters`` names it.
+
     >>> from torch import nn
-    >>> prunable_names(nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3), nn.Linear(3, 2)))
-    ['0.weight', '2.weight']
+    >>> model = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3), nn.Linear(3, 2))
+    >>> prunable_names(model), prunable_names(model, exclude=["2.*"])
+    (['0.weight', '2.weight'], ['0.weight'])
+    >>> prunable_names(nn.TransformerEncoderLayer(8, 2), types=[], include=["*proj_weight"])
+    ['self_attn.in_proj_weight']
     """
-    names = {
+    types, include, exclude = set(types), list(include), list(exclude)
+    unknown = types - set(LAYER_TYPES)
+    if unknown:
+        raise ValueError(f"unknown layer types {sorted(unknown)}; choose from {', '.join(LAYER_TYPES)}")
+    by_type = {
         f"{module_name}.weight" if module_name else "weight"
         for module_name, module in model.named_modules()
-        if isinstance(module, PRUNABLE_LAYERS)
+        if layer_type(module) in types
     }
-    return [name for name, _ in model.named_parameters() if name in names]
+    names = []
+    for name, param in model.named_parameters():
+        chosen = name in by_type or (param.dim() >= 2 and any(fnmatchcase(name, p) for p in include))
+        if chosen and not any(fnmatchcase(name, p) for p in exclude):
+            names.append(name)
+    return names
 
 
 class Mask(Mapping[str, torch.Tensor]):
@@ -54,10 +92,12 @@ class Mask(Mapping[str, torch.Tensor]):
 
     # -- construction -------------------------------------------------------------------------
     @classmethod
-    def ones_like(cls, model: nn.Module) -> Mask:
-        """Every prunable weight of ``model`` alive."""
+    def ones_like(cls, model: nn.Module, types: Iterable[str] = LAYER_TYPES, include: Iterable[str] = (),
+                  exclude: Iterable[str] = ()) -> Mask:
+        """Every prunable weight of ``model`` alive (which weights: see :func:`prunable_names`)."""
         params = dict(model.named_parameters())
-        return cls({name: torch.ones_like(params[name], dtype=torch.bool) for name in prunable_names(model)})
+        names = prunable_names(model, types, include, exclude)
+        return cls({name: torch.ones_like(params[name], dtype=torch.bool) for name in names})
 
     # -- mapping ------------------------------------------------------------------------------
     def __getitem__(self, name: str) -> torch.Tensor:

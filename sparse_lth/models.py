@@ -83,14 +83,3 @@ def build_model(name: str, input_shape: tuple[int, ...] = (1, 28, 28), num_class
         model = ConvNet(_CONV_WIDTHS[name], input_shape, num_classes)
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
     return glorot_init_(model, generator)
-
-
-def output_layer_name(model: nn.Module) -> str:
-    """Name of the weight of the layer that connects to the output (pruned at half rate)."""
-    last = None
-    for module_name, module in model.named_modules():
-        if isinstance(module, nn.Linear):
-            last = f"{module_name}.weight"
-    if last is None:
-        raise ValueError("model has no nn.Linear output layer")
-    return last

@@ -4,15 +4,18 @@
 ``max_density`` by a :class:`SparseLinear` that holds its weight once, as a CSR or BSR matrix
 in the layout the kernels read (out x in, no transpose per call), and multiplies with the
 backend :mod:`sparse_lth.backends` picks: scipy or torch's MKL product on the CPU, Triton on
-CUDA. ``densify(model)`` swaps them back to ``nn.Linear`` with identical weights.
+CUDA. Common architectures' other linear maps are swapped too: Hugging Face's GPT-2 ``Conv1D``
+(a transposed linear) becomes a :class:`SparseConv1D`, ``nn.MultiheadAttention`` (inside
+``nn.TransformerEncoderLayer`` and the rest) a
+:class:`~sparse_lth.attention.SparseMultiheadAttention`. ``densify(model)`` swaps them back
+with identical weights.
 
 Inference only: a SparseLinear's weight (three index / value buffers) and bias are buffers, not
 parameters; nothing requires grad, and an input that requires grad is refused rather than left
 without a gradient. A sparsified model is an ordinary module: ``copy.deepcopy``, ``.to()``,
 ``state_dict`` / ``load_state_dict`` (indices re-checked) and ``save_sparse`` (the file loads
-into the dense model) work. Convolution layers are left dense (no sparse conv path yet); so
-are subclasses of ``nn.Linear`` (e.g. the output projection inside ``nn.MultiheadAttention``,
-which reads its weight directly).
+into the dense model) work. Convolution layers are left dense (no sparse conv path yet, but
+masked); so are other subclasses of ``nn.Linear`` (they may read their weight outside forward).
 
 >>> import torch
 >>> from torch import nn
@@ -34,18 +37,19 @@ which reads its weight directly).
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sparse_lth.attention import SparseMultiheadAttention, keep_out_of_fused_paths
 from sparse_lth.backends import BACKENDS, sparse_linear
 from sparse_lth.formats import SparseWeight, _make, to_sparse_weight
 from sparse_lth.kernels.invariants import check_index_invariants
 from sparse_lth.masks import Mask
 
-__all__ = ["SparseLinear", "sparsify", "densify", "DEFAULT_MAX_DENSITY"]
+__all__ = ["SparseLinear", "SparseConv1D", "SparseMultiheadAttention", "sparsify", "densify", "DEFAULT_MAX_DENSITY"]
 
 #: Layers at or below this density become sparse by default. Measured on a 2-core CPU (fp32,
 #: bench/cpu_crossover.md): a 4096 x 4096 sparse layer beats the dense one at every batch up to
@@ -141,6 +145,8 @@ class SparseLinear(nn.Module):
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
         # A state dict loaded later may carry other indices: they are checked like these.
         self.register_load_state_dict_post_hook(_recheck_after_load)
+        # torch's fused transformer path would read .weight as a dense tensor: stay off it
+        self.register_forward_pre_hook(keep_out_of_fused_paths)
 
     # -- construction -------------------------------------------------------------------------
     @classmethod
@@ -210,12 +216,33 @@ class SparseLinear(nn.Module):
 
     def _apply(self, fn, recurse=True):  # .to() / .cuda() / .half() replace the buffers
         self.__dict__.pop("_weight_view", None)
+        self.__dict__.pop("_row_bands", None)
         return super()._apply(fn, recurse)
 
     def __getstate__(self) -> dict:  # deepcopy / pickle: torch's sparse tensors refuse; rebuilt on use
         state = super().__getstate__()
         state.pop("_weight_view", None)
+        state.pop("_row_bands", None)
         return state
+
+    def _row_band(self, start: int, stop: int) -> tuple[torch.Tensor, int]:
+        """The stored rows that cover output rows ``start:stop`` as a torch sparse tensor (views of
+        the buffers, plus new row pointers), and the offset of row ``start`` in it (BSR bands
+        start at a block boundary). Built once per band, kept while the buffers are the same."""
+        parts = (self.crow_indices, self.col_indices, self.values)
+        cache = self.__dict__.get("_row_bands")
+        if cache is None or any(a is not b for a, b in zip(cache[0], parts)):
+            cache = self.__dict__["_row_bands"] = (parts, {})
+        band = cache[1].get((start, stop))
+        if band is None:
+            height = self.blocksize[0] if self.blocksize else 1
+            first, last = start // height, -(-stop // height)  # rows (CSR) or block rows (BSR)
+            pointers = self.crow_indices[first:last + 1]
+            lo, hi = int(pointers[0]), int(pointers[-1])
+            matrix = _make(self.weight.layout, pointers - lo, self.col_indices[lo:hi], self.values[lo:hi],
+                           ((last - first) * height, self.matrix_shape[1]))
+            band = cache[1][(start, stop)] = (matrix, start - first * height)
+        return band
 
     @property
     def nnz(self) -> int:
@@ -246,24 +273,55 @@ class SparseLinear(nn.Module):
         return min(1.0, self.nnz / total) if total else 1.0
 
     # -- use ------------------------------------------------------------------------------------
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _check_input(self, x: torch.Tensor) -> torch.Tensor:
+        """x, padded to the stored width; or a clear error."""
+        if x.is_nested:
+            raise ValueError(f"{type(self).__name__} got a NestedTensor (nn.TransformerEncoder's padding fast "
+                             "path); set encoder.use_nested_tensor = False, as sparsify does")
         if x.shape[-1:] != (self.in_features,):
-            raise ValueError(f"SparseLinear expects input [..., {self.in_features}], got {tuple(x.shape)}")
+            raise ValueError(f"{type(self).__name__} expects input [..., {self.in_features}], got {tuple(x.shape)}")
         if x.requires_grad and torch.is_grad_enabled():
             raise RuntimeError(
-                "SparseLinear is inference-only: its input requires grad, and no gradient would flow "
+                f"{type(self).__name__} is inference-only: its input requires grad, and no gradient would flow "
                 "back through this layer. Run the model under torch.no_grad() / torch.inference_mode(), "
                 "or densify(model) to train it."
             )
+        cols = self.matrix_shape[1]
+        return F.pad(x, (0, cols - self.in_features)) if cols != self.in_features else x
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self._check_input(x)  # BSR padded to whole blocks: the input is padded to match
         W = self.weight
-        rows, cols = self.matrix_shape
-        if cols != self.in_features:  # BSR padded to whole blocks: pad the input to match
-            x = F.pad(x, (0, cols - self.in_features))
-        if rows == self.out_features:
+        if self.matrix_shape[0] == self.out_features:
             return sparse_linear(x, W, self.bias, backend=self.backend, threads=self.threads, check_invariants=False)
         y = sparse_linear(x, W, backend=self.backend, threads=self.threads, check_invariants=False)
         y = y[..., : self.out_features]
         return y + self.bias if self.bias is not None else y.contiguous()
+
+    def forward_rows(self, x: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+        """``self(x)[..., start:stop]``, multiplying only the stored rows ``start:stop`` (BSR: the
+        block rows that cover them). Attention's q / k / v projections are bands of one
+        [3E, E] weight; cross-attention needs them separately.
+
+        >>> from torch import nn
+        >>> layer = SparseLinear.from_linear(nn.Linear(8, 12), format="bsr", blocksize=4)
+        >>> x = torch.randn(3, 8)
+        >>> with torch.no_grad():
+        ...     torch.allclose(layer.forward_rows(x, 5, 11), layer(x)[:, 5:11], atol=1e-6)
+        True
+        """
+        if not 0 <= start <= stop <= self.out_features:
+            raise ValueError(f"forward_rows: need 0 <= start <= stop <= {self.out_features}, got {start}:{stop}")
+        if (start, stop) == (0, self.out_features):
+            return self(x)
+        x = self._check_input(x)
+        W, offset = self._row_band(start, stop)
+        bias = None if self.bias is None else self.bias[start:stop]
+        if offset == 0 and W.shape[0] == stop - start:
+            return sparse_linear(x, W, bias, backend=self.backend, threads=self.threads, check_invariants=False)
+        y = sparse_linear(x, W, backend=self.backend, threads=self.threads, check_invariants=False)
+        y = y[..., offset:offset + stop - start]
+        return y + bias if bias is not None else y.contiguous()
 
     def extra_repr(self) -> str:
         block = f", blocksize={self.blocksize}" if self.blocksize else ""
@@ -275,10 +333,215 @@ def _recheck_after_load(module: SparseLinear, incompatible_keys) -> None:
     check_index_invariants(module.weight, "SparseLinear weight (loaded state dict)")
 
 
+# -- Hugging Face's Conv1D (GPT-2) ------------------------------------------------------------
+def _is_hf_conv1d(module: nn.Module) -> bool:
+    """Whether ``module`` is Hugging Face's ``Conv1D`` (``transformers.pytorch_utils``; GPT-1/2's
+    projections): recognised by class name, package and weight layout, so that this library
+    never imports transformers."""
+    cls = type(module)
+    if cls.__name__ != "Conv1D" or not cls.__module__.startswith("transformers."):
+        return False
+    weight, bias = getattr(module, "weight", None), getattr(module, "bias", None)
+    nx, nf = getattr(module, "nx", None), getattr(module, "nf", None)
+    return (isinstance(weight, torch.Tensor) and tuple(weight.shape) == (nx, nf)
+            and (bias is None or tuple(bias.shape) == (nf,)))
+
+
+class SparseConv1D(SparseLinear):
+    """Hugging Face's ``Conv1D`` (GPT-2's attention and MLP projections), sparse.
+
+    A ``Conv1D`` is a linear layer with its weight transposed: ``weight`` [in, out] (``nx``,
+    ``nf``) and ``y = x @ weight + bias``. This layer stores ``weight.T`` [out, in] like any
+    :class:`SparseLinear` (the kernels' layout), so it computes the same way; what differs is
+    the outside: :meth:`sparse_state_dict` (hence ``save_sparse``) writes the Conv1D's own
+    ``weight`` [in, out], so the file loads into the Hugging Face model, and
+    :meth:`to_dense_conv1d` (``densify``) gives back a module of the class it replaced
+    (``dense_cls``, recorded by :meth:`from_conv1d` / ``sparsify``; without one,
+    ``transformers.pytorch_utils.Conv1D``). :attr:`weight` is the stored [out, in] matrix.
+
+    >>> import torch
+    >>> from torch import nn
+    >>> class Conv1D(nn.Module):  # stands in for transformers.pytorch_utils.Conv1D here
+    ...     def __init__(self, nf, nx):
+    ...         super().__init__()
+    ...         self.nf, self.nx = nf, nx
+    ...         self.weight = nn.Parameter(torch.randn(nx, nf))
+    ...         self.bias = nn.Parameter(torch.randn(nf))
+    ...     def forward(self, x):
+    ...         return x @ self.weight + self.bias
+    >>> conv = Conv1D(nf=6, nx=4)
+    >>> mask = torch.rand(4, 6) < 0.5                    # the Conv1D's [in, out] weight shape
+    >>> layer = SparseConv1D.from_conv1d(conv, mask=mask)
+    >>> x = torch.randn(3, 4)
+    >>> with torch.no_grad():
+    ...     torch.allclose(layer(x), x @ (conv.weight * mask) + conv.bias, atol=1e-6)
+    True
+    >>> layer.sparse_state_dict()["weight"].shape       # written as the Conv1D's own weight
+    (4, 6)
+    >>> type(layer.to_dense_conv1d()) is Conv1D
+    True
+    """
+
+    def __init__(
+        self,
+        weight: torch.Tensor | SparseWeight,
+        bias: torch.Tensor | None = None,
+        *,
+        backend: str = "auto",
+        threads: int | None = None,
+        dense_cls: type | None = None,
+    ) -> None:
+        super().__init__(weight, bias, backend=backend, threads=threads)
+        self.dense_cls = dense_cls
+
+    @property
+    def nf(self) -> int:
+        """Output features (Conv1D's name)."""
+        return self.out_features
+
+    @property
+    def nx(self) -> int:
+        """Input features (Conv1D's name)."""
+        return self.in_features
+
+    @classmethod
+    def from_conv1d(cls, conv: nn.Module, mask: torch.Tensor | None = None, format: str = "csr",
+                    blocksize: int | tuple[int, int] = 32, backend: str = "auto",
+                    threads: int | None = None) -> SparseConv1D:
+        """A SparseConv1D holding ``conv``'s weight (transposed) and a copy of its bias.
+        ``mask`` has the Conv1D weight's shape [in, out]; the rest as :meth:`SparseLinear.from_linear`."""
+        weight = getattr(conv, "weight", None)
+        if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or not hasattr(conv, "nf"):
+            raise ValueError(f"from_conv1d needs a Hugging Face Conv1D (weight [in, out], nf, nx), "
+                             f"got {type(conv).__name__}")
+        if weight.is_meta:
+            raise ValueError("from_conv1d: the layer's weight is on the meta device (shapes only, no values "
+                             "to store); materialize it first")
+        sw = to_sparse_weight(weight.detach().t().contiguous(), format, blocksize if format == "bsr" else None,
+                              mask=None if mask is None else mask.t().contiguous(), name="conv1d.weight")
+        bias = None if conv.bias is None else conv.bias.detach()
+        return cls(sw, bias, backend=backend, threads=threads, dense_cls=type(conv))
+
+    def conv1d_weight(self) -> SparseWeight:
+        """The Conv1D's own weight [in, out], as stored (same entries, explicit zeros included,
+        BSR blocks transposed: a (r, c) block becomes (c, r))."""
+        stored = _make(self.weight.layout, self.crow_indices, self.col_indices,
+                       torch.ones_like(self.values), self.matrix_shape)
+        pattern = stored.to_dense()[: self.out_features, : self.in_features] != 0
+        block = None if self.blocksize is None else (self.blocksize[1], self.blocksize[0])
+        return to_sparse_weight(self.dense_weight().t().contiguous(), self.format, block,
+                                mask=pattern.t().contiguous(), name="conv1d.weight")
+
+    def sparse_state_dict(self) -> dict[str, SparseWeight | torch.Tensor]:
+        """``{"weight": SparseWeight [in, out], "bias": tensor}``: the Conv1D's state."""
+        state: dict[str, SparseWeight | torch.Tensor] = {"weight": self.conv1d_weight()}
+        if self.bias is not None:
+            state["bias"] = self.bias
+        return state
+
+    def to_dense_conv1d(self) -> nn.Module:
+        """A ``Conv1D`` (``dense_cls``) with weight [in, out] = the stored matrix transposed
+        (pruned entries zero) and the same bias."""
+        cls = self.dense_cls
+        if cls is None:
+            try:
+                from transformers.pytorch_utils import Conv1D as cls  # only here: densify of a hand-built layer
+            except ImportError:
+                raise ValueError("SparseConv1D.to_dense_conv1d: no dense_cls was recorded and transformers is "
+                                 "not installed; pass dense_cls=<your Conv1D class> when building the layer") from None
+        w = self.dense_weight()
+        conv = cls(self.out_features, self.in_features).to(device=w.device, dtype=w.dtype)
+        with torch.no_grad():
+            conv.weight.copy_(w.t())
+            if self.bias is not None:
+                conv.bias.copy_(self.bias)
+            elif getattr(conv, "bias", None) is not None:
+                conv.bias.zero_()
+        return conv
+
+
 # -- whole models -----------------------------------------------------------------------------
 def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+
+
+def _mha_supported(mha: nn.MultiheadAttention) -> bool:
+    """Packed projections and nothing appended to keys and values (see sparse_lth.attention)."""
+    return mha._qkv_same_embed_dim and mha.bias_k is None and mha.bias_v is None and not mha.add_zero_attn
+
+
+class _Builder:
+    """Builds the sparse layers of one ``sparsify`` call: the density rule, and one set of sparse
+    buffers per weight, shared by every layer that holds that weight (tied weights)."""
+
+    def __init__(self, by_weight: dict[int, torch.Tensor], format: str, blocksize: int | tuple[int, int],
+                 backend: str, max_density: float) -> None:
+        self.by_weight, self.format, self.blocksize = by_weight, format, blocksize
+        self.backend, self.max_density = backend, max_density
+        self.built: dict[tuple[int, bool], SparseLinear] = {}  # (id(weight), transposed) -> first layer
+
+    def layer(self, weight: torch.Tensor, bias: torch.Tensor | None, *, transposed: bool = False,
+              cls: type[SparseLinear] = SparseLinear, name: str = "weight", **extra: Any) -> SparseLinear | None:
+        """A ``cls`` holding ``weight`` ([out, in], or [in, out] when ``transposed``) if it is sparse
+        enough as stored, else None."""
+        bias = None if bias is None else bias.detach()
+        key = (id(weight), transposed)
+        shared = self.built.get(key)
+        if shared is not None:  # a tied weight: reuse its buffers, keep this layer's bias
+            return cls(shared.sparse_weight(), bias, backend=shared.backend, threads=shared.threads, **extra)
+        layer_mask = self.by_weight.get(id(weight))
+        matrix = weight.detach()
+        if layer_mask is not None:
+            layer_mask = layer_mask.to(matrix.device)
+        if transposed:
+            matrix = matrix.t().contiguous()
+            layer_mask = None if layer_mask is None else layer_mask.t().contiguous()
+        alive = layer_mask if layer_mask is not None else matrix != 0
+        if float(alive.sum()) / max(alive.numel(), 1) > self.max_density:
+            return None  # cheap check first: a bsr layer's stored density is never lower
+        sw = to_sparse_weight(matrix, self.format, self.blocksize if self.format == "bsr" else None,
+                              mask=layer_mask, name=name)
+        sparse = cls(sw, bias, backend=self.backend, **extra)
+        if sparse.density() > self.max_density:
+            return None
+        self.built[key] = sparse
+        return sparse
+
+    def attention(self, mha: nn.MultiheadAttention, name: str) -> SparseMultiheadAttention | None:
+        """A SparseMultiheadAttention for ``mha`` when at least one projection is sparse enough (the
+        other stays a dense ``nn.Linear`` over the same parameters), else None."""
+        in_proj = self.layer(mha.in_proj_weight, mha.in_proj_bias, name=f"{name}.in_proj_weight")
+        out_proj = self.layer(mha.out_proj.weight, mha.out_proj.bias, name=f"{name}.out_proj.weight")
+        if in_proj is None and out_proj is None:
+            return None
+        E = mha.embed_dim
+        if in_proj is None:  # dense: an nn.Linear over the very same parameters
+            in_proj = nn.Linear(E, 3 * E, bias=mha.in_proj_bias is not None, device="meta")
+            in_proj.weight = mha.in_proj_weight
+            if mha.in_proj_bias is not None:
+                in_proj.bias = mha.in_proj_bias
+        if out_proj is None:
+            out_proj = mha.out_proj
+        sparse = SparseMultiheadAttention(in_proj, out_proj, mha.num_heads, dropout=mha.dropout,
+                                          batch_first=mha.batch_first)
+        return sparse.train(mha.training)  # dropout follows the mode, as in the dense module
+
+
+def _is_sparse(module: nn.Module) -> bool:
+    return isinstance(module, (SparseLinear, SparseMultiheadAttention))
+
+
+_NESTED_WAS = "_sparse_lth_use_nested_tensor"  # an encoder's use_nested_tensor before sparsify
+
+
+def _keep_encoders_padded(model: nn.Module) -> None:
+    """Turn off nn.TransformerEncoder's nested-tensor path where it holds sparse layers: it hands
+    each layer a NestedTensor, which the sparse products do not take (remembered for densify)."""
+    for encoder in model.modules():
+        if isinstance(encoder, nn.TransformerEncoder) and any(_is_sparse(m) for m in encoder.modules()):
+            encoder.__dict__.setdefault(_NESTED_WAS, encoder.use_nested_tensor)
+            encoder.use_nested_tensor = False
 
 
 def sparsify(
@@ -289,23 +552,35 @@ def sparsify(
     backend: str = "auto",
     max_density: float = DEFAULT_MAX_DENSITY,
 ) -> nn.Module:
-    """Swap each sparse enough ``nn.Linear`` of ``model`` for a :class:`SparseLinear`; return the model.
+    """Swap each sparse enough linear layer of ``model`` for a sparse one; return the model.
+
+    Swapped: ``nn.Linear`` (exactly that type) -> :class:`SparseLinear`; Hugging Face's
+    ``Conv1D`` (GPT-2) -> :class:`SparseConv1D`; ``nn.MultiheadAttention`` ->
+    :class:`~sparse_lth.attention.SparseMultiheadAttention` when its in-projection
+    (``<mha>.in_proj_weight``, [3E, E]) or output projection (``<mha>.out_proj.weight``) is
+    sparse enough (a projection that is not stays a dense ``nn.Linear`` inside it).
 
     With a ``mask`` (a :class:`~sparse_lth.masks.Mask` or any name -> bool tensor mapping, names
-    as ``model.named_parameters()`` reports them) the model first gets the mask applied in place,
-    every masked parameter whichever layers are swapped, so the result computes exactly what
-    ``mask.apply(model)`` computes. A layer's density is its mask's when the mask names its weight
-    (under any name the weight has: tied layers share one entry), else its weight's nonzeros.
-    With ``format="bsr"`` the density that counts is the stored one (whole blocks), which for an
+    as ``model.named_parameters()`` reports them, each the parameter's own shape: [in, out]
+    for a Conv1D) the model first gets the mask applied in place, every masked parameter
+    whichever layers are swapped, so the result computes exactly what ``mask.apply(model)``
+    computes. A layer's density is its mask's when the mask names its weight (under any name
+    the weight has: tied layers share one entry), else its weight's nonzeros. With
+    ``format="bsr"`` the density that counts is the stored one (whole blocks), which for an
     unstructured mask is far above the element density. Layers with density <= ``max_density``
     (default :data:`DEFAULT_MAX_DENSITY`, from the measured CPU crossover) are swapped; the
     rest stay dense. Layers that share one weight share one set of sparse buffers.
 
-    Left dense, always: convolution layers (no sparse conv path yet), and subclasses of
-    ``nn.Linear`` (they may read their weight outside forward, as ``nn.MultiheadAttention``
-    does with its output projection). The model is changed in place (a bare ``nn.Linear``
-    passed as ``model`` is returned as a new SparseLinear). A model on the meta device holds no
-    values to store: that is a ValueError saying so. Inference only: see :class:`SparseLinear`.
+    Left dense (masked all the same): convolution layers (no sparse conv path yet); subclasses
+    of ``nn.Linear`` (they may read their weight outside forward, as ``nn.MultiheadAttention``
+    does with its output projection: that one is handled with its attention); attention with
+    separate q / k / v weights (``kdim`` or ``vdim`` != ``embed_dim``), ``add_bias_kv`` or
+    ``add_zero_attn`` (see :mod:`sparse_lth.attention`). An ``nn.TransformerEncoder`` that
+    holds sparse layers gets ``use_nested_tensor = False`` (:func:`densify` restores it).
+
+    The model is changed in place (a bare layer passed as ``model`` is returned as a new sparse
+    one). A model on the meta device holds no values to store: that is a ValueError saying so.
+    Inference only: see :class:`SparseLinear`.
 
     >>> import torch
     >>> from torch import nn
@@ -321,9 +596,17 @@ def sparsify(
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if format not in ("csr", "bsr"):
         raise ValueError(f"format must be 'csr' or 'bsr', got {format!r}")
-    targets = [(name, m) for name, m in model.named_modules() if type(m) is nn.Linear]
-    for name, linear in targets:
-        if linear.weight.is_meta:
+    targets: list[tuple[str, nn.Module, str]] = []  # (name, module, kind)
+    for name, m in model.named_modules():
+        if type(m) is nn.Linear:
+            targets.append((name, m, "linear"))
+        elif _is_hf_conv1d(m):
+            targets.append((name, m, "conv1d"))
+        elif type(m) is nn.MultiheadAttention and _mha_supported(m):
+            targets.append((name, m, "mha"))
+    for name, m, kind in targets:
+        weights = (m.in_proj_weight, m.out_proj.weight) if kind == "mha" else (m.weight,)
+        if any(w.is_meta for w in weights):
             raise ValueError(f"sparsify: layer {name or 'model'!r} has its weight on the meta device (shapes "
                              "only, no values to store); materialize the model first, e.g. "
                              "model.to_empty(device='cpu') and load_state_dict(...)")
@@ -334,51 +617,65 @@ def sparsify(
         mask.apply(model)
         params = dict(model.named_parameters())
         by_weight = {id(params[name]): alive for name, alive in mask.items()}
-    built: dict[int, SparseLinear] = {}  # id(weight) -> the layer holding it sparse
-    for name, linear in targets:
-        shared = built.get(id(linear.weight))
-        if shared is not None:  # a tied weight: reuse its buffers, keep this layer's bias
-            bias = None if linear.bias is None else linear.bias.detach()
-            sparse = SparseLinear(shared.sparse_weight(), bias, backend=shared.backend, threads=shared.threads)
+    builder = _Builder(by_weight, format, blocksize, backend, max_density)
+    for name, m, kind in targets:
+        where = f"{name}.weight" if name else "weight"
+        sparse: nn.Module | None
+        if kind == "linear":
+            sparse = builder.layer(m.weight, m.bias, name=where)
+        elif kind == "conv1d":
+            sparse = builder.layer(m.weight, m.bias, transposed=True, cls=SparseConv1D, name=where,
+                                   dense_cls=type(m))
         else:
-            sparse = _sparse_or_none(linear, by_weight.get(id(linear.weight)), format, blocksize, backend,
-                                     max_density)
-            if sparse is None:
-                continue
-            built[id(linear.weight)] = sparse
+            sparse = builder.attention(m, name or "model")
+        if sparse is None:
+            continue
         if not name:
             return sparse
         _replace(model, name, sparse)
+    _keep_encoders_padded(model)
     return model
 
 
-def _sparse_or_none(linear: nn.Linear, layer_mask: torch.Tensor | None, format: str,
-                    blocksize: int | tuple[int, int], backend: str, max_density: float) -> SparseLinear | None:
-    """``linear`` as a SparseLinear when it is sparse enough (as stored), else None."""
-    if layer_mask is not None:
-        layer_mask = layer_mask.to(linear.weight.device)
-        density = float(layer_mask.sum()) / max(layer_mask.numel(), 1)
-    else:
-        density = float((linear.weight != 0).sum()) / max(linear.weight.numel(), 1)
-    if density > max_density:  # cheap check first: a bsr layer's stored density is never lower
-        return None
-    sparse = SparseLinear.from_linear(linear, mask=layer_mask, format=format, blocksize=blocksize, backend=backend)
-    return sparse if sparse.density() <= max_density else None
-
-
 def densify(model: nn.Module) -> nn.Module:
-    """Swap every :class:`SparseLinear` of ``model`` back to an ``nn.Linear`` with identical
-    weights (pruned entries zero); return the model (a bare SparseLinear comes back as a new
-    ``nn.Linear``).
+    """Swap every sparse layer of ``model`` back to its dense module with identical weights
+    (pruned entries zero): :class:`SparseLinear` -> ``nn.Linear``, :class:`SparseConv1D` -> the
+    ``Conv1D`` it replaced, :class:`~sparse_lth.attention.SparseMultiheadAttention` ->
+    ``nn.MultiheadAttention``; return the model (a bare sparse layer comes back as a new dense one).
+    Linear layers that shared one sparse weight share one dense ``Parameter`` again; a tie
+    between a sparse layer and a module that stayed dense (GPT-2's ``lm_head`` and its word
+    embedding) comes back as two equal parameters (Hugging Face: ``model.tie_weights()``).
+    An ``nn.TransformerEncoder`` gets back the ``use_nested_tensor`` it had before ``sparsify``.
 
     >>> from torch import nn
     >>> model = densify(sparsify(nn.Sequential(nn.Linear(4, 2)), max_density=1.0))
     >>> type(model[0]).__name__
     'Linear'
     """
-    if isinstance(model, SparseLinear):
-        return model.to_dense_linear()
+    if _is_sparse(model):
+        return _dense_of(model)
+    done: list[str] = []
+    tied: dict[tuple, nn.Parameter] = {}  # shared sparse values -> the dense weight made for them
     for name, m in list(model.named_modules()):
-        if isinstance(m, SparseLinear):
-            _replace(model, name, m.to_dense_linear())
+        if any(name.startswith(f"{outer}.") for outer in done):
+            continue  # inside an attention layer that was densified whole
+        if _is_sparse(m):
+            dense = _dense_of(m)
+            if type(m) is SparseLinear and m.values.numel():  # layers that shared one sparse weight
+                key = (m.values.data_ptr(), m.values.shape, m.out_features, m.in_features)  # share one again
+                dense.weight = tied.setdefault(key, dense.weight)
+            _replace(model, name, dense)
+            done.append(name)
+    for encoder in model.modules():
+        if isinstance(encoder, nn.TransformerEncoder) and _NESTED_WAS in encoder.__dict__ \
+                and not any(_is_sparse(m) for m in encoder.modules()):
+            encoder.use_nested_tensor = encoder.__dict__.pop(_NESTED_WAS)
     return model
+
+
+def _dense_of(module: nn.Module) -> nn.Module:
+    if isinstance(module, SparseMultiheadAttention):
+        return module.to_dense_mha()
+    if isinstance(module, SparseConv1D):
+        return module.to_dense_conv1d()
+    return module.to_dense_linear()  # type: ignore[union-attr]

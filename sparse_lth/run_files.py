@@ -109,10 +109,24 @@ def atomic_write(path: str | Path, write: Callable[[str], None]) -> Path:
 
 def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: str | Path,
                             metadata: dict[str, str] | None = None) -> None:
-    """Write a safetensors file through a temporary file and a rename: never half a file."""
+    """Write a safetensors file through a temporary file and a rename: never half a file.
+
+    Tensors that share storage (tied weights: GPT-2's output layer is its embedding) are
+    written as separate copies: safetensors refuses shared storage, and loading gives each
+    name its own equal tensor, which ``load_state_dict`` copies into the tied parameter.
+    """
     from safetensors.torch import save_file
 
-    contiguous = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    contiguous: dict[str, torch.Tensor] = {}
+    seen: set[tuple[int, str]] = set()
+    for name, tensor in tensors.items():
+        t = tensor.detach().contiguous().cpu()
+        key = (t.untyped_storage().data_ptr(), str(t.device))
+        if t.numel() and key in seen:
+            t = t.clone()
+        elif t.numel():
+            seen.add(key)
+        contiguous[name] = t
     atomic_write(path, lambda tmp: save_file(contiguous, tmp, metadata=metadata))
 
 

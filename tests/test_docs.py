@@ -16,6 +16,7 @@ LINK = re.compile(r"\]\(([^)#\s]+)(?:#[^)]*)?\)")
 # Modules whose docstring examples run here (csr.py / bsr.py run in test_triton_kernels.py,
 # formats / checkpoint in test_checkpoint.py); lottery's example runs a two-round search.
 DOCTESTED = ["sparse_lth.masks", "sparse_lth.pruning", "sparse_lth.modules", "sparse_lth.backends",
+             "sparse_lth.user_loop", "sparse_lth.attention",
              "sparse_lth.lottery", "sparse_lth.bench_report", "sparse_lth.kernels.cpu",
              "sparse_lth.kernels.invariants", "sparse_lth.kernels.reference"]
 

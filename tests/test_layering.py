@@ -18,6 +18,7 @@ FORBIDDEN = {
     "pruning": {"training", "lottery", "kernels", "modules", "backends", "cli"},
     "training": {"lottery", "kernels", "modules", "backends", "cli"},
     "lottery": {"kernels", "modules", "backends", "cli"},
+    "user_loop": {"training", "lottery", "kernels", "modules", "backends", "cli", "checkpoint"},
     "data": {"training", "lottery", "kernels", "modules", "backends", "cli"},
     "models": {"training", "lottery", "kernels", "modules", "backends", "cli"},
 }

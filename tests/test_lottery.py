@@ -94,8 +94,10 @@ def test_finished_run_loads_without_training(tmp_path, monkeypatch):
     (dict(prune_fraction=1.0), r"prune_fraction must be in \[0, 1\)"),
     (dict(prune_fraction=-0.2), r"prune_fraction must be in \[0, 1\)"),
     (dict(output_fraction=1.5), r"output_fraction must be in \[0, 1\)"),
-    (dict(model="resnet1000"), "unknown model 'resnet1000'; choose one of"),
-    (dict(dataset="imagenet"), "unknown dataset 'imagenet'; choose one of"),
+    (dict(model="my resnet/../x"), "model must be a name of letters, digits"),
+    (dict(dataset=""), "dataset must be a name of letters, digits"),
+    (dict(prune_types=("linear", "attention")), "unknown prune_types"),
+    (dict(include="fc1.weight"), "include must be a sequence of strings"),
     (dict(rounds=0), "rounds must be at least 1"),
     (dict(rewind_iteration=60_000), r"rewind_iteration must be in \[0, iterations"),
     (dict(controls=("random_everything",)), "unknown controls"),
@@ -106,6 +108,29 @@ def test_finished_run_loads_without_training(tmp_path, monkeypatch):
 def test_bad_configs_say_what_to_change(bad, match):
     with pytest.raises(ValueError, match=match):
         LotteryConfig(**bad)
+
+
+@pytest.mark.parametrize("bad,match", [
+    (dict(model="resnet1000"), "unknown model 'resnet1000'; choose one of .* or pass model_fn="),
+    (dict(dataset="imagenet"), "unknown dataset 'imagenet'; choose one of .* or pass train_fn="),
+])
+def test_unknown_builtins_point_to_your_own(tmp_path, bad, match):
+    # Any name labels a search of your own network or data; without model_fn / train_fn the
+    # built-in one must exist, and the search says how to bring your own.
+    with pytest.raises(ValueError, match=match):
+        find_ticket(LotteryConfig(**{**SMALL, **bad}), tmp_path, progress=False)
+    assert not list(tmp_path.iterdir())  # refused before a run directory was made
+
+
+def test_later_fields_keep_earlier_run_names():
+    # Fields added after the first release are hashed only when set: earlier run directories resume.
+    config = LotteryConfig(**SMALL)
+    legacy = {k: v for k, v in config.to_dict().items()
+              if k not in ("prune_types", "include", "exclude", "output_layer", "metric")}
+    import hashlib
+    assert config.digest() == hashlib.sha256(json.dumps(legacy, sort_keys=True).encode()).hexdigest()[:10]
+    assert LotteryConfig.from_dict(legacy) == config
+    assert LotteryConfig(**SMALL, exclude=("out.weight",)).digest() != config.digest()
 
 
 def test_config_hash_names_the_run():

@@ -12,7 +12,7 @@ from sparse_lth.backends import BACKENDS, choose_backend, sparse_linear, sparse_
 from sparse_lth.formats import to_sparse_weight
 from sparse_lth.kernels import has_triton
 from sparse_lth.masks import Mask
-from sparse_lth.modules import DEFAULT_MAX_DENSITY, SparseLinear, densify, sparsify
+from sparse_lth.modules import DEFAULT_MAX_DENSITY, SparseConv1D, SparseLinear, SparseMultiheadAttention, densify, sparsify
 from tolerances import TOLERANCE
 
 pytestmark = [
@@ -110,13 +110,75 @@ def test_bsr_threshold_uses_stored_block_density():
     assert type(sparsify(model, mask, format="csr", max_density=0.2)[0]) is SparseLinear
 
 
-def test_conv_and_linear_subclasses_stay_dense():
-    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.Linear(2 * 4 * 4, 3))
+class ReadsItsWeight(nn.Linear):
+    """A Linear subclass, as third-party code writes them: sparsify cannot know what it reads."""
+
+
+def test_conv_and_linear_subclasses_stay_dense_attention_is_swapped_whole():
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.Linear(2 * 4 * 4, 3), ReadsItsWeight(3, 3))
     attention = nn.MultiheadAttention(8, 2)
     model.add_module("attn", attention)
     out = sparsify(model, max_density=1.0)
-    assert type(out[0]) is nn.Conv2d and type(out[2]) is SparseLinear
-    assert type(out.attn.out_proj) is not SparseLinear
+    assert type(out[0]) is nn.Conv2d and type(out[2]) is SparseLinear and type(out[3]) is ReadsItsWeight
+    # the attention's output projection (a Linear subclass read in F.multi_head_attention_forward)
+    # is swapped with its attention, never on its own
+    assert type(out.attn) is SparseMultiheadAttention and type(out.attn.out_proj) is SparseLinear
+
+
+@pytest.mark.parametrize("fmt,block", [("csr", None), ("bsr", 4), ("bsr", (4, 8))])
+def test_forward_rows_is_a_band_of_the_full_product(fmt, block):
+    gen = torch.Generator().manual_seed(8)
+    linear = nn.Linear(30, 27)  # ragged: BSR pads rows and columns
+    layer = SparseLinear.from_linear(linear, mask=torch.rand(27, 30, generator=gen) < 0.3, format=fmt,
+                                     blocksize=block or 32)
+    x = torch.randn(2, 5, 30, generator=gen)
+    with torch.no_grad():
+        full = layer(x)
+        for start, stop in [(0, 9), (9, 18), (18, 27), (3, 25), (5, 6), (0, 27), (27, 27)]:
+            band = layer.forward_rows(x, start, stop)
+            assert band.shape == (2, 5, stop - start)
+            torch.testing.assert_close(band, full[..., start:stop], rtol=1e-6, atol=1e-6)
+        layer = layer.double()  # new buffers: the cached bands are rebuilt, not reused
+        torch.testing.assert_close(layer.forward_rows(x.double(), 9, 18), layer(x.double())[..., 9:18])
+    with pytest.raises(ValueError, match="start <= stop"):
+        layer.forward_rows(x.double(), 20, 10)
+
+
+class FakeConv1D(nn.Module):
+    """Hugging Face's Conv1D, as transformers.pytorch_utils defines it (weight [in, out])."""
+
+    def __init__(self, nf: int, nx: int) -> None:
+        super().__init__()
+        self.nf, self.nx = nf, nx
+        self.weight = nn.Parameter(torch.randn(nx, nf))
+        self.bias = nn.Parameter(torch.randn(nf))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x @ self.weight + self.bias
+
+
+@pytest.mark.parametrize("fmt,block", [("csr", None), ("bsr", (4, 8))])
+def test_sparse_conv1d_writes_the_conv1d_weight_transposed(fmt, block):
+    torch.manual_seed(0)
+    conv = FakeConv1D(nf=21, nx=18)
+    mask = torch.rand(18, 21, generator=torch.Generator().manual_seed(9)) < 0.3
+    with torch.no_grad():
+        conv.weight[tuple(mask.nonzero()[0])] = 0.0  # alive but exactly zero: kept as stored
+    layer = SparseConv1D.from_conv1d(conv, mask=mask, format=fmt, blocksize=block or 32)
+    assert (layer.nx, layer.nf) == (18, 21) and layer.dense_cls is FakeConv1D
+    x = torch.randn(4, 18)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), x @ (conv.weight * mask) + conv.bias)
+    written = layer.sparse_state_dict()["weight"]
+    assert written.shape == (18, 21) and written.format == fmt
+    assert torch.equal(written.to_dense(), conv.weight.detach() * mask)
+    if fmt == "csr":  # exactly the alive entries, the zero one included
+        assert written.matrix.values().numel() == int(mask.sum())
+    else:  # a (4, 8) block of W.T is an (8, 4) block of W; the same number of blocks
+        assert written.blocksize == (8, 4) and written.matrix.values().shape[0] == layer.values.shape[0]
+    back = layer.to_dense_conv1d()
+    assert type(back) is FakeConv1D and torch.equal(back.weight, conv.weight * mask)
+    assert torch.equal(back.bias, conv.bias)
 
 
 def test_bare_linear_and_bare_sparse_linear():

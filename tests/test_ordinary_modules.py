@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from sparse_lth import Mask, SparseWeight, load_sparse, save_sparse
-from sparse_lth.modules import SparseLinear, sparsify
+from sparse_lth.modules import SparseLinear, densify, sparsify
 
 pytestmark = pytest.mark.filterwarnings("ignore:Sparse (BSR|CSR) tensor support is in beta")
 
@@ -60,6 +60,11 @@ def test_tied_linear_layers_compute_what_the_masked_model_computes(fmt):
     assert sparse.first.values.data_ptr() == sparse.second.values.data_ptr()
     with torch.no_grad():
         torch.testing.assert_close(sparse(x), want, rtol=1e-5, atol=1e-6)
+    back = densify(sparse)  # tied again: one dense parameter for the two layers
+    assert back.first.weight is back.second.weight
+    with torch.no_grad():
+        torch.testing.assert_close(back(x), want, rtol=1e-5, atol=1e-6)
+    assert [n for n, _ in back.named_parameters()] == ["first.weight", "first.bias", "second.bias"]
 
 
 def test_weight_tied_to_a_dense_module_is_masked_there_too():
