@@ -50,11 +50,14 @@ def _run_search(config, out_dir: str, data_dir: str | None, threads: int | None)
     from sparse_lth.lottery import find_ticket
     from sparse_lth.run_files import PLOT_FILE
 
+    from sparse_lth import distributed
+
     if threads:
         torch.set_num_threads(threads)
     ticket = find_ticket(config, out_dir, data_dir=data_dir)
-    print(ticket.table())
-    print(f"\nrun directory: {ticket.run_dir}\nplot: {ticket.run_dir / PLOT_FILE}")
+    if distributed.is_main():  # under torchrun: one table, from rank 0
+        print(ticket.table())
+        print(f"\nrun directory: {ticket.run_dir}\nplot: {ticket.run_dir / PLOT_FILE}")
     return 0
 
 
@@ -175,13 +178,18 @@ def main(argv: list[str] | None = None) -> int:
             args = parser.parse_args(argv)
         except SystemExit as e:  # --help (0) or a usage error (2), already printed on one line
             return e.code if isinstance(e.code, int) else 2
+        from sparse_lth import distributed
+
         try:
             return args.func(args)
         # The library raises ValueError naming the file or value at fault; OSError covers what
         # the file system refuses (permissions, a directory where a file belongs, a full disk).
         except (ValueError, OSError) as e:
-            print(f"sparse-lth {args.command}: error: {_one_line(e)}", file=sys.stderr)
+            if distributed.is_main():  # under torchrun every rank stops; rank 0 says why, once
+                print(f"sparse-lth {args.command}: error: {_one_line(e)}", file=sys.stderr)
             return 2
+        finally:
+            distributed.shutdown()
     except KeyboardInterrupt:
         return 130  # Ctrl-C: the user knows why it stopped; no traceback
 

@@ -53,6 +53,13 @@ class Dataset:
     def input_shape(self) -> tuple[int, ...]:
         return tuple(self.train.x.shape[1:])
 
+    def fingerprint(self) -> tuple:
+        """Sizes and checksums of every split: equal on two machines only for the same data
+        (ranks of a distributed search compare it before they train)."""
+        return (self.name, self.num_classes, *(
+            (len(split), round(float(split.x.double().sum()), 3), int(split.y.sum()))
+            for split in (self.train, self.val, self.test)))
+
 
 def read_idx(path: str | Path) -> np.ndarray:
     """Read one IDX file (raw or gzipped) into a numpy array.

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from sparse_lth import run_files
+from sparse_lth import distributed, run_files
 from sparse_lth.data import DATASETS, load_dataset
 from sparse_lth.masks import LAYER_TYPES, Mask, layer_type, prunable_names
 from sparse_lth.models import MODELS, build_model
@@ -289,6 +289,18 @@ def _check_builtins(config: LotteryConfig, model_fn: ModelFn | None, train_fn: T
             raise ValueError(f"{name} must be callable, got {type(fn).__name__}")
 
 
+def _check_ranks(config: LotteryConfig, train_fn: TrainFn | None) -> None:
+    """What several ranks need: one config, a batch that splits evenly, the built-in loop."""
+    distributed.agree(config.digest(), "the search's config (its digest)")
+    if distributed.world() > 1 and config.batch_size % distributed.world():
+        raise ValueError(f"batch_size {config.batch_size} does not split over {distributed.world()} ranks; "
+                         "choose a world size that divides it (the global batch is the protocol)")
+    if distributed.world() > 1 and train_fn is not None:
+        raise ValueError("a search with train_fn runs in one process: the search does not shard your loop's "
+                         "data; launch it without torchrun (or make your loop data-parallel inside train_fn "
+                         "and call find_ticket on one process)")
+
+
 def _check_same_architecture(model: torch.nn.Module, init: dict[str, torch.Tensor], run_dir: Path) -> None:
     """A resumed run's theta_0 must fit the network model_fn builds now."""
     ours = {k: tuple(v.shape) for k, v in model.state_dict().items()}
@@ -316,52 +328,73 @@ class _Search:
         self.config = config
         self.model_fn, self.train_fn = model_fn, train_fn
         _check_builtins(config, model_fn, train_fn)
-        self.run_dir = run_files.make_run_dir(out_dir, config.run_name())
-        # One writer per run: the lock comes before anything in the run directory is read,
-        # cleaned or written (a live writer's temporaries look like a dead one's).
-        self.lock = run_files.lock_run_dir(self.run_dir)
+        _check_ranks(config, train_fn)
+        self.run_dir = Path(out_dir) / config.run_name()
+        self.lock: run_files.RunLock | None = None
+        self.progress = progress and distributed.is_main()  # one set of bars, rank 0's
         try:
-            self._open(data_dir, progress)
+            # Rank 0 is the one writer: the lock comes before anything in the run directory is
+            # read, cleaned or written (a live writer's temporaries look like a dead one's).
+            with distributed.together("opening the run directory"):
+                if distributed.is_main():
+                    self._claim()
+            self._open(data_dir)
         except BaseException:
-            self.lock.release()
+            self.close()
             raise
 
-    def _open(self, data_dir: str | Path | None, progress: bool) -> None:
-        config = self.config
+    def _claim(self) -> None:
+        """Rank 0: make and lock the run directory, clean and check what a killed run left."""
+        self.run_dir = run_files.make_run_dir(self.run_dir.parent, self.run_dir.name)
+        self.lock = run_files.lock_run_dir(self.run_dir)
         run_files.refuse_symlinks(self.run_dir)
         run_files.remove_stale_temporaries(self.run_dir)
         run_files.check_run_files(self.run_dir)  # a broken file fails now, not after hours of training
-        config_path = self.run_dir / run_files.CONFIG_FILE
-        if config_path.exists() and _config_of_run(self.run_dir) != config:
+        if (self.run_dir / run_files.CONFIG_FILE).exists() and _config_of_run(self.run_dir) != self.config:
             raise ValueError(f"{self.run_dir} holds a run of another config; remove it or change out_dir")
-        # The built-in data only where a built-in model or loop needs it: a user's loop brings its own.
-        needs_data = self.model_fn is None or self.train_fn is None
-        self.data = load_dataset(config.dataset, data_dir, config.val_size, config.seed) if needs_data else None
-        self.model = self.fresh_model(config.seed)
-        self.settings = config.train_settings()
-        if not config.prunable(self.model):
-            raise ValueError(f"the model has no weights to prune (prune_types={list(config.prune_types)}, "
-                             f"include={list(config.include)}, exclude={list(config.exclude)})")
-        self.fractions = config.layer_fractions(self.model)
-        if config.block is not None:  # refuse a tile the machine cannot hold before round 0 trains
-            check_block(self.full_mask(), config.block)
-        self.progress = progress
-        if not config_path.exists():
-            run_files.atomic_write_json(config.to_dict(), config_path)
-        if not (self.run_dir / run_files.INIT_FILE).exists():
-            run_files.atomic_save_safetensors(self.model.state_dict(), self.run_dir / run_files.INIT_FILE)
-        self.init_state = run_files.read_init(self.run_dir)
-        _check_same_architecture(self.model, self.init_state, self.run_dir)
+
+    def _open(self, data_dir: str | Path | None) -> None:
+        config = self.config
+        with distributed.together("loading the data and building the model"):
+            # The built-in data only where a built-in model or loop needs it: a user's loop brings its own.
+            needs_data = self.model_fn is None or self.train_fn is None
+            self.data = load_dataset(config.dataset, data_dir, config.val_size, config.seed) if needs_data else None
+            self.model = self.fresh_model(config.seed)
+            self.settings = config.train_settings()
+            if not config.prunable(self.model):
+                raise ValueError(f"the model has no weights to prune (prune_types={list(config.prune_types)}, "
+                                 f"include={list(config.include)}, exclude={list(config.exclude)})")
+            self.fractions = config.layer_fractions(self.model)
+            if config.block is not None:  # refuse a tile the machine cannot hold before round 0 trains
+                check_block(self.full_mask(), config.block)
+        distributed.agree(self.data.fingerprint() if self.data is not None else None, "the dataset")
+        with distributed.together("writing the run's config and theta_0"):
+            if distributed.is_main():
+                if not (self.run_dir / run_files.CONFIG_FILE).exists():
+                    run_files.atomic_write_json(config.to_dict(), self.run_dir / run_files.CONFIG_FILE)
+                if not (self.run_dir / run_files.INIT_FILE).exists():
+                    run_files.atomic_save_safetensors(self.model.state_dict(), self.run_dir / run_files.INIT_FILE)
+        with distributed.together("reading theta_0"):
+            self.init_state = run_files.read_init(self.run_dir)
+            _check_same_architecture(self.model, self.init_state, self.run_dir)
 
     def close(self) -> None:
         """Release the run directory for the next writer."""
-        self.lock.release()
+        if self.lock is not None:
+            self.lock.release()
 
     def __enter__(self) -> _Search:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    def write(self, what: str, write: Callable[[], Any]) -> None:
+        """Run ``write`` on rank 0 (the one writer); every rank goes on once it is done (and
+        stops if it failed)."""
+        with distributed.together(what):
+            if distributed.is_main():
+                write()
 
     def fresh_model(self, seed: int) -> torch.nn.Module:
         """A newly initialized network: ``model_fn(seed)`` with torch's generators seeded from
@@ -426,16 +459,18 @@ class _Search:
             if r in done:
                 bar.update(1)
                 continue
-            mask = self.next_mask(r)
+            mask = Mask(distributed.broadcast(dict(self.next_mask(r)) if distributed.is_main() else None))
             if r == 0:
                 snapshot, record = self.train_round(0, mask, self.init_state, "ticket", snapshot_at=k or None)
                 if k:  # the rewind point must be on disk before round 0 is
-                    run_files.atomic_save_safetensors(snapshot, self.run_dir / run_files.REWIND_FILE)
+                    self.write("writing theta_k", lambda: run_files.atomic_save_safetensors(
+                        snapshot, self.run_dir / run_files.REWIND_FILE))
             else:
                 _, record = self.train_round(r, mask, self.rewind_state(), "ticket", start_step=k)
-            run_files.write_round(self.run_dir, r, mask, self.model.state_dict(), record)
+            self.write(f"writing round {r}", lambda: run_files.write_round(
+                self.run_dir, r, mask, self.model.state_dict(), record))
             bar.update(1)
-            self.write_summary()
+            self.write("writing the summary", self.write_summary)
 
     def run_control_rounds(self, control: str, bar) -> None:
         base = run_files.control_dir(self.run_dir, control)
@@ -451,12 +486,14 @@ class _Search:
                 mask, start = ticket_mask, self.fresh_model(control_seed).state_dict()
                 _check_fresh(start, self.init_state, ticket_mask)
             else:
-                mask = random_mask_like(ticket_mask, torch.Generator().manual_seed(control_seed))
+                drawn = random_mask_like(ticket_mask, torch.Generator().manual_seed(control_seed))
+                mask = Mask(distributed.broadcast(dict(drawn) if distributed.is_main() else None))
                 start = self.rewind_state()
             _, record = self.train_round(r, mask, start, control, start_step=self.config.rewind_iteration)
-            run_files.write_round(base, r, mask, self.model.state_dict(), record)
+            self.write(f"writing {control} round {r}", lambda: run_files.write_round(
+                base, r, mask, self.model.state_dict(), record))
             bar.update(1)
-            self.write_summary()
+            self.write("writing the summary", self.write_summary)
 
     def records(self) -> tuple[list[dict], dict[str, list[dict]]]:
         ticket = [run_files.read_record(self.run_dir, r) for r in run_files.completed_rounds(self.run_dir)]
@@ -506,13 +543,14 @@ def find_ticket(config: LotteryConfig, out_dir: str | Path, data_dir: str | Path
     >>> [round(r["weights_remaining"], 3) for r in ticket.records]
     [1.0, 0.802]
     """
+    distributed.init()  # under torchrun: join the ranks (a no-op in one process)
     total = config.rounds + 1 + config.rounds * len(config.controls)
     with _Search(config, out_dir, data_dir, progress, model_fn, train_fn) as search:
-        with tqdm(total=total, desc="rounds", unit="round", disable=not progress) as bar:
+        with tqdm(total=total, desc="rounds", unit="round", disable=not search.progress) as bar:
             search.run_ticket_rounds(bar)
             for control in config.controls:
                 search.run_control_rounds(control, bar)
-        search.write_summary()
+        search.write("writing the summary", search.write_summary)
         ticket_records, control_records = search.records()
         last = run_files.completed_rounds(search.run_dir)[-1]
         return Ticket(config=config, run_dir=search.run_dir, mask=Mask(run_files.read_mask(search.run_dir, last)),

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sparse_lth import distributed
 from sparse_lth.data import Dataset, Split
 from sparse_lth.masks import Mask
 
@@ -72,16 +73,23 @@ def make_optimizer(params, settings: TrainSettings) -> torch.optim.Optimizer:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, split: Split, chunk: int = 5000) -> tuple[float, float]:
-    """(mean cross-entropy loss, accuracy) of ``model`` on ``split``."""
+    """(mean cross-entropy loss, accuracy) of ``model`` on ``split``.
+
+    With several ranks each evaluates its own share of ``split`` and the sums are added up
+    across ranks: every rank returns the whole split's figures."""
     was_training = model.training
     model.eval()
+    first, stop = distributed.bounds(len(split))
     loss, correct = 0.0, 0
-    for start in range(0, len(split), chunk):
-        logits = model(split.x[start:start + chunk])
-        y = split.y[start:start + chunk]
+    for start in range(first, stop, chunk):
+        end = min(start + chunk, stop)
+        logits = model(split.x[start:end])
+        y = split.y[start:end]
         loss += float(F.cross_entropy(logits, y, reduction="sum"))
         correct += int((logits.argmax(1) == y).sum())
     model.train(was_training)
+    if distributed.world() > 1:
+        loss, correct = distributed.all_sum([loss, correct])
     return loss / len(split), correct / len(split)
 
 
@@ -123,20 +131,23 @@ def train(model: nn.Module, mask: Mask, data: Dataset, settings: TrainSettings, 
     Evaluates validation loss/accuracy and test accuracy every ``eval_every`` steps and at the
     end. The data order depends only on ``seed`` and the step, so training resumed from a
     rewind point k (``start_step=k``) sees the batches an uninterrupted run would have seen.
+    With several ranks (torchrun), each trains on its shard of every global batch inside
+    DistributedDataParallel: the same mean gradient as one process (see ``distributed``).
     ``snapshot_at=k`` also returns a copy of the weights after step k (for late rewinding).
     ``progress`` is an optional tqdm bar advanced once per step.
     """
     mask.apply(model)
     masked = masked_weights(model, mask)
     optimizer = make_optimizer(model.parameters(), settings)
+    net = distributed.wrap(model)  # the model itself in one process
     batches = _batches(len(data.train), settings.batch_size, torch.Generator().manual_seed(seed))
     for _ in range(start_step):
         next(batches)
     result = TrainResult()
     model.train()
     for step in range(start_step + 1, settings.iterations + 1):
-        idx = next(batches)
-        training_step(model, optimizer, masked, data.train.x[idx], data.train.y[idx])
+        idx = distributed.shard(next(batches))
+        training_step(net, optimizer, masked, data.train.x[idx], data.train.y[idx])
         if snapshot_at is not None and step == snapshot_at:
             result.snapshot = {k: v.detach().clone() for k, v in model.state_dict().items()}
         if step % settings.eval_every == 0 or step == settings.iterations:

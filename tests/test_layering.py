@@ -18,6 +18,8 @@ FORBIDDEN = {
     "pruning": {"training", "lottery", "kernels", "modules", "backends", "cli"},
     "training": {"lottery", "kernels", "modules", "backends", "cli"},
     "lottery": {"kernels", "modules", "backends", "cli"},
+    "distributed": {"masks", "formats", "checkpoint", "pruning", "training", "lottery", "data", "models", "kernels",
+                    "modules", "backends", "cli", "run_files", "user_loop"},
     "user_loop": {"training", "lottery", "kernels", "modules", "backends", "cli", "checkpoint"},
     "data": {"training", "lottery", "kernels", "modules", "backends", "cli"},
     "models": {"training", "lottery", "kernels", "modules", "backends", "cli"},

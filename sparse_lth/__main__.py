@@ -1,0 +1,10 @@
+"""``python -m sparse_lth ...``: the ``sparse-lth`` command, so that ``torchrun -m sparse_lth`` works.
+
+    torchrun --standalone --nproc_per_node 2 -m sparse_lth search --dataset digits --rounds 2
+"""
+
+import sys
+
+from sparse_lth.cli import main
+
+sys.exit(main())
