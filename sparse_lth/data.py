@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import gzip
+import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,12 +54,15 @@ class Dataset:
     def input_shape(self) -> tuple[int, ...]:
         return tuple(self.train.x.shape[1:])
 
-    def fingerprint(self) -> tuple:
-        """Sizes and checksums of every split: equal on two machines only for the same data
-        (ranks of a distributed search compare it before they train)."""
-        return (self.name, self.num_classes, *(
-            (len(split), round(float(split.x.double().sum()), 3), int(split.y.sum()))
-            for split in (self.train, self.val, self.test)))
+    def fingerprint(self) -> str:
+        """A hash of every split's bytes: equal on two machines exactly when the data is (ranks
+        of a distributed search compare it before they train; ~0.2 s for Fashion-MNIST)."""
+        digest = hashlib.blake2b(f"{self.name}/{self.num_classes}".encode(), digest_size=16)
+        for split in (self.train, self.val, self.test):
+            for t in (split.x, split.y):
+                digest.update(str((tuple(t.shape), t.dtype)).encode())
+                digest.update(t.contiguous().numpy())  # the buffer itself, no copy
+        return digest.hexdigest()
 
 
 def read_idx(path: str | Path) -> np.ndarray:

@@ -104,3 +104,16 @@ def test_glorot_normal_init_is_seeded():
     w = a.fc1.weight
     assert w.std().item() == pytest.approx((2 / (784 + 300)) ** 0.5, rel=0.02)
     assert torch.count_nonzero(a.fc1.bias) == 0
+
+
+def test_fingerprint_tells_equal_data_from_other_data():
+    from dataclasses import replace
+
+    from sparse_lth.data import Split
+
+    a, b = load_dataset("digits"), load_dataset("digits")
+    assert a.fingerprint() == b.fingerprint()
+    assert load_dataset("digits", seed=1).fingerprint() != a.fingerprint()  # another validation split
+    x = a.test.x.clone()
+    x[0, 0, 0, 0] += 1 / 16  # one pixel of one test image
+    assert replace(a, test=Split(x, a.test.y)).fingerprint() != a.fingerprint()
