@@ -210,24 +210,30 @@ def _check_mask(mask: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tens
                              "fp32 and fp64 tensors can be stored sparse")
 
 
-def _held_sparse(name: str, sw: SparseWeight) -> tuple[dict[str, torch.Tensor], dict[str, Any], TensorReport]:
-    """The parts, metadata entry and report of a weight that is sparse already (a sparsified
-    layer's): its own format, block and pattern, whatever ``format`` the call asked for."""
-    matrix = sw.matrix.detach().cpu()
-    sw = SparseWeight(matrix, sw.shape)
-    _check_finite(matrix.values(), name)
-    parts = _sparse_parts(sw)
+def _sparse_entry(sw: SparseWeight, parts: Mapping[str, torch.Tensor], alive: int
+                  ) -> tuple[dict[str, Any], TensorReport]:
+    """The metadata entry and report of a weight stored sparse as ``sw`` with ``alive`` entries."""
     numel = math.prod(sw.shape)
-    alive = int((matrix.values() != 0).sum()) if sw.format == "bsr" else matrix.values().numel()
     block_density = None
     if sw.format == "bsr":
         br, bc = sw.blocksize  # type: ignore[misc]
-        nblocks = (matrix.shape[0] // br) * (matrix.shape[1] // bc)
-        block_density = matrix.values().shape[0] / nblocks if nblocks else 1.0
+        nblocks = (sw.matrix.shape[0] // br) * (sw.matrix.shape[1] // bc)
+        block_density = sw.matrix.values().shape[0] / nblocks if nblocks else 1.0
     entry = {"format": sw.format, "shape": list(sw.shape), "dtype": str(sw.dtype).removeprefix("torch."),
              "block": list(sw.blocksize) if sw.format == "bsr" else None}
     report = TensorReport(sw.format, sw.shape, alive / numel if numel else 1.0, _parts_nbytes(parts), block_density)
-    return parts, entry, report
+    return entry, report
+
+
+def _held_sparse(name: str, sw: SparseWeight) -> tuple[dict[str, torch.Tensor], dict[str, Any], TensorReport]:
+    """The parts, metadata entry and report of a weight that is sparse already (a sparsified
+    layer's): its own format, block and pattern, whatever ``format`` the call asked for."""
+    sw = SparseWeight(sw.matrix.detach().cpu(), sw.shape)
+    values = sw.matrix.values()
+    _check_finite(values, name)
+    parts = _sparse_parts(sw)
+    alive = int((values != 0).sum()) if sw.format == "bsr" else values.numel()
+    return (parts, *_sparse_entry(sw, parts, alive))
 
 
 def _build(obj: nn.Module | Mapping[str, torch.Tensor], format: str, blocksize: Any,
@@ -248,7 +254,6 @@ def _build(obj: nn.Module | Mapping[str, torch.Tensor], format: str, blocksize: 
     tensors: dict[str, torch.Tensor] = {}
     entries: dict[str, dict[str, Any]] = {}
     report: dict[str, TensorReport] = {}
-    seen_storage: set[int] = set()
     for name, t in state.items():
         if _SEP in name:
             raise ValueError(f"tensor name {name!r} contains {_SEP!r}, which this format reserves")
@@ -274,12 +279,8 @@ def _build(obj: nn.Module | Mapping[str, torch.Tensor], format: str, blocksize: 
                 sparse = candidate
             elif mask is not None and name in mask:
                 t = t.masked_fill(~mask[name].cpu(), 0)  # stored dense, still pruned
-        if sparse is None:
+        if sparse is None:  # tied weights' shared storage is split where the file is written
             t = t.contiguous()
-            if t.numel() and t.untyped_storage().data_ptr() in seen_storage:
-                t = t.clone()  # tied weights: safetensors refuses shared storage
-            if t.numel():
-                seen_storage.add(t.untyped_storage().data_ptr())
             tensors[name] = t
             entries[name] = {"format": "dense", "shape": shape, "dtype": dtype}
             nonzero = float((t != 0).float().mean()) if t.numel() and t.dtype != torch.bool else 1.0
@@ -287,17 +288,8 @@ def _build(obj: nn.Module | Mapping[str, torch.Tensor], format: str, blocksize: 
             continue
         for part, value in parts.items():
             tensors[f"{name}{_SEP}{part}"] = value
-        entries[name] = {"format": format, "shape": shape, "dtype": dtype,
-                         "block": list(blocksize) if format == "bsr" else None}
-        numel = t.numel()
         alive = int(mask[name].sum()) if mask is not None else int((t != 0).sum())
-        block_density = None
-        if format == "bsr":
-            prows, pcols = sparse.matrix.shape
-            nblocks = (prows // blocksize[0]) * (pcols // blocksize[1])
-            block_density = parts["values"].shape[0] / nblocks if nblocks else 1.0
-        report[name] = TensorReport(format, tuple(shape), alive / numel if numel else 1.0,
-                                    _parts_nbytes(parts), block_density)
+        entries[name], report[name] = _sparse_entry(sparse, parts, alive)
     metadata = {METADATA_KEY: json.dumps({"format_version": FORMAT_VERSION, "tensors": entries})}
     return tensors, metadata, report
 

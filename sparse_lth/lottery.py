@@ -29,7 +29,7 @@ from sparse_lth.models import MODELS, build_model
 from sparse_lth.plots import plot_rounds
 from sparse_lth.pruning import SCOPES, check_block, prune_by_magnitude, random_mask_like
 from sparse_lth.training import OPTIMIZERS, TrainSettings, train
-from sparse_lth.user_loop import TrainContext, TrainFn, early_stop, run_train_fn
+from sparse_lth.user_loop import TrainContext, TrainFn, early_stop, run_train_fn, seeded
 
 CONTROLS = ("random_reinit", "random_mask")
 ModelFn = Callable[[int], torch.nn.Module]
@@ -289,6 +289,11 @@ def _check_builtins(config: LotteryConfig, model_fn: ModelFn | None, train_fn: T
             raise ValueError(f"{name} must be callable, got {type(fn).__name__}")
 
 
+def _mask_from_rank0(compute: Callable[[], Mask]) -> Mask:
+    """A mask computed on rank 0 alone and sent to every rank: each trains under the same one."""
+    return Mask(distributed.broadcast(dict(compute()) if distributed.is_main() else None))
+
+
 def _check_ranks(config: LotteryConfig, train_fn: TrainFn | None) -> None:
     """What several ranks need: one config, a batch that splits evenly, the built-in loop."""
     distributed.agree(config.digest(), "the search's config (its digest)")
@@ -401,9 +406,7 @@ class _Search:
         ``seed`` (so an initialization that draws from them is reproducible), or the built-in."""
         if self.model_fn is None:
             return build_model(self.config.model, self.data.input_shape, self.data.num_classes, seed=seed)
-        devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
-        with torch.random.fork_rng(devices=devices):
-            torch.manual_seed(seed)
+        with seeded(seed):
             model = self.model_fn(seed)
         if not isinstance(model, torch.nn.Module):
             raise ValueError(f"model_fn must return an nn.Module, got {type(model).__name__}")
@@ -459,7 +462,7 @@ class _Search:
             if r in done:
                 bar.update(1)
                 continue
-            mask = Mask(distributed.broadcast(dict(self.next_mask(r)) if distributed.is_main() else None))
+            mask = _mask_from_rank0(lambda: self.next_mask(r))
             if r == 0:
                 snapshot, record = self.train_round(0, mask, self.init_state, "ticket", snapshot_at=k or None)
                 if k:  # the rewind point must be on disk before round 0 is
@@ -486,8 +489,8 @@ class _Search:
                 mask, start = ticket_mask, self.fresh_model(control_seed).state_dict()
                 _check_fresh(start, self.init_state, ticket_mask)
             else:
-                drawn = random_mask_like(ticket_mask, torch.Generator().manual_seed(control_seed))
-                mask = Mask(distributed.broadcast(dict(drawn) if distributed.is_main() else None))
+                mask = _mask_from_rank0(
+                    lambda: random_mask_like(ticket_mask, torch.Generator().manual_seed(control_seed)))
                 start = self.rewind_state()
             _, record = self.train_round(r, mask, start, control, start_step=self.config.rewind_iteration)
             self.write(f"writing {control} round {r}", lambda: run_files.write_round(

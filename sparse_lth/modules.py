@@ -201,39 +201,41 @@ class SparseLinear(nn.Module):
         return linear
 
     # -- the weight -----------------------------------------------------------------------------
+    def _views(self) -> dict:
+        """Torch sparse tensors built over the buffers (the weight, row bands), kept while the
+        buffers are the same tensors: building one costs ~5 us, a sizeable share of a small
+        layer's call. ``.to()`` / ``.cuda()`` / ``.half()`` and ``deepcopy`` drop them."""
+        parts = (self.crow_indices, self.col_indices, self.values)
+        cached = self.__dict__.get("_sparse_views")
+        if cached is None or any(a is not b for a, b in zip(cached[0], parts)):
+            cached = self.__dict__["_sparse_views"] = (parts, {})
+        return cached[1]
+
     @property
     def weight(self) -> torch.Tensor:
         """The stored weight as a torch sparse CSR / BSR tensor [out, in] (padded to whole blocks
-        for BSR): a view over the buffers, never a copy, built on first use and kept while the
-        buffers are the same tensors (building one costs ~5 us, a sizeable share of a small
-        layer's call)."""
-        parts = (self.crow_indices, self.col_indices, self.values)
-        cached = self.__dict__.get("_weight_view")
-        if cached is None or any(a is not b for a, b in zip(cached[0], parts)):
+        for BSR): a view over the buffers, never a copy."""
+        views = self._views()
+        if "weight" not in views:
             layout = torch.sparse_csr if self.format == "csr" else torch.sparse_bsr
-            cached = self.__dict__["_weight_view"] = (parts, _make(layout, *parts, self.matrix_shape))
-        return cached[1]
+            views["weight"] = _make(layout, self.crow_indices, self.col_indices, self.values, self.matrix_shape)
+        return views["weight"]
 
     def _apply(self, fn, recurse=True):  # .to() / .cuda() / .half() replace the buffers
-        self.__dict__.pop("_weight_view", None)
-        self.__dict__.pop("_row_bands", None)
+        self.__dict__.pop("_sparse_views", None)
         return super()._apply(fn, recurse)
 
     def __getstate__(self) -> dict:  # deepcopy / pickle: torch's sparse tensors refuse; rebuilt on use
         state = super().__getstate__()
-        state.pop("_weight_view", None)
-        state.pop("_row_bands", None)
+        state.pop("_sparse_views", None)
         return state
 
     def _row_band(self, start: int, stop: int) -> tuple[torch.Tensor, int]:
         """The stored rows that cover output rows ``start:stop`` as a torch sparse tensor (views of
         the buffers, plus new row pointers), and the offset of row ``start`` in it (BSR bands
-        start at a block boundary). Built once per band, kept while the buffers are the same."""
-        parts = (self.crow_indices, self.col_indices, self.values)
-        cache = self.__dict__.get("_row_bands")
-        if cache is None or any(a is not b for a, b in zip(cache[0], parts)):
-            cache = self.__dict__["_row_bands"] = (parts, {})
-        band = cache[1].get((start, stop))
+        start at a block boundary). Built once per band (see :meth:`_views`)."""
+        views = self._views()
+        band = views.get(("band", start, stop))
         if band is None:
             height = self.blocksize[0] if self.blocksize else 1
             first, last = start // height, -(-stop // height)  # rows (CSR) or block rows (BSR)
@@ -241,7 +243,7 @@ class SparseLinear(nn.Module):
             lo, hi = int(pointers[0]), int(pointers[-1])
             matrix = _make(self.weight.layout, pointers - lo, self.col_indices[lo:hi], self.values[lo:hi],
                            ((last - first) * height, self.matrix_shape[1]))
-            band = cache[1][(start, stop)] = (matrix, start - first * height)
+            band = views[("band", start, stop)] = (matrix, start - first * height)
         return band
 
     @property

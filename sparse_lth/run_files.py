@@ -189,27 +189,21 @@ def _redo_run(run_dir: Path) -> str:
     return f"delete the run directory {run_dir} to start that search over"
 
 
-def _load_safetensors(path: Path, remedy: str) -> dict[str, torch.Tensor]:
-    from safetensors import SafetensorError
+def _read_safetensors(path: Path, remedy: str, tensors: bool = True) -> dict[str, torch.Tensor]:
+    """The file's tensors, or with ``tensors=False`` only its header read (safetensors checks
+    that the header is whole and covers the file exactly: a cheap test for truncation);
+    ValueError naming the file and ``remedy`` when it is missing or broken."""
+    from safetensors import SafetensorError, safe_open
     from safetensors.torch import load_file
 
     if not path.is_file():
         raise ValueError(f"{path} is missing; {remedy}")
     try:
-        return load_file(str(path))
-    except (SafetensorError, OSError) as e:
-        raise ValueError(f"{path} is truncated or unreadable ({e}); {remedy}") from None
-
-
-def _check_safetensors(path: Path, remedy: str) -> None:
-    """Read only the header: safetensors checks that it is whole and covers the file exactly."""
-    from safetensors import SafetensorError, safe_open
-
-    if not path.is_file():
-        raise ValueError(f"{path} is missing; {remedy}")
-    try:
+        if tensors:
+            return load_file(str(path))
         with safe_open(str(path), framework="pt") as f:
             f.keys()
+        return {}
     except (SafetensorError, OSError) as e:
         raise ValueError(f"{path} is truncated or unreadable ({e}); {remedy}") from None
 
@@ -242,24 +236,24 @@ def read_record(base: str | Path, round_index: int) -> dict:
 def read_mask(base: str | Path, round_index: int) -> dict[str, torch.Tensor]:
     """The mask tensors of one completed round."""
     path = _existing_round(base, round_index) / MASK_FILE
-    return _load_safetensors(path, _redo_round(path))
+    return _read_safetensors(path, _redo_round(path))
 
 
 def read_round(base: str | Path, round_index: int) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict]:
     """(mask tensors, trained state dict, record) of one completed round."""
     path = _existing_round(base, round_index) / TRAINED_FILE
-    trained = _load_safetensors(path, _redo_round(path))
+    trained = _read_safetensors(path, _redo_round(path))
     return read_mask(base, round_index), trained, read_record(base, round_index)
 
 
 def read_init(run_dir: str | Path) -> dict[str, torch.Tensor]:
     """theta_0, the dense initialization of a run."""
-    return _load_safetensors(Path(run_dir) / INIT_FILE, _redo_run(Path(run_dir)))
+    return _read_safetensors(Path(run_dir) / INIT_FILE, _redo_run(Path(run_dir)))
 
 
 def read_rewind(run_dir: str | Path) -> dict[str, torch.Tensor]:
     """theta_k, the weights a late-rewinding run resets survivors to."""
-    return _load_safetensors(Path(run_dir) / REWIND_FILE, _redo_run(Path(run_dir)))
+    return _read_safetensors(Path(run_dir) / REWIND_FILE, _redo_run(Path(run_dir)))
 
 
 def is_run_dir(path: str | Path) -> bool:
@@ -285,14 +279,14 @@ def check_run_files(run_dir: str | Path) -> None:
         read_config(run_dir)
     for name in (INIT_FILE, REWIND_FILE):
         if (run_dir / name).exists():
-            _check_safetensors(run_dir / name, _redo_run(run_dir))
+            _read_safetensors(run_dir / name, _redo_run(run_dir), tensors=False)
     controls = run_dir / CONTROLS_DIR
     bases = [run_dir, *(sorted(p for p in controls.iterdir() if p.is_dir()) if controls.is_dir() else [])]
     for base in bases:
         for r in completed_rounds(base):
             folder = round_dir(base, r)
             for name in (MASK_FILE, TRAINED_FILE):
-                _check_safetensors(folder / name, _redo_round(folder / name))
+                _read_safetensors(folder / name, _redo_round(folder / name), tensors=False)
             _load_json_object(folder / RECORD_FILE, _redo_round(folder / RECORD_FILE))
 
 

@@ -30,7 +30,17 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from sparse_lth.masks import Mask
 
-__all__ = ["TrainContext", "TrainFn", "run_train_fn"]
+__all__ = ["TrainContext", "TrainFn", "run_train_fn", "seeded"]
+
+
+@contextlib.contextmanager
+def seeded(seed: int) -> Iterator[None]:
+    """torch's generators (CPU and every GPU) seeded from ``seed`` inside the block, the caller's
+    random state restored after it: what makes a user's initialization and loop reproducible."""
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
 
 
 class _MaskKeeper:
@@ -159,10 +169,8 @@ def run_train_fn(train_fn: TrainFn, model: nn.Module, ctx: TrainContext) -> dict
     """Run ``train_fn(model, ctx)`` with the mask held after every optimizer step and torch's
     generators seeded from ``ctx.seed``; return its metrics as floats (and time it:
     ``ctx.seconds``). Raises ValueError for a result that is not a dict of numbers."""
-    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
     start = time.perf_counter()
-    with _mask_held(model, ctx.mask) as keeper, torch.random.fork_rng(devices=devices):
-        torch.manual_seed(ctx.seed)
+    with _mask_held(model, ctx.mask) as keeper, seeded(ctx.seed):
         ctx._model, ctx._keeper = model, keeper
         try:
             result = train_fn(model, ctx)

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from run_contents import run_contents
 from test_data import _write_fake_mnist
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not built")
@@ -92,17 +93,6 @@ def test_two_gloo_ranks_match_one_process(tmp_path):
     assert (b / "accuracy.png").is_file() and not list(b.rglob(".*"))  # rank 0 wrote it all, whole
 
 
-def files(directory: Path) -> dict:
-    out = {}
-    for path in sorted(directory.rglob("*")):
-        key = str(path.relative_to(directory))
-        if path.suffix == ".json":
-            out[key] = json.loads(path.read_text())
-        elif path.suffix == ".safetensors":
-            out[key] = {k: v.tolist() for k, v in load(path).items()}
-    return out
-
-
 def test_a_killed_rank_and_a_relaunch_give_the_complete_run(tmp_path):
     args = [*SEARCH[:4], "3", *SEARCH[5:]]  # three rounds
     whole = torchrun([*args, "--out", str(tmp_path / "whole")])
@@ -122,7 +112,7 @@ def test_a_killed_rank_and_a_relaunch_give_the_complete_run(tmp_path):
     _, err = again.communicate(timeout=600)
     assert again.returncode == 0, err[-3000:]
     # Two ranks reduce in a fixed order: a relaunched run equals an uninterrupted one exactly.
-    assert files(done) == files(run_dir(tmp_path / "whole"))
+    assert run_contents(done) == run_contents(run_dir(tmp_path / "whole"))
 
 
 def rank0_error(results: list[subprocess.CompletedProcess]) -> str:

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import sparse_lth.lottery as lottery
+from run_contents import run_contents
 from sparse_lth import LotteryConfig, Mask, build_model, find_ticket, run_files
 from sparse_lth.data import load_dataset
 from sparse_lth.training import TrainSettings, train
@@ -153,18 +154,6 @@ def _run(out: Path) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-c", _SCRIPT, str(out)], env=env)
 
 
-def _everything(out: Path) -> dict:
-    (run_dir,) = out.iterdir()
-    from safetensors.torch import load_file
-    files = {}
-    for path in sorted(run_dir.rglob("*")):
-        if path.suffix == ".json":
-            files[str(path.relative_to(run_dir))] = json.loads(path.read_text())
-        elif path.suffix == ".safetensors":
-            files[str(path.relative_to(run_dir))] = {k: v.tolist() for k, v in load_file(str(path)).items()}
-    return files
-
-
 def test_resume_after_sigkill_equals_uninterrupted_run(tmp_path):
     whole, killed = tmp_path / "whole", tmp_path / "killed"
     assert _run(whole).wait(timeout=300) == 0
@@ -180,7 +169,8 @@ def test_resume_after_sigkill_equals_uninterrupted_run(tmp_path):
     assert (run_dir / "run.lock").exists()  # the dead writer's lock file stays; it must not block the rerun
 
     assert _run(killed).wait(timeout=300) == 0
-    assert _everything(killed) == _everything(whole)
+    (whole_dir,) = whole.iterdir()
+    assert run_contents(run_dir) == run_contents(whole_dir)
     assert not [p for p in run_dir.rglob(".*")]  # no half-written leftovers
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -16,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from run_contents import run_contents
 from sparse_lth import LotteryConfig, Mask, find_ticket
 from sparse_lth.user_loop import TrainContext, run_train_fn
 
@@ -292,24 +292,6 @@ find_ticket(config, sys.argv[1], progress=False, model_fn=tiny_cnn, train_fn=mak
 """
 
 
-def _everything(out: Path) -> dict:
-    from safetensors.torch import load_file
-
-    (run_dir,) = [p for p in out.iterdir() if p.is_dir()]
-    files = {}
-    for path in sorted(run_dir.rglob("*")):
-        if path.suffix == ".json":
-            data = json.loads(path.read_text())
-            for rows in ([data] if "round" in data else data.values() if isinstance(data, dict) else []):
-                for row in rows if isinstance(rows, list) else [rows]:
-                    if isinstance(row, dict):
-                        row.pop("seconds", None)  # wall time: the one field a rerun cannot repeat
-            files[str(path.relative_to(run_dir))] = data
-        elif path.suffix == ".safetensors":
-            files[str(path.relative_to(run_dir))] = {k: v.tolist() for k, v in load_file(str(path)).items()}
-    return files
-
-
 def test_a_killed_search_of_a_users_loop_resumes_to_the_same_run(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     here = str(Path(__file__).parent)
@@ -325,7 +307,8 @@ def test_a_killed_search_of_a_users_loop_resumes_to_the_same_run(tmp_path):
     (run_dir,) = [p for p in killed.iterdir() if p.is_dir()]
     assert not (run_dir / "controls" / "random_reinit" / "round_03").exists(), "killed too late to test resume"
     assert run(killed).wait(timeout=300) == 0
-    assert _everything(killed) == _everything(whole)
+    (whole_dir,) = [p for p in whole.iterdir() if p.is_dir()]
+    assert run_contents(run_dir, ignore_field="seconds") == run_contents(whole_dir, ignore_field="seconds")
 
 
 class TiedLM(nn.Module):
