@@ -84,7 +84,10 @@ def main() -> None:
     steps = {
         "empty triton kernel": lambda: empty_kernel[(1,)](X, 1),
         "csr kernel, one config (no autotuner)": raw_fixed,
-        "csr kernel through the autotuner": lambda: csr_mod._launch(
+        "csr kernel through triton.autotune (choice cached)": lambda: csr_mod.csr_kernel[
+            lambda meta: (m, triton.cdiv(16, meta["BLOCK_N"]))](
+            crow, col, val, X, Y, m, 16, k, 16, 16, 16, 16, X_T=False, Y_T=False),
+        "csr kernel through TunedLaunch (ours)": lambda: csr_mod._launch(
             W, X, Y, N=16, x_t=False, stride_x=16, y_t=False, stride_y=16),
         "triton_csr_matmul, check off": lambda: triton_csr_matmul(W, X, check_invariants=False),
         "triton_csr_matmul, check on": lambda: triton_csr_matmul(W, X),

@@ -14,7 +14,7 @@ __all__ += ["check_index_invariants"]
 
 # --- Triton kernels (GPU, or CPU under TRITON_INTERPRET=1) ---------------------------------------
 # Thin wrappers: triton is imported on the first call, so this package imports without it.
-# Full docs and examples live on the functions in kernels/csr.py and kernels/bsr.py.
+# Full docs and examples live on the functions in kernels/csr.py, bsr.py and sddmm.py.
 from ._triton import has_triton, require_triton  # noqa: E402
 
 
@@ -50,8 +50,26 @@ def triton_bsr_linear(W, x, *, out=None, check_invariants=True):
     return impl(W, x, out=out, check_invariants=check_invariants)
 
 
+def triton_csr_sddmm(crow, col, dy, x, *, out=None, check_invariants=True):
+    """``dy.T @ x`` sampled at a CSR pattern: a sparse linear layer's weight gradient, [nnz]
+    (see ``sddmm.py``)."""
+    require_triton()
+    from .sddmm import triton_csr_sddmm as impl
+
+    return impl(crow, col, dy, x, out=out, check_invariants=check_invariants)
+
+
+def triton_bsr_sddmm(crow, col, blocksize, dy, x, *, out=None, check_invariants=True):
+    """``dy.T @ x`` sampled at a BSR pattern's blocks: a sparse linear layer's weight gradient,
+    [nblocks, br, bc] (see ``sddmm.py``)."""
+    require_triton()
+    from .sddmm import triton_bsr_sddmm as impl
+
+    return impl(crow, col, blocksize, dy, x, out=out, check_invariants=check_invariants)
+
+
 __all__ += ["has_triton", "triton_csr_matmul", "triton_csr_linear", "triton_bsr_matmul",
-            "triton_bsr_linear"]
+            "triton_bsr_linear", "triton_csr_sddmm", "triton_bsr_sddmm"]
 
 # --- CPU kernels (scipy.sparse, row blocks on a thread pool) -----------------------------------
 from .cpu import auto_cpu_backend, cpu_bsr_matmul, cpu_csr_matmul  # noqa: E402

@@ -169,8 +169,36 @@ def linear_problem(W: torch.Tensor, x: torch.Tensor, out: torch.Tensor | None
 
 
 def on_device(t: torch.Tensor) -> contextlib.AbstractContextManager:
-    """Make t's GPU current: Triton launches on the current device, not the tensors'."""
-    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
+    """Make t's GPU current: Triton launches on the current device, not the tensors'. Entering
+    torch.cuda.device costs a few microseconds, so only when it is not current already."""
+    if t.device.type != "cuda" or t.device.index == torch.cuda.current_device():
+        return contextlib.nullcontext()
+    return torch.cuda.device(t.device)
+
+
+class TunedLaunch:
+    """Launch a ``triton.autotune``-d kernel, skipping the autotuner once it has chosen.
+
+    Triton's autotuner rebuilds its key and re-binds every argument on each call, its choice
+    cached or not: about 50 us per call on triton 3.6 (bench/RESULTS.md, launch costs), several
+    times a decode-sized kernel. The caller names the key (all that the autotuner's key holds:
+    sizes, buckets, flags, dtypes, device); the first call for a key goes through the autotuner,
+    later ones hand its chosen config straight to the jit function.
+    """
+
+    def __init__(self, tuned) -> None:
+        self.tuned = tuned
+        self.chosen: dict[tuple, dict] = {}
+
+    def __call__(self, key: tuple, grid, args: tuple, constants: dict) -> None:
+        config = self.chosen.get(key)
+        if config is not None:
+            self.tuned.fn[grid](*args, **constants, **config)
+            return
+        self.tuned[grid](*args, **constants)
+        best = getattr(self.tuned, "best_config", None)  # set by every autotuned run
+        if best is not None and best.pre_hook is None:
+            self.chosen[key] = best.all_kwargs()
 
 
 @functools.lru_cache(maxsize=None)
@@ -183,3 +211,65 @@ def shared_memory_limit(device_index: int) -> int:
     from triton.runtime import driver  # only reached with a GPU, where triton is present
 
     return int(driver.active.utils.get_device_properties(device_index)["max_shared_mem"])
+
+
+# --- SDDMM operands (sddmm.py): bare index tensors and two dense [N, *] operands -----------------
+
+def check_sddmm_operands(crow: torch.Tensor, col: torch.Tensor, dy: torch.Tensor,
+                         x: torch.Tensor, block: tuple[int, int], check_invariants: bool
+                         ) -> tuple[int, int, int]:
+    """Check a sampled product's operands: index tensors ``crow`` [rows + 1] / ``col`` [nnz] of
+    a W [M, K] stored in ``block`` = (br, bc) blocks ((1, 1) for CSR), ``dy`` [N, M] and ``x``
+    [N, K] dense, contiguous and alike; with ``check_invariants`` the index values too
+    (kernels/invariants.py: crow from 0, never decreasing, ending at nnz; columns in range).
+    Returns (N, M, K)."""
+    for name, t in (("crow", crow), ("col", col)):
+        if not isinstance(t, torch.Tensor) or t.layout != torch.strided:
+            raise ValueError(f"{name} must be a dense (strided) torch tensor")
+        if t.dtype not in INDEX_DTYPES:
+            raise ValueError(f"{name}.dtype must be int32 or int64, got {t.dtype}")
+        if t.dim() != 1 or not t.is_contiguous():
+            raise ValueError(f"{name} must be a contiguous 1-D tensor, got shape "
+                             f"{tuple(t.shape)} with strides {t.stride()}")
+    if crow.numel() < 1:
+        raise ValueError("crow must hold rows + 1 >= 1 entries, got an empty tensor")
+    for name, t in (("dy", dy), ("x", x)):
+        if not isinstance(t, torch.Tensor) or t.layout != torch.strided:
+            raise ValueError(f"{name} must be a dense (strided) torch tensor")
+        if t.dtype not in FLOAT_DTYPES:
+            raise ValueError(f"{name}.dtype must be one of float32, float16, bfloat16, got "
+                             f"{t.dtype}")
+        if t.dim() != 2:
+            raise ValueError(f"{name} must be 2-D [N, *], got shape {tuple(t.shape)}")
+        if not t.is_contiguous():
+            raise ValueError(f"{name} must be contiguous (row-major), got strides {t.stride()}")
+    if dy.dtype != x.dtype:
+        raise ValueError(f"dy.dtype ({dy.dtype}) must equal x.dtype ({x.dtype})")
+    for name, t in (("x", x), ("crow", crow), ("col", col)):
+        if t.device != dy.device:
+            raise ValueError(f"dy and {name} must be on one device, got dy on {dy.device} and "
+                             f"{name} on {t.device}")
+    if dy.device.type != "cuda" and not (dy.device.type == "cpu" and is_interpreting()):
+        raise ValueError(f"Triton kernels need CUDA tensors (or TRITON_INTERPRET=1 for CPU "
+                         f"tensors), got {dy.device}")
+    br, bc = block
+    N, M = dy.shape
+    K = x.shape[1]
+    if x.shape[0] != N:
+        raise ValueError(f"dy [N, M] and x [N, K] must have one N, got shapes "
+                         f"{tuple(dy.shape)} and {tuple(x.shape)}")
+    rows = crow.numel() - 1
+    unit = "block " if (br, bc) != (1, 1) else ""
+    if M != rows * br:
+        raise ValueError(f"dy has shape {tuple(dy.shape)}, expected [N, {rows * br}] "
+                         f"(crow holds {rows} {unit}rows + 1)")
+    if K % bc:
+        raise ValueError(f"x has shape {tuple(x.shape)}: K = {K} is not a whole number of "
+                         f"{bc}-column blocks")
+    if check_invariants:
+        from .invariants import _explain, _holds
+
+        nnz, cols = col.numel(), K // bc
+        if not _holds(crow, col, nnz, cols):
+            _explain(crow, col, nnz, cols, "W", unit)
+    return N, M, K

@@ -23,6 +23,7 @@ import triton
 import triton.language as tl
 
 from ._triton import (
+    TunedLaunch,
     check_sparse,
     is_interpreting,
     linear_problem,
@@ -146,10 +147,13 @@ def _check_bsr(W: torch.Tensor, check_invariants: bool) -> tuple[int, int]:
     return br, bc
 
 
+tuned_bsr = TunedLaunch(bsr_kernel)
+
+
 def _launch(W: torch.Tensor, X: torch.Tensor, Y: torch.Tensor, *, N: int, x_t: bool,
-            stride_x: int, y_t: bool, stride_y: int, kernel=bsr_kernel, **meta) -> None:
-    """Launch over an already checked problem. ``kernel=_bsr_kernel`` with an explicit
-    BLOCK_N (and num_warps / num_stages) runs one config: tests use it to cover each tile."""
+            stride_x: int, y_t: bool, stride_y: int, kernel=None, **meta) -> None:
+    """Launch over an already checked problem: autotuned, or with ``kernel=_bsr_kernel`` and an
+    explicit BLOCK_N (and num_warps / num_stages) one config: tests use it to cover each tile."""
     if is_interpreting() and Y.dtype == torch.bfloat16:
         # The interpreter's fp32 -> bf16 cast truncates; the GPU's rounds to nearest even.
         # Write fp32 and let torch round, so interpreter runs test the GPU's numerics.
@@ -159,16 +163,22 @@ def _launch(W: torch.Tensor, X: torch.Tensor, Y: torch.Tensor, *, N: int, x_t: b
         Y.copy_(Y32)
         return
     M, K = W.shape
-    br, bc = W.values().shape[-2:]
+    crow, col, val = W.crow_indices(), W.col_indices(), W.values()
+    br, bc = val.shape[-2:]
     fp32 = X.dtype == torch.float32
     precision = "tf32" if fp32 and torch.backends.cuda.matmul.allow_tf32 else "ieee"
+    upcast = is_interpreting() and X.dtype == torch.bfloat16
+    args = (crow, col, val, X, Y, M, N, K, stride_x, stride_y, next_pow2(N))
+    constants = dict(BR=br, BC=bc, X_T=x_t, Y_T=y_t, DOT_PRECISION=precision, UPCAST=upcast,
+                     **meta)
+    grid = lambda meta_: (M // br, triton.cdiv(N, meta_["BLOCK_N"]))  # noqa: E731
     with on_device(X):
-        kernel[lambda meta_: (M // br, triton.cdiv(N, meta_["BLOCK_N"]))](
-            W.crow_indices(), W.col_indices(), W.values(), X, Y,
-            M, N, K, stride_x, stride_y, next_pow2(N),
-            BR=br, BC=bc, X_T=x_t, Y_T=y_t, DOT_PRECISION=precision,
-            UPCAST=is_interpreting() and X.dtype == torch.bfloat16, **meta,
-        )
+        if kernel is not None:
+            kernel[grid](*args, **constants)
+        else:
+            key = (M, K, args[-1], br, bc, x_t, y_t, precision, upcast, crow.dtype, col.dtype,
+                   val.dtype, X.dtype, Y.dtype, X.device)
+            tuned_bsr(key, grid, args, constants)
 
 
 def triton_bsr_matmul(W: torch.Tensor, X: torch.Tensor, *, out: torch.Tensor | None = None,

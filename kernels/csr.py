@@ -24,6 +24,7 @@ import triton
 import triton.language as tl
 
 from ._triton import (
+    TunedLaunch,
     check_sparse,
     is_interpreting,
     linear_problem,
@@ -119,10 +120,13 @@ csr_kernel = triton.autotune(
 )(_csr_kernel)
 
 
+tuned_csr = TunedLaunch(csr_kernel)
+
+
 def _launch(W: torch.Tensor, X: torch.Tensor, Y: torch.Tensor, *, N: int, x_t: bool,
-            stride_x: int, y_t: bool, stride_y: int, kernel=csr_kernel, **meta) -> None:
-    """Launch over an already checked problem. ``kernel=_csr_kernel`` with explicit BLOCK_N /
-    BLOCK_NNZ runs one config (tests use it to cover every tile shape)."""
+            stride_x: int, y_t: bool, stride_y: int, kernel=None, **meta) -> None:
+    """Launch over an already checked problem: autotuned, or with ``kernel=_csr_kernel`` and
+    explicit BLOCK_N / BLOCK_NNZ one config (tests use it to cover every tile shape)."""
     if is_interpreting() and Y.dtype == torch.bfloat16:
         # The interpreter's fp32 -> bf16 cast truncates; the GPU's rounds to nearest even.
         # Write fp32 and let torch round, so interpreter runs test the GPU's numerics.
@@ -132,13 +136,18 @@ def _launch(W: torch.Tensor, X: torch.Tensor, Y: torch.Tensor, *, N: int, x_t: b
         Y.copy_(Y32)
         return
     M, K = W.shape
-    nnz_per_row = W.values().numel() // max(M, 1)
+    crow, col, val = W.crow_indices(), W.col_indices(), W.values()
+    n_bucket, nnz_bucket = next_pow2(N), next_pow2(val.numel() // max(M, 1))
+    args = (crow, col, val, X, Y, M, N, K, stride_x, stride_y, n_bucket, nnz_bucket)
+    constants = dict(X_T=x_t, Y_T=y_t, **meta)
+    grid = lambda meta_: (M, triton.cdiv(N, meta_["BLOCK_N"]))  # noqa: E731
     with on_device(X):
-        kernel[lambda meta_: (M, triton.cdiv(N, meta_["BLOCK_N"]))](
-            W.crow_indices(), W.col_indices(), W.values(), X, Y,
-            M, N, K, stride_x, stride_y, next_pow2(N), next_pow2(nnz_per_row),
-            X_T=x_t, Y_T=y_t, **meta,
-        )
+        if kernel is not None:
+            kernel[grid](*args, **constants)
+        else:
+            key = (M, K, n_bucket, nnz_bucket, x_t, y_t, crow.dtype, col.dtype, val.dtype,
+                   X.dtype, Y.dtype, X.device)
+            tuned_csr(key, grid, args, constants)
 
 
 def triton_csr_matmul(W: torch.Tensor, X: torch.Tensor, *, out: torch.Tensor | None = None,

@@ -1,9 +1,10 @@
 """Compile every Triton kernel for sm_90 (H100) and sm_80 (A100) without a GPU.
 
-Checks what only the compiled code shows: the fp16 / bf16 BSR dot runs on tensor cores
-(``wgmma`` on sm_90 when the block has >= 64 rows, ``mma.sync`` otherwise), and every
-autotune config's shared memory (compiled metadata ``shared``) fits the device's per-program
-limit after pruning, and never exceeds the launcher's estimate that pruning relies on.
+Checks what only the compiled code shows: the fp16 / bf16 BSR dots (the product and the SDDMM
+weight gradient) run on tensor cores (``wgmma`` on sm_90 when the block has >= 64 rows,
+``mma.sync`` otherwise), and every autotune config's shared memory (compiled metadata
+``shared``) fits the device's per-program limit after pruning, and never exceeds the
+launcher's estimate that pruning relies on.
 
 Compiling needs TRITON_INTERPRET off: under the interpreter Triton patches ``tl`` ops and the
 code generator fails. The conftest turns the interpreter on for the kernel tests, so the
@@ -11,8 +12,9 @@ compiles run in one subprocess with it off (and a fresh Triton cache, so timings
 This file is also that subprocess's script: ``python tests/test_kernel_compile.py`` reads a
 JSON list of jobs on stdin and prints results as JSON.
 
-The default set (``_default_jobs``) takes about 35 s on 2 cores; the exhaustive sweep (every
-config x block shape x dtype x arch, ~500 compiles) about 4 minutes. CI runs both.
+The default set (``_default_jobs``, ~180 compiles, half of them the SDDMM kernels) takes about
+40 s on 2 cores; the exhaustive sweep (every config x block shape x dtype x arch, ~860
+compiles) about 3 to 4 minutes. CI runs both.
 """
 
 from __future__ import annotations
@@ -44,16 +46,18 @@ def _compile(job: dict) -> dict:
     from triton.compiler import ASTSource
     from triton.runtime.jit import JITFunction
 
-    from sparse_lth.kernels import bsr, csr
+    from sparse_lth.kernels import bsr, csr, sddmm
 
-    raw = {"bsr": bsr._bsr_kernel, "csr": csr._csr_kernel}[job["kernel"]]
+    raw = {"bsr": bsr._bsr_kernel, "csr": csr._csr_kernel,
+           "bsr_sddmm": sddmm._bsr_sddmm_kernel, "csr_sddmm": sddmm._csr_sddmm_kernel
+           }[job["kernel"]]
     fn = JITFunction(getattr(raw, "fn", raw))  # a plain JITFunction even if made under interpret
     consts = job["constexprs"]
     signature, attrs = {}, {}
     for i, (name, param) in enumerate(zip(fn.arg_names, fn.params)):
         if param.is_constexpr:
             signature[name] = "constexpr"
-        elif name in ("crow_ptr", "col_ptr"):
+        elif name in ("crow_ptr", "col_ptr", "row_ptr"):
             signature[name] = "*" + job["index"]
         elif name.endswith("_ptr"):
             signature[name] = "*" + job["dtype"]
@@ -113,6 +117,51 @@ def _csr_job(arch, dtype, config, index="i32", x_t=False) -> dict:
             "constexprs": {"X_T": x_t, "Y_T": x_t, **config.kwargs}}
 
 
+def _bsr_sddmm_job(arch, dtype, br, bc, config, index="i32", precision="ieee") -> dict:
+    return {"kernel": "bsr_sddmm", "arch": arch, "dtype": dtype, "index": index,
+            "num_warps": config.num_warps, "num_stages": config.num_stages,
+            "constexprs": {"BR": br, "BC": bc, "DOT_PRECISION": precision, "UPCAST": False,
+                           "BLOCK_N": config.kwargs["BLOCK_N"]}}
+
+
+def _csr_sddmm_job(arch, dtype, config, index="i32") -> dict:
+    return {"kernel": "csr_sddmm", "arch": arch, "dtype": dtype, "index": index,
+            "num_warps": config.num_warps, "num_stages": config.num_stages,
+            "constexprs": dict(config.kwargs)}
+
+
+def _surviving_sddmm(arch, dtype, br, bc):
+    """The BSR SDDMM configs the launcher's pruning keeps on this arch for a long N."""
+    from sparse_lth.kernels.sddmm import BSR_SDDMM_CONFIGS, prune_bsr_sddmm_configs
+
+    return prune_bsr_sddmm_configs(BSR_SDDMM_CONFIGS, 1 << 20, br, bc, ELEM_BYTES[dtype],
+                                   SMEM_LIMIT[arch])
+
+
+def _sddmm_jobs() -> list[dict]:
+    """The SDDMM kernels (about 75 compiles, ~20 s): every BSR config that survives for fp16
+    64 x 64 blocks, the one nearest the shared-memory limit for every dtype x block shape,
+    every CSR config, and the other index type and precisions once each, per arch."""
+    from sparse_lth.kernels.sddmm import CSR_SDDMM_CONFIGS, bsr_sddmm_shared_bytes
+
+    jobs = []
+    for arch in ARCHS:
+        jobs += [_bsr_sddmm_job(arch, "fp16", 64, 64, c)
+                 for c in _surviving_sddmm(arch, "fp16", 64, 64)]
+        for dtype in DTYPES:
+            for br, bc in BLOCK_SHAPES:
+                jobs.append(_bsr_sddmm_job(arch, dtype, br, bc, max(
+                    _surviving_sddmm(arch, dtype, br, bc),
+                    key=lambda c: bsr_sddmm_shared_bytes(c, br, bc, ELEM_BYTES[dtype]))))
+        mid = _surviving_sddmm(arch, "fp16", 64, 64)[0]
+        jobs.append(_bsr_sddmm_job(arch, "bf16", 64, 64, mid, index="i64"))
+        jobs.append(_bsr_sddmm_job(arch, "fp32", 64, 64, mid, precision="tf32"))
+        csr_dtype = "fp16" if arch == 90 else "bf16"
+        jobs += [_csr_sddmm_job(arch, csr_dtype, c) for c in CSR_SDDMM_CONFIGS]
+        jobs.append(_csr_sddmm_job(arch, "fp32", CSR_SDDMM_CONFIGS[0], index="i64"))
+    return jobs
+
+
 def _surviving(arch, dtype, br, bc):
     """The BSR configs the launcher's pruning keeps on this arch for some N."""
     from sparse_lth.kernels.bsr import BSR_CONFIGS, bsr_shared_bytes
@@ -122,9 +171,10 @@ def _surviving(arch, dtype, br, bc):
 
 
 def _default_jobs() -> list[dict]:
-    """About 100 compiles (~1 minute on 2 cores): every BSR config for fp16 64 x 64 blocks,
+    """About 100 compiles (~20 s on 2 cores): every BSR config for fp16 64 x 64 blocks,
     the config nearest the shared-memory limit for every dtype x block shape, every CSR config
-    once per arch, and the other layouts, index types and precisions on one config each."""
+    once per arch, and the other layouts, index types and precisions on one config each; then
+    the same for the SDDMM kernels (``_sddmm_jobs``)."""
     from sparse_lth.kernels.bsr import bsr_shared_bytes
     from sparse_lth.kernels.csr import CSR_CONFIGS
 
@@ -145,7 +195,7 @@ def _default_jobs() -> list[dict]:
         jobs.append(_csr_job(arch, "bf16", CSR_CONFIGS[0], index="i64", x_t=True))
         jobs.append(_csr_job(arch, "fp16", CSR_CONFIGS[-3], x_t=True))
         jobs.append(_csr_job(arch, "fp32", CSR_CONFIGS[8]))
-    return jobs
+    return jobs + _sddmm_jobs()
 
 
 @pytest.fixture(scope="module")
@@ -156,19 +206,22 @@ def compiled() -> list[dict]:
 
 def _check(results: list[dict]) -> None:
     from sparse_lth.kernels.bsr import bsr_shared_bytes
+    from sparse_lth.kernels.sddmm import bsr_sddmm_shared_bytes
 
     import triton
+
+    estimators = {"bsr": bsr_shared_bytes, "bsr_sddmm": bsr_sddmm_shared_bytes}
 
     for r in results:
         what = (f"{r['kernel']} sm_{r['arch']} {r['dtype']} {r['constexprs']} "
                 f"warps={r['num_warps']} stages={r['num_stages']}")
         assert r["shared"] <= SMEM_LIMIT[r["arch"]], f"{what}: shared {r['shared']} over limit"
-        if r["kernel"] != "bsr":
+        if r["kernel"] not in estimators:
             continue
         k = r["constexprs"]
         config = triton.Config({"BLOCK_N": k["BLOCK_N"]}, num_warps=r["num_warps"],
                                num_stages=r["num_stages"])
-        estimate = bsr_shared_bytes(config, k["BR"], k["BC"], ELEM_BYTES[r["dtype"]])
+        estimate = estimators[r["kernel"]](config, k["BR"], k["BC"], ELEM_BYTES[r["dtype"]])
         assert r["shared"] <= estimate, f"{what}: shared {r['shared']} > estimate {estimate}"
         tensor_cores = r["dtype"] != "fp32" or k["DOT_PRECISION"] == "tf32"
         if tensor_cores and r["arch"] == 90 and k["BR"] >= 64:
@@ -181,33 +234,44 @@ def _check(results: list[dict]) -> None:
 
 def test_bsr_and_csr_compile_for_sm90_and_sm80(compiled):
     assert {r["arch"] for r in compiled} == set(ARCHS)
-    assert {r["kernel"] for r in compiled} == {"bsr", "csr"}
+    assert {r["kernel"] for r in compiled} == {"bsr", "csr", "bsr_sddmm", "csr_sddmm"}
     _check(compiled)
 
 
-def test_fp16_bsr_uses_wgmma_on_hopper(compiled):
-    hits = [r for r in compiled if r["kernel"] == "bsr" and r["arch"] == 90
+@pytest.mark.parametrize("kernel", ["bsr", "bsr_sddmm"])
+def test_fp16_bsr_uses_wgmma_on_hopper(compiled, kernel):
+    hits = [r for r in compiled if r["kernel"] == kernel and r["arch"] == 90
             and r["dtype"] in ("fp16", "bf16") and r["constexprs"]["BR"] >= 64]
     assert hits and all(r["wgmma"] for r in hits)
 
 
 def test_every_bsr_block_shape_keeps_a_config():
+    from sparse_lth.kernels.sddmm import bsr_sddmm_shared_bytes
+
     for arch in ARCHS:
         for dtype in DTYPES:
             for br, bc in BLOCK_SHAPES:
                 assert _surviving(arch, dtype, br, bc), (arch, dtype, br, bc)
+                assert all(bsr_sddmm_shared_bytes(c, br, bc, ELEM_BYTES[dtype])
+                           <= SMEM_LIMIT[arch] for c in _surviving_sddmm(arch, dtype, br, bc))
 
 
 def test_exhaustive_compile():
     """Every surviving BSR config x block shape x dtype x arch, and every CSR config with
-    int64 indices and the linear layout."""
+    int64 indices and the linear layout; the same for the SDDMM kernels."""
     from sparse_lth.kernels.csr import CSR_CONFIGS
+    from sparse_lth.kernels.sddmm import CSR_SDDMM_CONFIGS
 
     jobs = [_bsr_job(arch, dtype, br, bc, c)
             for arch in ARCHS for dtype in DTYPES for br, bc in BLOCK_SHAPES
             for c in _surviving(arch, dtype, br, bc)]
     jobs += [_csr_job(arch, dtype, c, index="i64", x_t=True)
              for arch in ARCHS for dtype in DTYPES for c in CSR_CONFIGS]
+    jobs += [_bsr_sddmm_job(arch, dtype, br, bc, c)
+             for arch in ARCHS for dtype in DTYPES for br, bc in BLOCK_SHAPES
+             for c in _surviving_sddmm(arch, dtype, br, bc)]
+    jobs += [_csr_sddmm_job(arch, dtype, c, index="i64")
+             for arch in ARCHS for dtype in DTYPES for c in CSR_SDDMM_CONFIGS]
     _check(_run(jobs))
 
 

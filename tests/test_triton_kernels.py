@@ -191,6 +191,63 @@ def test_csr_every_tile_config(config):
     assert_three_way(y, W, x, linear=True)
 
 
+class _FakeAutotuner:
+    """Records how it is launched: ``self[grid](...)`` is the autotuner, ``self.fn[grid](...)``
+    the jit function it wraps."""
+
+    def __init__(self):
+        self.calls = []
+        outer = self
+
+        class _Config:
+            pre_hook = None
+
+            def all_kwargs(self):
+                return {"BLOCK_N": 16, "num_warps": 4}
+
+        class _Jit:
+            def __getitem__(self, grid):
+                return lambda *a, **kw: outer.calls.append(("jit", a, kw))
+
+        self.fn = _Jit()
+        self.best_config = _Config()
+
+    def __getitem__(self, grid):
+        return lambda *a, **kw: self.calls.append(("tuner", a, kw))
+
+
+def test_tuned_launch_skips_the_autotuner_after_its_choice():
+    from sparse_lth.kernels._triton import TunedLaunch
+
+    fake = _FakeAutotuner()
+    launch = TunedLaunch(fake)
+    launch(("k1",), None, (1, 2), {"X_T": True})
+    launch(("k1",), None, (3, 4), {"X_T": True})
+    launch(("k2",), None, (5, 6), {"X_T": False})
+    assert fake.calls == [
+        ("tuner", (1, 2), {"X_T": True}),
+        ("jit", (3, 4), {"X_T": True, "BLOCK_N": 16, "num_warps": 4}),
+        ("tuner", (5, 6), {"X_T": False}),
+    ]
+
+
+def test_tuned_launch_memo_gives_the_autotuned_result():
+    """The real kernels: a second call for one key goes straight to the jit function with the
+    autotuner's choice and computes the same product."""
+    gen = _gen("tuned-memo")
+    W = random_csr(40, 70, 0.3, torch.float32, gen)
+    X = rand_dense(70, 3, dtype=torch.float32, gen=gen)
+    first = triton_csr_matmul(W, X)
+    assert any(k[:2] == (40, 70) for k in csr_mod.tuned_csr.chosen)
+    assert_three_way(triton_csr_matmul(W, X), W, X)
+    torch.testing.assert_close(triton_csr_matmul(W, X), first, rtol=0, atol=0)
+    Wb = random_bsr(64, 32, (16, 16), 0.5, torch.float32, gen)
+    Xb = rand_dense(32, 5, dtype=torch.float32, gen=gen)
+    triton_bsr_matmul(Wb, Xb)
+    assert any(k[:2] == (64, 32) for k in bsr_mod.tuned_bsr.chosen)
+    assert_three_way(triton_bsr_matmul(Wb, Xb), Wb, Xb)
+
+
 # --- BSR ----------------------------------------------------------------------------------------
 
 BSR_CASES = [  # M, K, N, block

@@ -1,0 +1,153 @@
+"""The products of a trainable sparse linear layer, as torch custom ops with an autograd formula.
+
+A layer ``y = x @ W.T`` with ``W`` [M, K] stored sparse (CSR, or BSR blocks) over a fixed
+pattern costs three products per training step, each in proportion to the stored values:
+
+- forward: ``y = x @ W.T`` (the inference product, :func:`sparse_lth.backends.sparse_linear`);
+- input gradient: ``dx = dy @ W``, the same product over the *transposed* pattern, built once
+  (:func:`transpose_pattern`) with the permutation that reorders the values into it, so a step
+  gathers the values and never transposes a matrix;
+- weight gradient: only at the stored positions, SDDMM ``dW[p] = sum_n dy[n, row(p)] * x[n, col(p)]``
+  (:func:`sddmm`): torch's ``sampled_addmm`` (CSR) or batched block products (BSR) on the CPU,
+  the Triton SDDMM kernels on CUDA.
+
+``sparse_lth::linear`` is the forward op; its registered backward calls the same op over the
+transposed pattern and ``sparse_lth::sddmm``, so ``torch.compile`` sees custom ops all the way.
+Double backward is not supported.
+
+>>> import torch
+>>> dense = torch.tensor([[0., 2., 0.], [1., 0., 3.]])
+>>> W = dense.to_sparse_csr()
+>>> crow, col = W.crow_indices(), W.col_indices()
+>>> crow_t, col_t, perm = transpose_pattern(crow, col, (2, 3))
+>>> values = W.values().clone().requires_grad_()
+>>> x = torch.tensor([[1., 1., 1.]], requires_grad=True)
+>>> y = linear(x, crow, col, values, 2, crow_t, col_t, perm)
+>>> y.detach()
+tensor([[2., 4.]])
+>>> y.sum().backward()
+>>> values.grad, x.grad
+(tensor([1., 1., 1.]), tensor([[1., 2., 3.]]))
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from sparse_lth import kernels
+from sparse_lth.backends import sparse_linear
+from sparse_lth.formats import _make
+
+__all__ = ["linear", "sddmm", "transpose_pattern"]
+
+
+def _layout(values: torch.Tensor) -> torch.layout:
+    return torch.sparse_csr if values.dim() == 1 else torch.sparse_bsr
+
+
+def transpose_pattern(crow: torch.Tensor, col: torch.Tensor, shape: tuple[int, int]
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The pattern of ``W.T`` for a CSR (or, counted in blocks, BSR) pattern of ``shape`` rows x
+    columns: ``(crow_t, col_t, perm)`` with ``values_t = values[perm]`` (BSR: each block also
+    transposed). Built once per pattern; indices keep ``crow``'s dtype.
+
+    >>> crow, col = torch.tensor([0, 1, 3]), torch.tensor([1, 0, 2])
+    >>> transpose_pattern(crow, col, (2, 3))
+    (tensor([0, 1, 2, 3]), tensor([1, 0, 1]), tensor([1, 0, 2]))
+    """
+    rows, cols = shape
+    counts = crow[1:] - crow[:-1]
+    row_of = torch.repeat_interleave(torch.arange(rows, device=crow.device), counts.long())
+    # Sort by (column, row): a stable sort on the column keeps each column's rows in order.
+    perm = torch.sort(col.long(), stable=True).indices
+    crow_t = torch.zeros(cols + 1, dtype=torch.long, device=crow.device)
+    crow_t[1:] = torch.cumsum(torch.bincount(col.long(), minlength=cols), 0)
+    return crow_t.to(crow.dtype), row_of[perm].to(col.dtype), perm
+
+
+def _transposed_values(values: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
+    v = values[perm]
+    return v if v.dim() == 1 else v.transpose(1, 2).contiguous()
+
+
+def _block_rows(crow: torch.Tensor) -> torch.Tensor:
+    """The (block) row of each stored value or block."""
+    counts = (crow[1:] - crow[:-1]).long()
+    return torch.repeat_interleave(torch.arange(crow.numel() - 1, device=crow.device), counts)
+
+
+@torch.library.custom_op("sparse_lth::linear", mutates_args=())
+def linear(x: torch.Tensor, crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor,
+           out_features: int, crow_t: Optional[torch.Tensor] = None,
+           col_t: Optional[torch.Tensor] = None, perm: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``x @ W.T`` for ``x`` [N, K] and ``W`` [out_features, K] given by its pattern and values
+    (1-D: CSR; [blocks, br, bc]: BSR). The transposed pattern (:func:`transpose_pattern`) is
+    what the backward pass multiplies by; without it only the forward runs. The indices are
+    not checked here: the layer that owns them checks them once."""
+    W = _make(_layout(values), crow, col, values, (out_features, x.shape[1]))
+    return sparse_linear(x, W, check_invariants=False)
+
+
+@linear.register_fake
+def _(x, crow, col, values, out_features, crow_t=None, col_t=None, perm=None):
+    return x.new_empty((x.shape[0], out_features))
+
+
+def _linear_setup(ctx, inputs, output) -> None:
+    x, crow, col, values, out_features, crow_t, col_t, perm = inputs
+    ctx.save_for_backward(x, crow, col, values, crow_t, col_t, perm)
+
+
+def _linear_backward(ctx, dy):
+    x, crow, col, values, crow_t, col_t, perm = ctx.saved_tensors
+    dy = dy.contiguous()
+    dx = dvalues = None
+    if ctx.needs_input_grad[0]:
+        if perm is None:
+            raise RuntimeError("sparse_lth::linear: the input gradient needs the transposed pattern "
+                               "(crow_t, col_t, perm from transpose_pattern)")
+        dx = linear(dy, crow_t, col_t, _transposed_values(values, perm), x.shape[1])
+    if ctx.needs_input_grad[3]:
+        dvalues = sddmm(crow, col, values, dy, x)
+    return dx, None, None, dvalues, None, None, None, None
+
+
+linear.register_autograd(_linear_backward, setup_context=_linear_setup)
+
+
+@torch.library.custom_op("sparse_lth::sddmm", mutates_args=())
+def sddmm(crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor, dy: torch.Tensor,
+          x: torch.Tensor) -> torch.Tensor:
+    """``dy.T @ x`` [M, K] sampled at the pattern: a tensor shaped like ``values`` (1-D for CSR,
+    [blocks, br, bc] for BSR), in ``x``'s dtype. ``dy`` [N, M] and ``x`` [N, K] contiguous."""
+    if values.dim() == 3:
+        return _bsr_sddmm(crow, col, values, dy, x)
+    if x.device.type == "cuda" and kernels.has_triton() and x.dtype != torch.float64:
+        return kernels.triton_csr_sddmm(crow, col, dy, x)
+    if x.dtype in (torch.float32, torch.float64):
+        # zeros, not empty: sampled_addmm was seen to let NaN in uninitialized values through beta=0
+        pattern = _make(torch.sparse_csr, crow, col, torch.zeros_like(values), (dy.shape[1], x.shape[1]))
+        return torch.sparse.sampled_addmm(pattern, dy.t(), x, beta=0.0).values()
+    # torch's CPU sampled_addmm is float32 / float64 only: half types in float32, then rounded.
+    return sddmm(crow, col, values.float(), dy.float(), x.float()).to(x.dtype)
+
+
+@sddmm.register_fake
+def _(crow, col, values, dy, x):
+    return values.new_empty(values.shape, dtype=x.dtype)
+
+
+def _bsr_sddmm(crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor, dy: torch.Tensor,
+               x: torch.Tensor) -> torch.Tensor:
+    nblocks, br, bc = values.shape
+    if x.device.type == "cuda" and kernels.has_triton() and x.dtype != torch.float64:
+        return kernels.triton_bsr_sddmm(crow, col, (br, bc), dy, x)
+    if nblocks == 0 or dy.shape[0] == 0:
+        return torch.zeros(values.shape, dtype=x.dtype, device=x.device)
+    # One batched product over the stored blocks: [blocks, br, N] @ [blocks, N, bc].
+    N = dy.shape[0]
+    dy_rows = dy.t().reshape(-1, br, N)[_block_rows(crow)]
+    x_cols = x.t().reshape(-1, bc, N)[col.long()]
+    return torch.bmm(dy_rows, x_cols.transpose(1, 2))

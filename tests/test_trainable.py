@@ -1,0 +1,164 @@
+"""Trainable sparse layers against masked dense training in plain torch (the reference)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from sparse_lth import densify, sparsify
+from sparse_lth.masks import Mask
+from sparse_lth.nn import TrainableSparseLinear, ops
+
+
+def _layer_and_mask(seed: int, out: int, inp: int, density: float, dtype=torch.float32):
+    gen = torch.Generator().manual_seed(seed)
+    dense = nn.Linear(inp, out).to(dtype)
+    with torch.no_grad():
+        dense.weight.copy_(torch.randn(out, inp, generator=gen, dtype=dtype))
+        dense.bias.copy_(torch.randn(out, generator=gen, dtype=dtype))
+    mask = torch.rand(out, inp, generator=gen) < density
+    return dense, mask
+
+
+def _block_mask(out: int, inp: int, block: tuple[int, int], density: float, seed: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    br, bc = block
+    blocks = torch.rand(-(-out // br), -(-inp // bc), generator=gen) < density
+    return blocks.repeat_interleave(br, 0).repeat_interleave(bc, 1)[:out, :inp].contiguous()
+
+
+CASES = [  # format, blocksize, out, in (in or out not a multiple of the block: padding)
+    ("csr", None, 30, 50),
+    ("bsr", (16, 16), 48, 64),
+    ("bsr", (16, 32), 40, 70),
+]
+
+
+@pytest.mark.parametrize("fmt,block,out,inp", CASES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_forward_and_gradients_match_masked_dense(fmt, block, out, inp, dtype):
+    dense, mask = _layer_and_mask(1, out, inp, 0.3, dtype)
+    if fmt == "bsr":
+        mask = _block_mask(out, inp, block, 0.4, 2)
+    layer = TrainableSparseLinear.from_linear(dense, mask=mask, format=fmt, blocksize=block or 32)
+    x = torch.randn(3, 5, inp, dtype=dtype, requires_grad=True)
+    x_ref = x.detach().clone().requires_grad_()
+    w_ref = (dense.weight.detach() * mask).requires_grad_()
+    b_ref = dense.bias.detach().clone().requires_grad_()
+    y = layer(x)
+    y_ref = torch.nn.functional.linear(x_ref, w_ref, b_ref)
+    torch.testing.assert_close(y, y_ref)
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    y_ref.backward(dy)
+    torch.testing.assert_close(x.grad, x_ref.grad)
+    torch.testing.assert_close(layer.bias.grad, b_ref.grad)
+    grad_w = TrainableSparseLinear(layer.sparse_weight(), None)  # the gradient on the same pattern
+    with torch.no_grad():
+        grad_w.values.copy_(layer.values.grad)
+    torch.testing.assert_close(grad_w.dense_weight(), w_ref.grad * mask)
+
+
+def test_gradcheck_float64():
+    dense, mask = _layer_and_mask(3, 6, 9, 0.4, torch.float64)
+    W = (dense.weight.detach() * mask).to_sparse_csr()
+    crow, col = W.crow_indices(), W.col_indices()
+    crow_t, col_t, perm = ops.transpose_pattern(crow, col, (6, 9))
+    values = W.values().clone().requires_grad_()
+    x = torch.randn(4, 9, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, v: ops.linear(x, crow, col, v, 6, crow_t, col_t, perm),
+                                    (x, values))
+
+
+def test_opcheck_registrations():
+    """torch's own check of a custom op: schema, fake tensor, autograd registration."""
+    dense, mask = _layer_and_mask(4, 8, 12, 0.5)
+    W = (dense.weight.detach() * mask).to_sparse_csr()
+    crow, col = W.crow_indices(), W.col_indices()
+    crow_t, col_t, perm = ops.transpose_pattern(crow, col, (8, 12))
+    values = W.values().clone().requires_grad_()
+    x = torch.randn(5, 12, requires_grad=True)
+    torch.library.opcheck(ops.linear, (x, crow, col, values, 8, crow_t, col_t, perm))
+    torch.library.opcheck(ops.sddmm, (crow, col, values.detach(), torch.randn(5, 8), x.detach()))
+
+
+def test_transpose_pattern_against_torch():
+    dense, mask = _layer_and_mask(5, 7, 11, 0.35)
+    W = (dense.weight.detach() * mask).to_sparse_csr()
+    crow_t, col_t, perm = ops.transpose_pattern(W.crow_indices(), W.col_indices(), (7, 11))
+    Wt = (dense.weight.detach() * mask).t().contiguous().to_sparse_csr()
+    assert torch.equal(crow_t, Wt.crow_indices()) and torch.equal(col_t, Wt.col_indices())
+    assert torch.equal(W.values()[perm], Wt.values())
+
+
+@pytest.mark.parametrize("fmt,block", [("csr", None), ("bsr", (16, 16))])
+def test_fifty_adam_steps_follow_masked_dense(fmt, block):
+    """At fixed seeds a sparse-trained layer's weights after 50 Adam steps equal masked-dense
+    training's (dense forward and backward, gradient masked, Adam, weights re-masked) to fp32
+    rounding."""
+    torch.manual_seed(0)
+    out, inp = 64, 96
+    dense, mask = _layer_and_mask(6, out, inp, 0.1)
+    if fmt == "bsr":
+        mask = _block_mask(out, inp, block, 0.2, 7)
+    ref = copy.deepcopy(dense)
+    with torch.no_grad():
+        ref.weight.mul_(mask)
+    layer = TrainableSparseLinear.from_linear(dense, mask=mask, format=fmt, blocksize=block or 32)
+    opt_ref = torch.optim.Adam(ref.parameters(), lr=1e-2)
+    opt = torch.optim.Adam(layer.parameters(), lr=1e-2)
+    gen = torch.Generator().manual_seed(8)
+    for _ in range(50):
+        x = torch.randn(16, inp, generator=gen)
+        target = torch.randn(16, out, generator=gen)
+        loss_ref = (ref(x) - target).square().mean()
+        opt_ref.zero_grad()
+        loss_ref.backward()
+        ref.weight.grad.mul_(mask)
+        opt_ref.step()
+        with torch.no_grad():
+            ref.weight.mul_(mask)
+        loss = (layer(x) - target).square().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    torch.testing.assert_close(layer.dense_weight(), ref.weight.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(layer.bias.detach(), ref.bias.detach(), rtol=1e-5, atol=1e-6)
+    state = opt.state[layer.values]
+    assert state["exp_avg"].shape == layer.values.shape  # Adam's moments sized by stored values
+    assert layer.values.numel() == int(mask.sum()) if fmt == "csr" else True
+
+
+def test_sparsify_trainable_and_densify():
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(20, 16), nn.ReLU(), nn.Linear(16, 4))
+    mask = Mask({"0.weight": torch.rand(16, 20) < 0.2, "2.weight": torch.rand(4, 16) < 0.5})
+    expected = mask.apply(copy.deepcopy(model))
+    sparse = sparsify(model, mask, trainable=True, max_density=0.3)
+    assert [type(m).__name__ for m in sparse] == ["TrainableSparseLinear", "ReLU", "Linear"]
+    x = torch.randn(7, 20)
+    torch.testing.assert_close(sparse(x), expected(x))
+    names = {n for n, _ in sparse.named_parameters()}
+    assert names == {"0.values", "0.bias", "2.weight", "2.bias"}
+    back = densify(sparse)
+    assert type(back[0]) is nn.Linear
+    torch.testing.assert_close(back[0].weight, expected[0].weight)
+
+
+def test_tied_weights_share_one_values_parameter():
+    a, b = nn.Linear(8, 8), nn.Linear(8, 8)
+    b.weight = a.weight
+    model = nn.Sequential(a, b)
+    mask = Mask({"0.weight": torch.rand(8, 8) < 0.3})
+    sparse = sparsify(model, mask, trainable=True, max_density=1.0)
+    assert sparse[0].values is sparse[1].values
+    assert len(list(sparse.parameters())) == 3  # one values, two biases
+
+
+def test_wrong_input_width_is_a_value_error():
+    layer = TrainableSparseLinear.from_linear(nn.Linear(6, 3))
+    with pytest.raises(ValueError, match=r"\[\.\.\., 6\]"):
+        layer(torch.randn(2, 5))
