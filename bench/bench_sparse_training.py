@@ -12,10 +12,11 @@ Both step on the same input and output gradient (``y.backward(dy)``: the loss is
 measured), from the same weights; one step of each is checked equal first. Layer width is the
 size's ``mlp_width`` (4096 by default, 256 small), batch 64. Each density times the sparse step
 and its speed-up over masked dense, alternated in bursts (harness.run_speedup, median of
-bursts). Bytes: the layer's parameters plus Adam's state after a step, each variant.
+bursts). Bytes: the layer's parameters plus Adam's state after a step, each variant; and the
+sparse layer's index buffers (the pattern and its transpose, int32) apart.
 
 CPU: CSR at 10 / 5 / 2 %, and 32 x 32 blocks (BSR) at 5 %. CUDA (``--bench-device cuda``):
-bf16, 32 x 32 and 64 x 64 blocks at 5 % (the goal: 2x the masked-dense step on cuBLAS).
+bf16, 32 x 32 and 64 x 64 blocks at 5 % (the goal: 2x the masked-dense step on cuBLAS), and CSR at 5 %.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from sparse_lth.nn import TrainableSparseLinear
 
 BATCH = 64
 CPU_CASES = [("csr", None, 0.1), ("csr", None, 0.05), ("csr", None, 0.02), ("bsr", 32, 0.05)]
-CUDA_CASES = [("bsr", 32, 0.05), ("bsr", 64, 0.05)]
+CUDA_CASES = [("bsr", 32, 0.05), ("bsr", 64, 0.05), ("csr", None, 0.05)]
 
 
 def _mask(width: int, fmt: str, block: int | None, density: float, gen: torch.Generator) -> torch.Tensor:
@@ -114,6 +115,7 @@ def test_sparse_training_step(benchmark, pytestconfig, sparse_case, device, dtyp
         "shape": [width, width], "batch": BATCH, "format": fmt, "block": block, "density": density,
         "stored": int(layers["sparse"].values.numel()), "state_bytes_dense": dense_bytes,
         "state_bytes_sparse": sparse_bytes, "bytes_fraction": sparse_bytes / dense_bytes,
+        "index_bytes": sum(b.numel() * b.element_size() for b in layers["sparse"].buffers()),
     })
     speedup = run_speedup(benchmark, steps["dense"], steps["sparse"], device, cfg)
     if speedup is not None:

@@ -78,7 +78,7 @@ def _cmd_search(args: argparse.Namespace) -> int:
         batch_size=args.batch_size, optimizer=args.optimizer, lr=args.lr, weight_decay=args.weight_decay,
         prune_fraction=args.prune, output_fraction=args.output_prune, conv_fraction=args.conv_prune,
         scope=args.scope, block=args.block, rewind_iteration=args.rewind, eval_every=args.eval_every,
-        val_size=args.val_size, seed=args.seed, controls=controls,
+        val_size=args.val_size, seed=args.seed, controls=controls, sparse_training=args.sparse_training,
     )
     return _run_search(config, args.out, args.data_dir, args.threads)
 
@@ -137,6 +137,9 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--output-prune", type=float, default=None, help="output layer's rate (default: half)")
     search.add_argument("--conv-prune", type=float, default=None, help="conv layers' rate (default: the paper's)")
     search.add_argument("--scope", choices=("layerwise", "global"), default=defaults.scope)
+    search.add_argument("--sparse-training", choices=("auto", "always", "never"), default=defaults.sparse_training,
+                        help="train large sparse layers over their pattern (auto), all (always) or none "
+                             f"(default: {defaults.sparse_training})")
     search.add_argument("--block", type=_parse_block, default=None, help="prune whole tiles, e.g. 32x32")
     search.add_argument("--rewind", type=int, default=0, help="rewind iteration k (0: reset to theta_0)")
     search.add_argument("--eval-every", type=int, default=defaults.eval_every)

@@ -28,7 +28,7 @@ from sparse_lth.masks import LAYER_TYPES, Mask, layer_type, prunable_names
 from sparse_lth.models import MODELS, build_model
 from sparse_lth.plots import plot_rounds
 from sparse_lth.pruning import SCOPES, check_block, prune_by_magnitude, random_mask_like
-from sparse_lth.training import OPTIMIZERS, TrainSettings, train
+from sparse_lth.training import OPTIMIZERS, SPARSE_TRAINING, TrainSettings, train
 from sparse_lth.user_loop import TrainContext, TrainFn, early_stop, run_train_fn, seeded
 
 CONTROLS = ("random_reinit", "random_mask")
@@ -36,7 +36,8 @@ ModelFn = Callable[[int], torch.nn.Module]
 _LABEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")  # model / dataset names go into a folder name
 # Fields added after the first release: left out of the digest while at their defaults, so the
 # run directories of earlier configs keep their names (and resume).
-_LATER_FIELDS = {"prune_types": LAYER_TYPES, "include": (), "exclude": (), "output_layer": "auto", "metric": None}
+_LATER_FIELDS = {"prune_types": LAYER_TYPES, "include": (), "exclude": (), "output_layer": "auto", "metric": None,
+                 "sparse_training": "never"}
 # The paper's per-round rates for conv layers (Frankle & Carbin, Figure 2).
 PAPER_CONV_FRACTIONS = {"conv2": 0.1, "conv4": 0.1, "conv6": 0.15}
 
@@ -64,6 +65,12 @@ class LotteryConfig:
     ``iterations`` is the number of steps it makes per round (the progress bar's length).
     ``metric`` is the one of ``train_fn``'s metrics that tables and plots show (default:
     ``"accuracy"`` when it returns one, else its first).
+
+    ``sparse_training`` (built-in loop): ``"never"`` trains every round masked-dense;
+    ``"always"`` trains every masked linear layer sparse over its mask's pattern;
+    ``"auto"`` those large and sparse enough to be faster that way
+    (:func:`~sparse_lth.training.sparse_training_plan`). The same updates up to float
+    rounding; each round's record says which layers trained sparse.
 
     >>> LotteryConfig(rounds=2, iterations=300).prune_fraction
     0.2
@@ -93,6 +100,7 @@ class LotteryConfig:
     exclude: tuple[str, ...] = ()
     output_layer: str = "auto"
     metric: str | None = None
+    sparse_training: str = "never"
 
     def __post_init__(self) -> None:
         def bad(what: str) -> None:
@@ -114,6 +122,8 @@ class LotteryConfig:
             bad(f"rewind_iteration must be in [0, iterations={self.iterations}), got {self.rewind_iteration}")
         if self.optimizer not in OPTIMIZERS:
             bad(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
+        if self.sparse_training not in SPARSE_TRAINING:
+            bad(f"sparse_training must be one of {SPARSE_TRAINING}, got {self.sparse_training!r}")
         if self.scope not in SCOPES:
             bad(f"scope must be one of {SCOPES}, got {self.scope!r}")
         if not 0 < self.lr < math.inf:
@@ -170,7 +180,7 @@ class LotteryConfig:
 
     def train_settings(self) -> TrainSettings:
         return TrainSettings(self.iterations, self.batch_size, self.optimizer, self.lr,
-                             self.momentum, self.weight_decay, self.eval_every)
+                             self.momentum, self.weight_decay, self.eval_every, self.sparse_training)
 
     def prunable(self, model: torch.nn.Module) -> list[str]:
         """The names of the weights this search prunes in ``model``."""
@@ -251,6 +261,8 @@ def _record(round_index: int, mask: Mask, result, kind: str) -> dict[str, Any]:
         "weights_remaining": mask.density(),
         "layer_remaining": mask.layer_densities(),
         **result.summary(),
+        "training_path": result.plan,  # per masked linear weight: "sparse" or "masked-dense"
+        "seconds": result.seconds,  # as a user loop's rounds record it
         "history": [list(row) for row in result.history],
     }
 

@@ -1,6 +1,8 @@
 """The paper's networks by name, with Glorot (Xavier) normal initialization.
 
 * ``lenet300``: LeNet-300-100, fully connected 300-100-out.
+* ``mlp4096``: fully connected 4096-4096-out, a wide network whose search pays off in sparse
+  training (each hidden layer large enough to train faster sparse than masked-dense).
 * ``conv2`` / ``conv4`` / ``conv6``: 2/4/6 3x3 conv layers (64, 64 | 128, 128 | 256, 256, a 2x2
   max-pool after each pair), then fully connected 256-256-out (Frankle & Carbin, Figure 2).
 """
@@ -12,16 +14,19 @@ import math
 import torch
 from torch import nn
 
-MODELS = ("lenet300", "conv2", "conv4", "conv6")
+MODELS = ("lenet300", "mlp4096", "conv2", "conv4", "conv6")
 _CONV_WIDTHS = {"conv2": [64], "conv4": [64, 128], "conv6": [64, 128, 256]}
 
 
 class LeNet300(nn.Module):
-    def __init__(self, input_shape: tuple[int, ...] = (1, 28, 28), num_classes: int = 10):
+    """Two hidden fully connected layers (300 and 100 wide by default: LeNet-300-100)."""
+
+    def __init__(self, input_shape: tuple[int, ...] = (1, 28, 28), num_classes: int = 10,
+                 hidden: tuple[int, int] = (300, 100)):
         super().__init__()
-        self.fc1 = nn.Linear(math.prod(input_shape), 300)
-        self.fc2 = nn.Linear(300, 100)
-        self.out = nn.Linear(100, num_classes)
+        self.fc1 = nn.Linear(math.prod(input_shape), hidden[0])
+        self.fc2 = nn.Linear(hidden[0], hidden[1])
+        self.out = nn.Linear(hidden[1], num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = torch.relu(self.fc1(x.flatten(1)))
@@ -79,6 +84,8 @@ def build_model(name: str, input_shape: tuple[int, ...] = (1, 28, 28), num_class
         raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODELS)}")
     if name == "lenet300":
         model: nn.Module = LeNet300(input_shape, num_classes)
+    elif name == "mlp4096":
+        model = LeNet300(input_shape, num_classes, hidden=(4096, 4096))
     else:
         model = ConvNet(_CONV_WIDTHS[name], input_shape, num_classes)
     generator = torch.Generator().manual_seed(seed) if seed is not None else None

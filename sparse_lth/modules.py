@@ -48,6 +48,7 @@ from sparse_lth.backends import BACKENDS, sparse_linear
 from sparse_lth.formats import SparseWeight, _make, to_sparse_weight
 from sparse_lth.kernels.invariants import check_index_invariants
 from sparse_lth.masks import Mask
+from sparse_lth.nn.trainable import TrainableSparseLinear
 
 __all__ = ["SparseLinear", "SparseConv1D", "SparseMultiheadAttention", "sparsify", "densify", "DEFAULT_MAX_DENSITY"]
 
@@ -478,9 +479,9 @@ class _Builder:
     buffers per weight, shared by every layer that holds that weight (tied weights)."""
 
     def __init__(self, by_weight: dict[int, torch.Tensor], format: str, blocksize: int | tuple[int, int],
-                 backend: str, max_density: float) -> None:
+                 backend: str, max_density: float, trainable: bool = False) -> None:
         self.by_weight, self.format, self.blocksize = by_weight, format, blocksize
-        self.backend, self.max_density = backend, max_density
+        self.backend, self.max_density, self.trainable = backend, max_density, trainable
         self.built: dict[tuple[int, bool], SparseLinear] = {}  # (id(weight), transposed) -> first layer
 
     def layer(self, weight: torch.Tensor, bias: torch.Tensor | None, *, transposed: bool = False,
@@ -490,6 +491,10 @@ class _Builder:
         bias = None if bias is None else bias.detach()
         key = (id(weight), transposed)
         shared = self.built.get(key)
+        if shared is not None and self.trainable:  # a tied weight: one values Parameter, own bias
+            tied = TrainableSparseLinear(shared.sparse_weight(), bias)
+            tied.values = shared.values
+            return tied
         if shared is not None:  # a tied weight: reuse its buffers, keep this layer's bias
             return cls(shared.sparse_weight(), bias, backend=shared.backend, threads=shared.threads, **extra)
         layer_mask = self.by_weight.get(id(weight))
@@ -504,7 +509,7 @@ class _Builder:
             return None  # cheap check first: a bsr layer's stored density is never lower
         sw = to_sparse_weight(matrix, self.format, self.blocksize if self.format == "bsr" else None,
                               mask=layer_mask, name=name)
-        sparse = cls(sw, bias, backend=self.backend, **extra)
+        sparse = TrainableSparseLinear(sw, bias) if self.trainable else cls(sw, bias, backend=self.backend, **extra)
         if sparse.density() > self.max_density:
             return None
         self.built[key] = sparse
@@ -531,7 +536,7 @@ class _Builder:
 
 
 def _is_sparse(module: nn.Module) -> bool:
-    return isinstance(module, (SparseLinear, SparseMultiheadAttention))
+    return isinstance(module, (SparseLinear, SparseMultiheadAttention, TrainableSparseLinear))
 
 
 _NESTED_WAS = "_sparse_lth_use_nested_tensor"  # an encoder's use_nested_tensor before sparsify
@@ -553,6 +558,7 @@ def sparsify(
     blocksize: int | tuple[int, int] = 32,
     backend: str = "auto",
     max_density: float = DEFAULT_MAX_DENSITY,
+    trainable: bool = False,
 ) -> nn.Module:
     """Swap each sparse enough linear layer of ``model`` for a sparse one; return the model.
 
@@ -580,9 +586,15 @@ def sparsify(
     ``add_zero_attn`` (see :mod:`sparse_lth.attention`). An ``nn.TransformerEncoder`` that
     holds sparse layers gets ``use_nested_tensor = False`` (:func:`densify` restores it).
 
+    ``trainable=True`` swaps ``nn.Linear`` layers alone, each for a
+    :class:`~sparse_lth.nn.TrainableSparseLinear` whose stored values are a Parameter over the
+    fixed pattern (train with any optimizer on ``model.parameters()``; ``densify`` gives the
+    trained dense layers back); Conv1D and attention stay dense then. Tied weights share one
+    values Parameter.
+
     The model is changed in place (a bare layer passed as ``model`` is returned as a new sparse
     one). A model on the meta device holds no values to store: that is a ValueError saying so.
-    Inference only: see :class:`SparseLinear`.
+    Without ``trainable`` the layers are inference only: see :class:`SparseLinear`.
 
     >>> import torch
     >>> from torch import nn
@@ -602,6 +614,8 @@ def sparsify(
     for name, m in model.named_modules():
         if type(m) is nn.Linear:
             targets.append((name, m, "linear"))
+        elif trainable:
+            continue  # trainable sparse layers exist for nn.Linear alone
         elif _is_hf_conv1d(m):
             targets.append((name, m, "conv1d"))
         elif type(m) is nn.MultiheadAttention and _mha_supported(m):
@@ -619,7 +633,7 @@ def sparsify(
         mask.apply(model)
         params = dict(model.named_parameters())
         by_weight = {id(params[name]): alive for name, alive in mask.items()}
-    builder = _Builder(by_weight, format, blocksize, backend, max_density)
+    builder = _Builder(by_weight, format, blocksize, backend, max_density, trainable)
     for name, m, kind in targets:
         where = f"{name}.weight" if name else "weight"
         sparse: nn.Module | None
@@ -663,7 +677,7 @@ def densify(model: nn.Module) -> nn.Module:
             continue  # inside an attention layer that was densified whole
         if _is_sparse(m):
             dense = _dense_of(m)
-            if type(m) is SparseLinear and m.values.numel():  # layers that shared one sparse weight
+            if type(m) in (SparseLinear, TrainableSparseLinear) and m.values.numel():  # layers that shared one sparse weight
                 key = (m.values.data_ptr(), m.values.shape, m.out_features, m.in_features)  # share one again
                 dense.weight = tied.setdefault(key, dense.weight)
             _replace(model, name, dense)

@@ -11,6 +11,7 @@ the mask), so the benchmark measures the library's loop rather than a copy of it
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -21,8 +22,17 @@ from torch import nn
 from sparse_lth import distributed
 from sparse_lth.data import Dataset, Split
 from sparse_lth.masks import Mask
+from sparse_lth.nn import TrainableSparseLinear
 
 OPTIMIZERS = ("adam", "sgd")
+SPARSE_TRAINING = ("auto", "always", "never")
+#: ``sparse_training="auto"`` trains a masked nn.Linear sparse when it holds at least this many
+#: weights and at most this density. Measured on 2 CPU cores, batch 60, fp32, forward + backward
+#: + Adam (bench/RESULTS.md, sparse training): 100 x 300 lost at every density (0.6-0.7x: the
+#: custom ops' fixed cost), 300 x 784 won from 30% down (1.4-1.7x), 1024 x 1024 and larger won
+#: 2.6-5.7x at 20% and below.
+SPARSE_TRAINING_MIN_WEIGHTS = 1 << 17
+SPARSE_TRAINING_MAX_DENSITY = 0.3
 
 
 @dataclass(frozen=True)
@@ -34,6 +44,7 @@ class TrainSettings:
     momentum: float = 0.9
     weight_decay: float = 0.0
     eval_every: int = 100
+    sparse_training: str = "never"
 
 
 @dataclass
@@ -42,6 +53,8 @@ class TrainResult:
 
     history: list[tuple[int, float, float, float]] = field(default_factory=list)
     snapshot: dict[str, torch.Tensor] | None = None  # weights at ``snapshot_at`` (for rewinding)
+    plan: dict[str, str] = field(default_factory=dict)  # weight -> "sparse" | "masked-dense"
+    seconds: float = 0.0  # wall time of the steps and evaluations
 
     @property
     def early_stop(self) -> tuple[int, float, float, float]:
@@ -124,6 +137,76 @@ def training_step(model: nn.Module, optimizer: torch.optim.Optimizer,
     return loss.detach()
 
 
+def sparse_training_plan(model: nn.Module, mask: Mask, mode: str) -> dict[str, str]:
+    """Per masked ``nn.Linear`` weight, how a round trains it: ``"sparse"`` (a
+    :class:`~sparse_lth.nn.TrainableSparseLinear` over the mask's pattern) or ``"masked-dense"``.
+    ``mode`` "always" trains every one sparse, "never" none, "auto" those with at least
+    :data:`SPARSE_TRAINING_MIN_WEIGHTS` weights at most :data:`SPARSE_TRAINING_MAX_DENSITY` dense.
+
+    >>> from sparse_lth.models import build_model
+    >>> model = build_model("lenet300", (1, 28, 28), 10)
+    >>> mask = Mask({n: torch.rand(p.shape) < 0.1 for n, p in model.named_parameters() if n.endswith("weight")})
+    >>> sparse_training_plan(model, mask, "auto")
+    {'fc1.weight': 'sparse', 'fc2.weight': 'masked-dense', 'out.weight': 'masked-dense'}
+    """
+    if mode not in SPARSE_TRAINING:
+        raise ValueError(f"sparse_training must be one of {SPARSE_TRAINING}, got {mode!r}")
+    plan = {}
+    modules = dict(model.named_modules())
+    for name, alive in mask.items():
+        owner = modules.get(name.rpartition(".")[0])
+        if type(owner) is not nn.Linear or not name.endswith("weight"):
+            continue
+        density = float(alive.sum()) / max(alive.numel(), 1)
+        big = alive.numel() >= SPARSE_TRAINING_MIN_WEIGHTS and density <= SPARSE_TRAINING_MAX_DENSITY
+        plan[name] = "sparse" if mode == "always" or (mode == "auto" and big) else "masked-dense"
+    return plan
+
+
+def _swap_to_sparse(model: nn.Module, mask: Mask, plan: dict[str, str]) -> dict[str, nn.Linear]:
+    """Put a TrainableSparseLinear in place of each layer the plan trains sparse; return the
+    dense layers taken out, by module name (their parameters get the trained values back)."""
+    taken = {}
+    for name, how in plan.items():
+        if how != "sparse":
+            continue
+        module_name = name.rpartition(".")[0]
+        dense = model.get_submodule(module_name)
+        _set_submodule(model, module_name, TrainableSparseLinear.from_linear(dense, mask=mask[name]))
+        taken[module_name] = dense
+    return taken
+
+
+def _swap_back(model: nn.Module, taken: dict[str, nn.Linear]) -> None:
+    """Copy each sparse layer's trained weights into the dense layer it replaced (pruned entries
+    zero), and put the dense layer back: the model's parameters are the same objects as before."""
+    for module_name, dense in taken.items():
+        sparse = model.get_submodule(module_name)
+        with torch.no_grad():
+            dense.weight.copy_(sparse.dense_weight())
+            if dense.bias is not None:
+                dense.bias.copy_(sparse.bias)
+        _set_submodule(model, module_name, dense)
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, module)
+
+
+def _dense_state(model: nn.Module, taken: dict[str, nn.Linear]) -> dict[str, torch.Tensor]:
+    """The model's state dict as the dense model would have it (copies)."""
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    for module_name in taken:
+        sparse = model.get_submodule(module_name)
+        for key in [k for k in state if k.startswith(f"{module_name}.")]:
+            del state[key]
+        state[f"{module_name}.weight"] = sparse.dense_weight()
+        if sparse.bias is not None:
+            state[f"{module_name}.bias"] = sparse.bias.detach().clone()
+    return state
+
+
 def train(model: nn.Module, mask: Mask, data: Dataset, settings: TrainSettings, seed: int,
           start_step: int = 0, snapshot_at: int | None = None, progress=None) -> TrainResult:
     """Train ``model`` in place under ``mask`` from step ``start_step`` to ``settings.iterations``.
@@ -134,22 +217,40 @@ def train(model: nn.Module, mask: Mask, data: Dataset, settings: TrainSettings, 
     With several ranks (torchrun), each trains on its shard of every global batch inside
     DistributedDataParallel: the same mean gradient as one process (see ``distributed``).
     ``snapshot_at=k`` also returns a copy of the weights after step k (for late rewinding).
-    ``progress`` is an optional tqdm bar advanced once per step.
+    ``progress`` is an optional tqdm bar advanced once per step. ``settings.sparse_training``
+    trains some layers sparse (:func:`sparse_training_plan`, recorded in ``result.plan``): the
+    same updates as masked-dense training up to float rounding, at a cost that falls with the
+    density; the model holds its dense layers again when this returns.
     """
     mask.apply(model)
-    masked = masked_weights(model, mask)
+    result = TrainResult(plan=sparse_training_plan(model, mask, settings.sparse_training))
+    start = time.perf_counter()
+    taken = _swap_to_sparse(model, mask, result.plan)
+    try:
+        _train_steps(model, mask, data, settings, seed, start_step, snapshot_at, progress, result, taken)
+    finally:
+        _swap_back(model, taken)
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+def _train_steps(model: nn.Module, mask: Mask, data: Dataset, settings: TrainSettings, seed: int,
+                 start_step: int, snapshot_at: int | None, progress, result: TrainResult,
+                 taken: dict[str, nn.Linear]) -> None:
+    dense_trained = Mask({name: alive for name, alive in mask.items()
+                          if name.rpartition(".")[0] not in taken})
+    masked = masked_weights(model, dense_trained)
     optimizer = make_optimizer(model.parameters(), settings)
     net = distributed.wrap(model)  # the model itself in one process
     batches = _batches(len(data.train), settings.batch_size, torch.Generator().manual_seed(seed))
     for _ in range(start_step):
         next(batches)
-    result = TrainResult()
     model.train()
     for step in range(start_step + 1, settings.iterations + 1):
         idx = distributed.shard(next(batches))
         training_step(net, optimizer, masked, data.train.x[idx], data.train.y[idx])
         if snapshot_at is not None and step == snapshot_at:
-            result.snapshot = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            result.snapshot = _dense_state(model, taken)
         if step % settings.eval_every == 0 or step == settings.iterations:
             val_loss, val_acc = evaluate(model, data.val)
             _, test_acc = evaluate(model, data.test)
@@ -158,4 +259,3 @@ def train(model: nn.Module, mask: Mask, data: Dataset, settings: TrainSettings, 
                 progress.set_postfix(val_loss=f"{val_loss:.3f}", test_acc=f"{test_acc:.4f}", refresh=False)
         if progress is not None:
             progress.update(1)
-    return result

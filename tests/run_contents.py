@@ -17,9 +17,9 @@ def _without(data: Any, field: str) -> Any:
     return data
 
 
-def run_contents(run_dir: Path, ignore_field: str | None = None) -> dict[str, Any]:
+def run_contents(run_dir: Path, ignore_field: str | None = "seconds") -> dict[str, Any]:
     """Every JSON and safetensors file under ``run_dir``, by relative path (tensors as lists).
-    ``ignore_field`` drops a JSON field a rerun cannot repeat (say a wall time)."""
+    ``ignore_field`` drops a JSON field a rerun cannot repeat (by default the rounds' wall time)."""
     from safetensors.torch import load_file
 
     files: dict[str, Any] = {}

@@ -14,9 +14,11 @@ ROOT = Path(__file__).resolve().parents[1]
 LINK = re.compile(r"\]\(([^)#\s]+)(?:#[^)]*)?\)")
 
 # Modules whose docstring examples run here (csr.py / bsr.py run in test_triton_kernels.py,
-# formats / checkpoint in test_checkpoint.py); lottery's example runs a two-round search.
+# sddmm.py in test_sddmm.py, formats / checkpoint in test_checkpoint.py); lottery's example runs
+# a two-round search.
 DOCTESTED = ["sparse_lth.masks", "sparse_lth.pruning", "sparse_lth.modules", "sparse_lth.backends",
-             "sparse_lth.user_loop", "sparse_lth.attention",
+             "sparse_lth.user_loop", "sparse_lth.attention", "sparse_lth.training", "sparse_lth.nn.ops",
+             "sparse_lth.nn.trainable", "sparse_lth.models",
              "sparse_lth.lottery", "sparse_lth.bench_report", "sparse_lth.kernels.cpu",
              "sparse_lth.kernels.invariants", "sparse_lth.kernels.reference"]
 
@@ -34,7 +36,7 @@ def test_relative_links_resolve_inside_the_repository(document):
 
 def test_design_document_names_every_module():
     design = (ROOT / "docs" / "DESIGN.md").read_text()
-    for folder in ("sparse_lth", "kernels"):
+    for folder in ("sparse_lth", "kernels", "sparse_lth/nn"):
         for path in sorted((ROOT / folder).glob("*.py")):
             if path.name != "__init__.py":
                 assert path.name in design, f"docs/DESIGN.md does not describe {folder}/{path.name}"

@@ -58,6 +58,15 @@ def test_library_layers(module):
             pytest.fail(f"sparse_lth/{module}.py imports {name}: an arrow against the layering")
 
 
+@pytest.mark.parametrize("path", sorted((ROOT / "sparse_lth" / "nn").glob("*.py")), ids=lambda p: p.name)
+def test_nn_never_imports_the_layers_above_it(path):
+    for name in _imports(path):
+        parts = name.split(".")
+        if parts[0] == "sparse_lth" and len(parts) > 1:
+            assert parts[1] not in {"training", "lottery", "modules", "cli", "user_loop", "checkpoint"}, \
+                f"sparse_lth/nn/{path.name} imports {name}: an arrow against the layering"
+
+
 def test_kernels_never_imported_as_top_level_name():
     for path in [*ROOT.glob("sparse_lth/*.py"), *ROOT.glob("tests/*.py"), *ROOT.glob("bench/*.py")]:
         for name in _imports(path):

@@ -127,7 +127,7 @@ def test_later_fields_keep_earlier_run_names():
     # Fields added after the first release are hashed only when set: earlier run directories resume.
     config = LotteryConfig(**SMALL)
     legacy = {k: v for k, v in config.to_dict().items()
-              if k not in ("prune_types", "include", "exclude", "output_layer", "metric")}
+              if k not in ("prune_types", "include", "exclude", "output_layer", "metric", "sparse_training")}
     import hashlib
     assert config.digest() == hashlib.sha256(json.dumps(legacy, sort_keys=True).encode()).hexdigest()[:10]
     assert LotteryConfig.from_dict(legacy) == config
@@ -306,3 +306,21 @@ def test_run_config_with_unknown_keys_names_the_file(tmp_path, monkeypatch):
                                          r"LotteryConfig keys \['colour'\].*delete the run directory"):
         find_ticket(config, tmp_path, progress=False)
     assert starts == []
+
+
+def test_sparse_training_search_matches_masked_dense(tmp_path):
+    """A search that trains every layer sparse finds the same masks and accuracies (up to float
+    rounding) as the masked-dense search; each round records its path, and the run
+    lands in a folder of its own (the config says how it trained)."""
+    never = find_ticket(LotteryConfig(**SMALL, controls=("random_reinit",)), tmp_path, progress=False)
+    always = find_ticket(LotteryConfig(**SMALL, controls=("random_reinit",), sparse_training="always"),
+                         tmp_path, progress=False)
+    assert always.run_dir != never.run_dir
+    for name in never.mask:  # float rounding may flip a weight at the pruning threshold, no more
+        agree = (always.mask[name] == never.mask[name]).float().mean()
+        assert agree >= 0.999, name
+    for a, b in zip(always.records, never.records):
+        assert set(a["training_path"].values()) == {"sparse"}
+        assert set(b["training_path"].values()) == {"masked-dense"}
+        assert abs(a["early_stop_test_accuracy"] - b["early_stop_test_accuracy"]) <= 0.01
+    assert always.controls["random_reinit"][0]["training_path"]

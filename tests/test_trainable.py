@@ -162,3 +162,70 @@ def test_wrong_input_width_is_a_value_error():
     layer = TrainableSparseLinear.from_linear(nn.Linear(6, 3))
     with pytest.raises(ValueError, match=r"\[\.\.\., 6\]"):
         layer(torch.randn(2, 5))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (the Triton SDDMM and cuBLAS sampling)")
+@pytest.mark.parametrize("fmt,block,out,inp", CASES + [("bsr", (64, 64), 128, 192)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_gradients_match_masked_dense(fmt, block, out, inp, dtype):
+    dense, mask = _layer_and_mask(9, out, inp, 0.3)
+    if fmt == "bsr":
+        mask = _block_mask(out, inp, block, 0.4, 10)
+    dense, mask = dense.cuda().to(dtype), mask.cuda()
+    layer = TrainableSparseLinear.from_linear(dense, mask=mask, format=fmt, blocksize=block or 32)
+    x = torch.randn(33, inp, device="cuda", dtype=dtype, requires_grad=True)
+    y = layer(x)
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    # fp32 reference from the same (rounded) operands
+    w32 = (dense.weight.detach() * mask).float().requires_grad_()
+    x32 = x.detach().float().requires_grad_()
+    y32 = torch.nn.functional.linear(x32, w32, dense.bias.detach().float())
+    y32.backward(dy.float())
+    tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(y.float(), y32, **tol)
+    torch.testing.assert_close(x.grad.float(), x32.grad, **tol)
+    grad_w = TrainableSparseLinear(layer.sparse_weight(), None)
+    with torch.no_grad():
+        grad_w.values.copy_(layer.values.grad)
+    torch.testing.assert_close(grad_w.dense_weight().float(), w32.grad * mask, **tol)
+
+
+def test_evaluation_batches_use_a_dense_copy_that_follows_the_values():
+    """Large no-grad batches multiply a cached dense weight; an optimizer step refreshes it."""
+    from sparse_lth.nn import trainable
+
+    dense, mask = _layer_and_mask(11, 16, 24, 0.5)
+    layer = TrainableSparseLinear.from_linear(dense, mask=mask)
+    x = torch.randn(trainable.EVAL_DENSE_MIN_ROWS, 24)
+    opt = torch.optim.SGD(layer.parameters(), lr=0.5)
+    for _ in range(2):
+        with torch.no_grad():
+            expected = torch.nn.functional.linear(x, layer.dense_weight(), layer.bias)
+            torch.testing.assert_close(layer(x), expected)
+            torch.testing.assert_close(layer(x), expected)  # the cached copy, reused
+            assert "_eval_copy" in layer.__dict__
+        layer(torch.randn(4, 24)).sum().backward()  # a training step changes the values
+        assert "_eval_copy" not in layer.__dict__
+        opt.step()
+        opt.zero_grad()
+
+
+def test_compile_fullgraph_and_export_see_the_custom_ops():
+    """The layer's products are custom ops: torch.compile(fullgraph=True) traces forward and
+    backward without a graph break, and torch.export keeps sparse_lth::linear as one node."""
+    dense, mask = _layer_and_mask(12, 32, 64, 0.2)
+    layer = TrainableSparseLinear.from_linear(dense, mask=mask)
+    x = torch.randn(8, 64, requires_grad=True)
+    compiled = torch.compile(layer, fullgraph=True)
+    y = compiled(x)
+    y.sum().backward()
+    x_ref = x.detach().clone().requires_grad_()
+    w_ref = (dense.weight.detach() * mask).requires_grad_()
+    y_ref = torch.nn.functional.linear(x_ref, w_ref, dense.bias.detach())
+    y_ref.sum().backward()
+    torch.testing.assert_close(y, y_ref)
+    torch.testing.assert_close(x.grad, x_ref.grad)
+    exported = torch.export.export(layer, (torch.randn(8, 64),))
+    targets = [str(node.target) for node in exported.graph.nodes]
+    assert any("sparse_lth.linear" in t for t in targets), targets

@@ -91,3 +91,40 @@ def test_train_runs_training_step_every_iteration(digits, monkeypatch):
     model = build_model("lenet300", digits.input_shape, seed=0)
     train(model, Mask.ones_like(model), digits, TrainSettings(iterations=30, eval_every=30), seed=0, start_step=10)
     assert len(calls) == 20
+
+
+def test_sparse_training_follows_masked_dense(digits):
+    """Every layer trained sparse over its mask's pattern ends where masked-dense training does
+    (float rounding apart), records its plan, and leaves the model's own parameters in place."""
+    settings = TrainSettings(iterations=60, batch_size=32, eval_every=30)
+    results, models = {}, {}
+    for mode in ("never", "always"):
+        model = build_model("lenet300", digits.input_shape, seed=0)
+        mask = prune_by_magnitude(model, Mask.ones_like(model), 0.8)
+        before = {name: id(p) for name, p in model.named_parameters()}
+        results[mode] = train(model, mask, digits, TrainSettings(**{**settings.__dict__, "sparse_training": mode}),
+                              seed=0, snapshot_at=30)
+        assert {name: id(p) for name, p in model.named_parameters()} == before
+        assert all(type(m).__name__ != "TrainableSparseLinear" for m in model.modules())
+        models[mode] = model
+    assert set(results["always"].plan.values()) == {"sparse"}
+    assert set(results["never"].plan.values()) == {"masked-dense"}
+    for (name, p), q in zip(models["never"].named_parameters(), models["always"].parameters()):
+        torch.testing.assert_close(q, p, rtol=1e-4, atol=1e-5, msg=name)
+    snap_dense, snap_sparse = results["never"].snapshot, results["always"].snapshot
+    assert snap_dense.keys() == snap_sparse.keys()
+    for key in snap_dense:
+        torch.testing.assert_close(snap_sparse[key], snap_dense[key], rtol=1e-4, atol=1e-5, msg=key)
+    for a, b in zip(results["never"].history, results["always"].history):
+        assert a[0] == b[0] and abs(a[1] - b[1]) < 1e-3
+
+
+def test_sparse_training_plan_auto_keeps_small_layers_dense():
+    model = build_model("lenet300", (1, 28, 28), seed=0)
+    dense_mask = Mask.ones_like(model)
+    assert set(training.sparse_training_plan(model, dense_mask, "auto").values()) == {"masked-dense"}
+    sparse_mask = prune_by_magnitude(model, dense_mask, 0.9)
+    plan = training.sparse_training_plan(model, sparse_mask, "auto")
+    assert plan == {"fc1.weight": "sparse", "fc2.weight": "masked-dense", "out.weight": "masked-dense"}
+    with pytest.raises(ValueError, match="sparse_training"):
+        training.sparse_training_plan(model, sparse_mask, "sometimes")

@@ -33,6 +33,14 @@ from sparse_lth.nn import ops
 
 __all__ = ["TrainableSparseLinear"]
 
+#: Without autograd (evaluation), an input of at least this many rows through a layer at least
+#: EVAL_DENSE_MIN_DENSITY dense multiplies a dense copy of the weight, made once per change of
+#: the values. Measured on 2 CPU cores, fp32, 5000 rows: 4096 x 4096 at 25 / 12.5 / 6 % ran
+#: 9.0 / 4.5 / 1.5 s sparse (MKL) against 0.9 s dense, the copy costing 24-72 ms; at 3 % sparse
+#: won (0.58 s). Training batches (60 rows) stay sparse.
+EVAL_DENSE_MIN_ROWS = 256
+EVAL_DENSE_MIN_DENSITY = 0.05
+
 class TrainableSparseLinear(nn.Module):
     """``x @ W.T + bias`` with ``W`` [out, in] stored sparse and its stored values trainable.
 
@@ -55,6 +63,8 @@ class TrainableSparseLinear(nn.Module):
         self.blocksize = weight.blocksize
         crow, col = matrix.crow_indices(), matrix.col_indices()
         check_index_invariants(matrix, "weight")
+        if max(*self.matrix_shape, col.numel()) <= torch.iinfo(torch.int32).max:
+            crow, col = crow.to(torch.int32), col.to(torch.int32)  # half the index bytes
         self.register_buffer("crow_indices", crow.contiguous())
         self.register_buffer("col_indices", col.contiguous())
         counted = self.matrix_shape if self.blocksize is None else (
@@ -62,7 +72,7 @@ class TrainableSparseLinear(nn.Module):
         crow_t, col_t, perm = ops.transpose_pattern(crow, col, counted)
         self.register_buffer("crow_t", crow_t)
         self.register_buffer("col_t", col_t)
-        self.register_buffer("perm", perm)
+        self.register_buffer("perm", perm.to(crow.dtype))
         self.values = nn.Parameter(matrix.values().detach().clone())
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone())
 
@@ -100,6 +110,10 @@ class TrainableSparseLinear(nn.Module):
         rows, cols = self.matrix_shape
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
+        if torch.is_grad_enabled():
+            self.__dict__.pop("_eval_copy", None)  # training again: drop the dense copy
+        elif x2.shape[0] >= EVAL_DENSE_MIN_ROWS and self.density() >= EVAL_DENSE_MIN_DENSITY:
+            return F.linear(x, self._eval_weight(), self.bias)
         if cols != self.in_features:
             x2 = F.pad(x2, (0, cols - self.in_features))
         y = ops.linear(x2.contiguous(), self.crow_indices, self.col_indices, self.values, rows,
@@ -123,6 +137,16 @@ class TrainableSparseLinear(nn.Module):
         if self.bias is not None:
             state["bias"] = self.bias.detach()
         return state
+
+    def _eval_weight(self) -> torch.Tensor:
+        """The dense weight, cached until the values change (an optimizer step bumps their
+        version; ``.to()`` gives new storage)."""
+        key = (self.values._version, self.values.data_ptr(), self.values.dtype)
+        cached = self.__dict__.get("_eval_copy")
+        if cached is None or cached[0] != key:
+            cached = (key, self.dense_weight())
+            self.__dict__["_eval_copy"] = cached
+        return cached[1]
 
     def dense_weight(self) -> torch.Tensor:
         """The [out, in] weight, zeros where nothing is stored (detached)."""
