@@ -76,8 +76,11 @@ class TrainResult:
 
 
 def make_optimizer(params, settings: TrainSettings) -> torch.optim.Optimizer:
+    """The round's optimizer. Adam is torch's fused implementation (the same update, one
+    kernel over all parameters): on one CPU thread a LeNet-300-100 step took 1.45-1.50 ms
+    against 1.86-2.21 ms with the default per-parameter loop (bench/numpy_lenet.py's round)."""
     if settings.optimizer == "adam":
-        return torch.optim.Adam(params, lr=settings.lr, weight_decay=settings.weight_decay)
+        return torch.optim.Adam(params, lr=settings.lr, weight_decay=settings.weight_decay, fused=True)
     if settings.optimizer == "sgd":
         return torch.optim.SGD(params, lr=settings.lr, momentum=settings.momentum,
                                weight_decay=settings.weight_decay)
