@@ -48,7 +48,7 @@ from sparse_lth.backends import BACKENDS, sparse_linear
 from sparse_lth.formats import SparseWeight, _make, to_sparse_weight
 from sparse_lth.kernels.invariants import check_index_invariants
 from sparse_lth.masks import Mask
-from sparse_lth.nn.trainable import TrainableSparseLinear
+from sparse_lth.nn.trainable import TrainableSparseLinear, linear_with
 
 __all__ = ["SparseLinear", "SparseConv1D", "SparseMultiheadAttention", "sparsify", "densify", "DEFAULT_MAX_DENSITY"]
 
@@ -192,14 +192,7 @@ class SparseLinear(nn.Module):
         >>> torch.equal(back.weight, linear.weight), torch.equal(back.bias, linear.bias)
         (True, True)
         """
-        w = self.dense_weight()
-        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
-                           device=w.device, dtype=w.dtype)
-        with torch.no_grad():
-            linear.weight.copy_(w)
-            if self.bias is not None:
-                linear.bias.copy_(self.bias)
-        return linear
+        return linear_with(self.dense_weight(), self.bias)
 
     # -- the weight -----------------------------------------------------------------------------
     def _views(self) -> dict:

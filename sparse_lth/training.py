@@ -199,11 +199,9 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
 
 def _dense_state(model: nn.Module, taken: dict[str, nn.Linear]) -> dict[str, torch.Tensor]:
     """The model's state dict as the dense model would have it (copies)."""
-    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    state = {k: v.detach().clone() for k, v in model.state_dict().items() if k.rpartition(".")[0] not in taken}
     for module_name in taken:
         sparse = model.get_submodule(module_name)
-        for key in [k for k in state if k.startswith(f"{module_name}.")]:
-            del state[key]
         state[f"{module_name}.weight"] = sparse.dense_weight()
         if sparse.bias is not None:
             state[f"{module_name}.bias"] = sparse.bias.detach().clone()

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import doctest
 import os
-import zlib
 
 import pytest
 import torch
@@ -18,27 +17,24 @@ triton = pytest.importorskip("triton")
 if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("no CUDA and TRITON_INTERPRET is not set", allow_module_level=True)
 
-from tolerances import TOLERANCE  # noqa: E402
+from kernel_cases import (  # noqa: E402
+    DEVICE,
+    DTYPES,
+    IDS,
+    QUIET_SPARSE_WARNINGS,
+    assert_within_three_way,
+    nan_like,
+    rand_dense,
+    seeded,
+)
 from sparse_lth.kernels import triton_bsr_sddmm, triton_csr_sddmm  # noqa: E402
 from sparse_lth.kernels import sddmm as sddmm_mod  # noqa: E402
 from sparse_lth.kernels.reference import sddmm_reference  # noqa: E402
 
-pytestmark = pytest.mark.filterwarnings(
-    "ignore:Sparse (CSR|BSR) tensor support is in beta:UserWarning",
-    "ignore:Sparse invariant checks are implicitly disabled:UserWarning",
-)
-
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-IDS = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+pytestmark = QUIET_SPARSE_WARNINGS
 
 
 # --- helpers ------------------------------------------------------------------------------------
-
-def _gen(*key) -> torch.Generator:
-    """Seeded from the test's parameters (crc32: stable across processes)."""
-    return torch.Generator().manual_seed(zlib.crc32(repr(key).encode()))
-
 
 def csr_pattern(M: int, K: int, density: float, gen: torch.Generator, *, empty_rows: int = 0,
                 index_dtype: torch.dtype = torch.int64) -> tuple[torch.Tensor, torch.Tensor]:
@@ -58,9 +54,6 @@ def bsr_pattern(M: int, K: int, block: tuple[int, int], density: float, gen: tor
                        index_dtype=index_dtype)
 
 
-def rand_dense(*shape: int, dtype: torch.dtype, gen: torch.Generator) -> torch.Tensor:
-    return torch.randn(*shape, generator=gen).to(dtype).to(DEVICE)
-
 
 def operands(N: int, M: int, K: int, dtype: torch.dtype, gen: torch.Generator
              ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -68,25 +61,11 @@ def operands(N: int, M: int, K: int, dtype: torch.dtype, gen: torch.Generator
     return rand_dense(N, M, dtype=dtype, gen=gen), rand_dense(N, K, dtype=dtype, gen=gen)
 
 
-def nan_like(shape, dtype) -> torch.Tensor:
-    return torch.full(shape, float("nan"), dtype=dtype, device=DEVICE)
-
 
 def assert_three_way(out, crow, col, dy, x, blocksize=None) -> None:
-    """Kernel error vs fp64 <= factor x torch's own error at the dtype + atol x scale."""
-    exact = sddmm_reference(crow, col, dy, x, blocksize)
-    torch_at_dtype = sddmm_reference(crow, col, dy, x, blocksize, dtype=x.dtype)
-    assert out.dtype == x.dtype and out.shape == exact.shape
-    assert not torch.isnan(out).any(), "unwritten (NaN-poisoned) or NaN outputs"
-    if not out.numel():
-        return
-    err_kernel = (out.double() - exact).abs().max().item()
-    err_torch = (torch_at_dtype.double() - exact).abs().max().item()
-    scale = max(exact.abs().max().item(), 1.0)
-    tol = TOLERANCE[x.dtype]
-    bound = tol["factor"] * err_torch + tol["atol"] * scale
-    assert err_kernel <= bound, (f"{x.dtype}: kernel error {err_kernel:.3g} > bound {bound:.3g} "
-                                 f"(torch's own error {err_torch:.3g})")
+    """The three-way rule (kernel_cases.assert_within_three_way) against the fp64 reference."""
+    assert_within_three_way(out, sddmm_reference(crow, col, dy, x, blocksize),
+                      sddmm_reference(crow, col, dy, x, blocksize, dtype=x.dtype), x.dtype)
 
 
 # --- CSR ----------------------------------------------------------------------------------------
@@ -97,7 +76,7 @@ CSR_SHAPES = [(1, 1, 1), (37, 53, 19), (48, 96, 70)]  # M, K, N (N ragged agains
 @pytest.mark.parametrize("dtype", DTYPES, ids=IDS.get)
 @pytest.mark.parametrize("M,K,N", CSR_SHAPES)
 def test_csr_sddmm_matches_reference(dtype, M, K, N):
-    gen = _gen("csr", dtype, M, K, N)
+    gen = seeded("csr", dtype, M, K, N)
     crow, col = csr_pattern(M, K, 0.3 if M > 1 else 1.0, gen, empty_rows=M // 4)
     dy, x = operands(N, M, K, dtype, gen)
     out = triton_csr_sddmm(crow, col, dy, x, out=nan_like((col.numel(),), dtype))
@@ -107,14 +86,14 @@ def test_csr_sddmm_matches_reference(dtype, M, K, N):
 @pytest.mark.parametrize("index", [torch.int32, torch.int64], ids=["i32", "i64"])
 def test_csr_sddmm_long_rows_and_index_types(index):
     """Rows far longer than any BLOCK_NNZ (and one empty), so chunks span row boundaries."""
-    gen = _gen("csr-long", index)
+    gen = seeded("csr-long", index)
     crow, col = csr_pattern(5, 700, 0.9, gen, empty_rows=1, index_dtype=index)
     dy, x = operands(9, 5, 700, torch.float16, gen)
     assert_three_way(triton_csr_sddmm(crow, col, dy, x), crow, col, dy, x)
 
 
 def test_csr_sddmm_unsorted_columns():
-    gen = _gen("csr-unsorted")
+    gen = seeded("csr-unsorted")
     crow, col = csr_pattern(12, 30, 0.4, gen)
     col = col.clone()
     for r in range(12):
@@ -128,7 +107,7 @@ def test_csr_sddmm_unsorted_columns():
                          ids=lambda c: "n{BLOCK_N}-nnz{BLOCK_NNZ}".format(**c.kwargs))
 def test_csr_sddmm_every_config(config):
     """The interpreter runs one pruned config; run each tile directly, with ragged N and nnz."""
-    gen = _gen("csr-config", tuple(config.kwargs.items()))
+    gen = seeded("csr-config", tuple(config.kwargs.items()))
     M, K, N = 7, 90, config.kwargs["BLOCK_N"] + 3
     crow, col = csr_pattern(M, K, 0.5, gen, empty_rows=1)
     dy, x = operands(N, M, K, torch.bfloat16, gen)
@@ -162,7 +141,7 @@ BSR_CASES = [  # M, K, N, block
 @pytest.mark.parametrize("dtype", DTYPES, ids=IDS.get)
 @pytest.mark.parametrize("M,K,N,block", BSR_CASES)
 def test_bsr_sddmm_matches_reference(dtype, M, K, N, block):
-    gen = _gen("bsr", dtype, M, K, N, block)
+    gen = seeded("bsr", dtype, M, K, N, block)
     rows = M // block[0]
     crow, col = bsr_pattern(M, K, block, 0.6 if rows > 1 else 1.0, gen,
                             empty_block_rows=1 if rows > 1 else 0)
@@ -183,7 +162,7 @@ def _one_per_block_n(configs):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=IDS.get)
 def test_bsr_sddmm_every_tile(config, dtype):
     """Each BLOCK_N directly, N ragged against it (more than one trip of the N loop)."""
-    gen = _gen("bsr-config", config.kwargs["BLOCK_N"], dtype)
+    gen = seeded("bsr-config", config.kwargs["BLOCK_N"], dtype)
     N = config.kwargs["BLOCK_N"] + 5
     crow, col = bsr_pattern(32, 64, (16, 32), 0.6, gen)
     dy, x = operands(N, 32, 64, dtype, gen)
@@ -195,7 +174,7 @@ def test_bsr_sddmm_every_tile(config, dtype):
 
 @pytest.mark.parametrize("index", [torch.int32, torch.int64], ids=["i32", "i64"])
 def test_bsr_sddmm_index_types_and_empty_block_rows(index):
-    gen = _gen("bsr-index", index)
+    gen = seeded("bsr-index", index)
     crow, col = bsr_pattern(64, 48, (16, 16), 0.5, gen, empty_block_rows=2, index_dtype=index)
     dy, x = operands(21, 64, 48, torch.float32, gen)
     assert_three_way(triton_bsr_sddmm(crow, col, (16, 16), dy, x), crow, col, dy, x, (16, 16))
@@ -220,7 +199,7 @@ def test_bsr_sddmm_pruning_fits():
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=IDS.get)
 def test_empty_problems(dtype):
-    gen = _gen("empty", dtype)
+    gen = seeded("empty", dtype)
     crow, col = csr_pattern(6, 10, 0.5, gen)
     dy0, x0 = torch.empty(0, 6, dtype=dtype, device=DEVICE), torch.empty(0, 10, dtype=dtype,
                                                                          device=DEVICE)
@@ -250,7 +229,7 @@ def test_empty_problems(dtype):
 # --- inputs the launchers refuse -----------------------------------------------------------------
 
 def _bad_inputs():
-    gen = _gen("bad")
+    gen = seeded("bad")
     crow, col = csr_pattern(8, 12, 0.5, gen)
     dy, x = operands(4, 8, 12, torch.float32, gen)
     bcrow, bcol = bsr_pattern(32, 32, (16, 16), 0.6, gen)
@@ -305,7 +284,7 @@ def test_check_invariants_false_skips_the_index_check(monkeypatch):
     not run at all, and the product is the same."""
     from sparse_lth.kernels import invariants
 
-    gen = _gen("no-check")
+    gen = seeded("no-check")
     crow, col = csr_pattern(4, 6, 0.5, gen)
     dy, x = operands(3, 4, 6, torch.float32, gen)
     checked = triton_csr_sddmm(crow, col, dy, x)
@@ -325,7 +304,7 @@ def test_check_invariants_false_skips_the_index_check(monkeypatch):
 # --- packaging -----------------------------------------------------------------------------------
 
 def test_autotuned_choice_is_memoized():
-    gen = _gen("memo")
+    gen = seeded("memo")
     crow, col = csr_pattern(20, 30, 0.3, gen)
     dy, x = operands(5, 20, 30, torch.float32, gen)
     first = triton_csr_sddmm(crow, col, dy, x)

@@ -11,7 +11,6 @@ import doctest
 import os
 import subprocess
 import sys
-import zlib
 
 import pytest
 import torch
@@ -20,7 +19,16 @@ triton = pytest.importorskip("triton")
 if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("no CUDA and TRITON_INTERPRET is not set", allow_module_level=True)
 
-from tolerances import TOLERANCE  # noqa: E402
+from kernel_cases import (  # noqa: E402
+    DEVICE,
+    DTYPES,
+    IDS,
+    QUIET_SPARSE_WARNINGS,
+    assert_within_three_way,
+    nan_like,
+    rand_dense,
+    seeded,
+)
 from sparse_lth.kernels import (  # noqa: E402
     triton_bsr_linear,
     triton_bsr_matmul,
@@ -34,23 +42,10 @@ from sparse_lth.kernels.reference import (  # noqa: E402
     sparse_matmul_reference,
 )
 
-pytestmark = pytest.mark.filterwarnings(
-    "ignore:Sparse (CSR|BSR) tensor support is in beta:UserWarning",
-    "ignore:Sparse invariant checks are implicitly disabled:UserWarning",
-)
-
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-IDS = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+pytestmark = QUIET_SPARSE_WARNINGS
 
 
 # --- helpers ------------------------------------------------------------------------------------
-
-def _gen(*key) -> torch.Generator:
-    """A generator seeded from the test's parameters: fresh data per case, same on every run
-    (crc32, not hash(): str hashes change between processes)."""
-    return torch.Generator().manual_seed(zlib.crc32(repr(key).encode()))
-
 
 def random_csr(M: int, K: int, density: float, dtype: torch.dtype, gen: torch.Generator, *,
                empty_rows: int = 0, index_dtype: torch.dtype = torch.int64) -> torch.Tensor:
@@ -80,29 +75,13 @@ def random_bsr(M: int, K: int, block: tuple[int, int], density: float, dtype: to
     return W.to(DEVICE)
 
 
-def rand_dense(*shape: int, dtype: torch.dtype, gen: torch.Generator) -> torch.Tensor:
-    return torch.randn(*shape, generator=gen).to(dtype).to(DEVICE)
-
-
-def nan_like(shape, dtype) -> torch.Tensor:
-    return torch.full(shape, float("nan"), dtype=dtype, device=DEVICE)
 
 
 def assert_three_way(out: torch.Tensor, W: torch.Tensor, X: torch.Tensor, *,
                      linear: bool = False) -> None:
-    """Kernel error vs fp64 <= factor x torch's own error at the dtype + atol x scale."""
+    """The three-way rule (kernel_cases.assert_within_three_way) against the fp64 reference."""
     ref = sparse_linear_reference if linear else sparse_matmul_reference
-    exact = ref(W, X, dtype=torch.float64)
-    torch_at_dtype = ref(W, X, dtype=X.dtype)
-    assert out.dtype == X.dtype and out.shape == exact.shape
-    assert not torch.isnan(out).any(), "unwritten (NaN-poisoned) or NaN outputs"
-    err_kernel = (out.double() - exact).abs().max().item() if out.numel() else 0.0
-    err_torch = (torch_at_dtype.double() - exact).abs().max().item() if out.numel() else 0.0
-    scale = max(exact.abs().max().item() if out.numel() else 0.0, 1.0)
-    tol = TOLERANCE[X.dtype]
-    bound = tol["factor"] * err_torch + tol["atol"] * scale
-    assert err_kernel <= bound, (f"{X.dtype}: kernel error {err_kernel:.3g} > bound {bound:.3g} "
-                                 f"(torch's own error {err_torch:.3g})")
+    assert_within_three_way(out, ref(W, X, dtype=torch.float64), ref(W, X, dtype=X.dtype), X.dtype)
 
 
 # --- CSR ----------------------------------------------------------------------------------------
@@ -113,7 +92,7 @@ CSR_SHAPES = [(1, 1, 1), (37, 53, 1), (33, 70, 19), (48, 96, 70)]
 @pytest.mark.parametrize("dtype", DTYPES, ids=IDS.get)
 @pytest.mark.parametrize("M,K,N", CSR_SHAPES)
 def test_csr_matches_reference(dtype, M, K, N):
-    gen = _gen("csr", dtype, M, K, N)
+    gen = seeded("csr", dtype, M, K, N)
     W = random_csr(M, K, 0.3, dtype, gen, empty_rows=M // 4)
     X = rand_dense(K, N, dtype=dtype, gen=gen)
     out = triton_csr_matmul(W, X, out=nan_like((M, N), dtype))
@@ -123,7 +102,7 @@ def test_csr_matches_reference(dtype, M, K, N):
 @pytest.mark.parametrize("dtype", DTYPES, ids=IDS.get)
 @pytest.mark.parametrize("case", ["all_zero", "fully_dense", "int32", "one_row"])
 def test_csr_edge_matrices(dtype, case):
-    gen = _gen("csr-edge", dtype, case)
+    gen = seeded("csr-edge", dtype, case)
     M, K, N = (1, 40, 9) if case == "one_row" else (20, 45, 9)
     density = {"all_zero": 0.0, "fully_dense": 1.01}.get(case, 0.2)
     index = torch.int32 if case in ("int32", "one_row") else torch.int64
@@ -137,7 +116,7 @@ def test_csr_edge_matrices(dtype, case):
 
 def test_csr_unsorted_columns():
     """Columns within a row in any order: the kernel only sums, so order must not matter."""
-    gen = _gen("csr-unsorted")
+    gen = seeded("csr-unsorted")
     W = random_csr(16, 30, 0.4, torch.float32, gen)
     crow, col, val = W.crow_indices(), W.col_indices().clone(), W.values().clone()
     for r in range(16):
@@ -150,7 +129,7 @@ def test_csr_unsorted_columns():
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=IDS.get)
 def test_csr_linear_and_transposed_x(dtype):
-    gen = _gen("csr-linear", dtype)
+    gen = seeded("csr-linear", dtype)
     M, K = 24, 50
     W = random_csr(M, K, 0.25, dtype, gen, empty_rows=3)
     x = rand_dense(2, 5, K, dtype=dtype, gen=gen)
@@ -176,7 +155,7 @@ def _unique_tiles(configs, keys):
 def test_csr_every_tile_config(config):
     """The launcher's pruning picks one config per shape; run each tile shape directly, with
     ragged N and rows longer than BLOCK_NNZ, in both layouts."""
-    gen = _gen("csr-config", tuple(config.kwargs.items()))
+    gen = seeded("csr-config", tuple(config.kwargs.items()))
     M, K, N = 6, 600, config.kwargs["BLOCK_N"] + 3
     W = random_csr(M, K, 0.5, torch.float16, gen, empty_rows=1)
     X = rand_dense(K, N, dtype=torch.float16, gen=gen)
@@ -234,7 +213,7 @@ def test_tuned_launch_skips_the_autotuner_after_its_choice():
 def test_tuned_launch_memo_gives_the_autotuned_result():
     """The real kernels: a second call for one key goes straight to the jit function with the
     autotuner's choice and computes the same product."""
-    gen = _gen("tuned-memo")
+    gen = seeded("tuned-memo")
     W = random_csr(40, 70, 0.3, torch.float32, gen)
     X = rand_dense(70, 3, dtype=torch.float32, gen=gen)
     first = triton_csr_matmul(W, X)
@@ -262,7 +241,7 @@ BSR_CASES = [  # M, K, N, block
 @pytest.mark.parametrize("dtype", DTYPES, ids=IDS.get)
 @pytest.mark.parametrize("M,K,N,block", BSR_CASES)
 def test_bsr_matches_reference(dtype, M, K, N, block):
-    gen = _gen("bsr", dtype, M, K, N, block)
+    gen = seeded("bsr", dtype, M, K, N, block)
     W = random_bsr(M, K, block, 0.5, dtype, gen, empty_block_rows=1 if M // block[0] > 1 else 0)
     X = rand_dense(K, N, dtype=dtype, gen=gen)
     out = triton_bsr_matmul(W, X, out=nan_like((M, N), dtype))
@@ -272,7 +251,7 @@ def test_bsr_matches_reference(dtype, M, K, N, block):
 @pytest.mark.parametrize("dtype", DTYPES, ids=IDS.get)
 @pytest.mark.parametrize("case", ["all_zero", "fully_dense", "int32"])
 def test_bsr_edge_matrices(dtype, case):
-    gen = _gen("bsr-edge", dtype, case)
+    gen = seeded("bsr-edge", dtype, case)
     density = {"all_zero": 0.0, "fully_dense": 1.01}.get(case, 0.5)
     index = torch.int32 if case == "int32" else torch.int64
     W = random_bsr(48, 32, (16, 16), density, dtype, gen, index_dtype=index)
@@ -285,7 +264,7 @@ def test_bsr_edge_matrices(dtype, case):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=IDS.get)
 def test_bsr_linear_and_transposed_x(dtype):
-    gen = _gen("bsr-linear", dtype)
+    gen = seeded("bsr-linear", dtype)
     M, K = 64, 48
     W = random_bsr(M, K, (32, 16), 0.5, dtype, gen, empty_block_rows=1)
     x = rand_dense(3, 6, K, dtype=dtype, gen=gen)
@@ -300,7 +279,7 @@ def test_bsr_linear_and_transposed_x(dtype):
                          ids=lambda c: "n{BLOCK_N}".format(**c.kwargs))
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=IDS.get)
 def test_bsr_every_tile_config(config, dtype):
-    gen = _gen("bsr-config", config.kwargs["BLOCK_N"], dtype)
+    gen = seeded("bsr-config", config.kwargs["BLOCK_N"], dtype)
     M, K, N = 32, 64, config.kwargs["BLOCK_N"] + 5
     W = random_bsr(M, K, (16, 16), 0.6, dtype, gen)
     X = rand_dense(K, N, dtype=dtype, gen=gen)
@@ -325,7 +304,7 @@ def test_bsr_pruning_keeps_fitting_configs():
 # --- inputs the launchers refuse -----------------------------------------------------------------
 
 def _bad_inputs():
-    gen = _gen("bad")
+    gen = seeded("bad")
     csr = random_csr(32, 32, 0.3, torch.float32, gen)
     bsr = random_bsr(32, 32, (16, 16), 0.5, torch.float32, gen)
     X = rand_dense(32, 4, dtype=torch.float32, gen=gen)
@@ -366,7 +345,7 @@ def test_bad_inputs_raise_value_error(i):
 
 
 def test_empty_dimensions():
-    W = random_csr(8, 16, 0.5, torch.float32, _gen("empty"))
+    W = random_csr(8, 16, 0.5, torch.float32, seeded("empty"))
     assert triton_csr_matmul(W, torch.randn(16, 0, device=DEVICE)).shape == (8, 0)
     assert triton_csr_linear(W, torch.randn(0, 16, device=DEVICE)).shape == (0, 8)
 

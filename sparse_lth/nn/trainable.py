@@ -31,7 +31,7 @@ from sparse_lth.formats import SparseWeight, _make, to_sparse_weight
 from sparse_lth.kernels.invariants import check_index_invariants
 from sparse_lth.nn import ops
 
-__all__ = ["TrainableSparseLinear"]
+__all__ = ["TrainableSparseLinear", "linear_with"]
 
 #: Without autograd (evaluation), an input of at least this many rows through a layer at least
 #: EVAL_DENSE_MIN_DENSITY dense multiplies a dense copy of the weight, made once per change of
@@ -40,6 +40,18 @@ __all__ = ["TrainableSparseLinear"]
 #: won (0.58 s). Training batches (60 rows) stay sparse.
 EVAL_DENSE_MIN_ROWS = 256
 EVAL_DENSE_MIN_DENSITY = 0.05
+
+def linear_with(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
+    """A new ``nn.Linear`` holding copies of a dense [out, in] ``weight`` and ``bias``, on their
+    device and dtype: what a sparse layer turns back into."""
+    out_features, in_features = weight.shape
+    linear = nn.Linear(in_features, out_features, bias=bias is not None, device=weight.device, dtype=weight.dtype)
+    with torch.no_grad():
+        linear.weight.copy_(weight)
+        if bias is not None:
+            linear.bias.copy_(bias)
+    return linear
+
 
 class TrainableSparseLinear(nn.Module):
     """``x @ W.T + bias`` with ``W`` [out, in] stored sparse and its stored values trainable.
@@ -154,14 +166,7 @@ class TrainableSparseLinear(nn.Module):
 
     def to_dense_linear(self) -> nn.Linear:
         """An ``nn.Linear`` with the trained weights (pruned entries zero)."""
-        w = self.dense_weight()
-        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
-                           device=w.device, dtype=w.dtype)
-        with torch.no_grad():
-            linear.weight.copy_(w)
-            if self.bias is not None:
-                linear.bias.copy_(self.bias)
-        return linear
+        return linear_with(self.dense_weight(), self.bias)
 
     def extra_repr(self) -> str:
         block = f", blocksize={self.blocksize}" if self.blocksize else ""
