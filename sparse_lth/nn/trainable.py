@@ -122,7 +122,9 @@ class TrainableSparseLinear(nn.Module):
         rows, cols = self.matrix_shape
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
-        if torch.is_grad_enabled():
+        if torch.compiler.is_compiling():
+            pass  # the dense copy is an eager-mode cache; a compiled graph keeps the sparse product
+        elif torch.is_grad_enabled():
             self.__dict__.pop("_eval_copy", None)  # training again: drop the dense copy
         elif x2.shape[0] >= EVAL_DENSE_MIN_ROWS and self.density() >= EVAL_DENSE_MIN_DENSITY:
             return F.linear(x, self._eval_weight(), self.bias)
