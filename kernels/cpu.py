@@ -41,6 +41,7 @@ except ImportError:  # pragma: no cover - depends on the scipy build
     _sparsetools = None
 
 __all__ = [
+    "CpuSparseProduct",
     "cpu_csr_matmul",
     "cpu_bsr_matmul",
     "auto_cpu_backend",
@@ -148,16 +149,92 @@ def _run(blocks: list[tuple[int, int]], job: Callable[[int, int], None]) -> None
 
 
 # -- products ----------------------------------------------------------------------------------
-def _prepare(W: torch.Tensor, X: torch.Tensor) -> tuple[torch.dtype, np.ndarray, np.ndarray, np.ndarray]:
-    """Compute dtype, flat values, flat X and a zeroed output (the loops accumulate into it)."""
-    values = W.values()
-    if W.dtype in _FLOATS:
-        compute = W.dtype
-    else:
-        compute = torch.float32
-        values, X = values.detach().float(), X.detach().float()
-    out = np.zeros((W.shape[0], X.shape[1]), dtype=_NP_DTYPES[compute])
-    return compute, _np(values).reshape(-1), _np(X).reshape(-1), out
+class CpuSparseProduct:
+    """``W @ X`` with scipy's compiled loops for one CPU CSR / BSR ``W``, prepared once: numpy
+    views of its arrays (float32 values for a float16 / bfloat16 ``W``) and the row blocks per
+    thread count are kept, so a layer that multiplies by the same ``W`` on every call pays only
+    the product. ``W`` is not checked here (see :func:`cpu_csr_matmul`); its arrays are read in
+    place, so values changed in place are seen, and a half-precision ``W`` is copied once.
+
+    >>> import torch
+    >>> W = torch.tensor([[0., 2., 0.], [0., 0., 0.], [1., 0., 3.]]).to_sparse_csr()
+    >>> CpuSparseProduct(W)(torch.ones(3, 1)).flatten()
+    tensor([2., 0., 4.])
+    """
+
+    def __init__(self, W: torch.Tensor) -> None:
+        self.dtype = W.dtype
+        self.compute = W.dtype if W.dtype in _FLOATS else torch.float32
+        values = W.values().detach()
+        self.data = _np(values if self.compute == W.dtype else values.float()).reshape(-1)
+        self.indptr, self.indices = _np(W.crow_indices()), _np(W.col_indices())
+        self.shape = (int(W.shape[0]), int(W.shape[1]))
+        self.csr = W.layout == torch.sparse_csr
+        self.block = (1, 1) if self.csr else tuple(int(b) for b in values.shape[1:3])
+        self.stored = int(self.indptr[-1]) if len(self.indptr) > 1 else 0
+        self._blocks: dict[int, list[tuple[int, int]]] = {}
+
+    def __call__(self, X: torch.Tensor, threads: int | None = None) -> torch.Tensor:
+        """``W @ X`` for a dense CPU ``X`` [K, N] of ``W``'s dtype: a new [M, N] tensor."""
+        (M, K), (R, C) = self.shape, self.block
+        N = X.shape[1]
+        if self.compute != X.dtype:
+            X = X.detach().float()
+        y = np.zeros((M, N), dtype=_NP_DTYPES[self.compute])
+        if self.stored and N and R and C:
+            x = _np(X).reshape(-1)
+            parts = _num_threads(threads, self.stored * R * C * N, M // R)
+            if parts == 1:
+                self._rows(0, M // R, x, N, y)  # most small products: no pool, no row blocks
+            else:
+                blocks = self._blocks.get(parts)
+                if blocks is None:
+                    blocks = self._blocks[parts] = _row_blocks(self.indptr, parts)
+                _run(blocks, lambda r0, r1: self._rows(r0, r1, x, N, y))
+        out = torch.from_numpy(y)
+        return out if self.compute == self.dtype else out.to(self.dtype)
+
+    def matvec(self, x: np.ndarray, threads: int | None = None) -> np.ndarray:
+        """``W @ x`` for one C-contiguous numpy vector ``x`` [K] of the compute dtype (float32
+        for a half-precision ``W``): a new numpy [M] array. The lean path of a layer at batch 1,
+        where converting tensors costs more than the product."""
+        (M, K), (R, C) = self.shape, self.block
+        y = np.zeros(M, dtype=self.data.dtype)
+        if self.stored and R and C:
+            parts = _num_threads(threads, self.stored * R * C, M // R)
+            if parts == 1:
+                self._rows(0, M // R, x, 1, y)
+            else:
+                blocks = self._blocks.get(parts)
+                if blocks is None:
+                    blocks = self._blocks[parts] = _row_blocks(self.indptr, parts)
+                _run(blocks, lambda r0, r1: self._rows(r0, r1, x, 1, y))
+        return y
+
+    def _rows(self, r0: int, r1: int, x: np.ndarray, N: int, y: np.ndarray) -> None:
+        """Rows (BSR: block rows) r0:r1 of the product into ``y``, zeros on entry."""
+        (M, K), (R, C) = self.shape, self.block
+        indptr, indices, data = self.indptr, self.indices, self.data
+        out = y[r0 * R:r1 * R].reshape(-1)  # a view: y is C-contiguous
+        csr = self.csr
+        if _sparsetools is None:  # public API: rebased copy of this block's row pointers
+            lo, hi = int(indptr[r0]), int(indptr[r1])
+            if csr:
+                part = sp.csr_matrix((data[lo:hi], indices[lo:hi], indptr[r0:r1 + 1] - lo), shape=(r1 - r0, K))
+            else:
+                part = sp.bsr_matrix((data.reshape(-1, R, C)[lo:hi], indices[lo:hi], indptr[r0:r1 + 1] - lo),
+                                     shape=((r1 - r0) * R, K))
+            out[:] = (part @ x.reshape(K, N)).reshape(-1)
+        # indptr[r0:r1+1] keeps absolute offsets into the full indices / data arrays, so
+        # nothing is rebased or copied; the loops accumulate into out (zeros).
+        elif csr and N == 1:
+            _sparsetools.csr_matvec(r1 - r0, K, indptr[r0:r1 + 1], indices, data, x, out)
+        elif csr:
+            _sparsetools.csr_matvecs(r1 - r0, K, N, indptr[r0:r1 + 1], indices, data, x, out)
+        elif N == 1:
+            _sparsetools.bsr_matvec(r1 - r0, K // C, R, C, indptr[r0:r1 + 1], indices, data, x, out)
+        else:
+            _sparsetools.bsr_matvecs(r1 - r0, K // C, N, R, C, indptr[r0:r1 + 1], indices, data, x, out)
 
 
 def cpu_csr_matmul(W: torch.Tensor, X: torch.Tensor, threads: int | None = None, *,
@@ -186,29 +263,7 @@ def cpu_csr_matmul(W: torch.Tensor, X: torch.Tensor, threads: int | None = None,
             [12., 16.]])
     """
     _check(W, X, torch.sparse_csr, "cpu_csr_matmul", check_invariants, threads)
-    M, K = W.shape
-    N = X.shape[1]
-    compute, data, x, y = _prepare(W, X)
-    indptr, indices = _np(W.crow_indices()), _np(W.col_indices())
-    nnz = int(indptr[-1]) if M else 0
-    if nnz and N:
-
-        def job(r0: int, r1: int) -> None:
-            out = y[r0:r1].reshape(-1)  # a view: y is C-contiguous
-            if _sparsetools is None:  # public API: rebased copy of this block's row pointers
-                lo, hi = int(indptr[r0]), int(indptr[r1])
-                block = sp.csr_matrix((data[lo:hi], indices[lo:hi], indptr[r0 : r1 + 1] - lo), shape=(r1 - r0, K))
-                out[:] = (block @ x.reshape(K, N)).reshape(-1)
-            elif N == 1:
-                # indptr[r0:r1+1] keeps absolute offsets into the full indices / data arrays,
-                # so nothing is rebased or copied; the loop accumulates into out (zeros).
-                _sparsetools.csr_matvec(r1 - r0, K, indptr[r0 : r1 + 1], indices, data, x, out)
-            else:
-                _sparsetools.csr_matvecs(r1 - r0, K, N, indptr[r0 : r1 + 1], indices, data, x, out)
-
-        _run(_row_blocks(indptr, _num_threads(threads, nnz * N, M)), job)
-    out = torch.from_numpy(y)
-    return out if compute == W.dtype else out.to(W.dtype)
+    return CpuSparseProduct(W)(X, threads)
 
 
 def cpu_bsr_matmul(W: torch.Tensor, X: torch.Tensor, threads: int | None = None, *,
@@ -232,32 +287,7 @@ def cpu_bsr_matmul(W: torch.Tensor, X: torch.Tensor, threads: int | None = None,
             [0.]])
     """
     _check(W, X, torch.sparse_bsr, "cpu_bsr_matmul", check_invariants, threads)
-    M, K = W.shape
-    N = X.shape[1]
-    R, C = W.values().shape[1:]
-    compute, data, x, y = _prepare(W, X)
-    indptr, indices = _np(W.crow_indices()), _np(W.col_indices())
-    nnzb = int(indptr[-1]) if len(indptr) > 1 else 0
-    if nnzb and N and R and C:
-        nbcol = K // C
-
-        def job(b0: int, b1: int) -> None:
-            out = y[b0 * R : b1 * R].reshape(-1)
-            if _sparsetools is None:
-                lo, hi = int(indptr[b0]), int(indptr[b1])
-                block = sp.bsr_matrix(
-                    (data.reshape(-1, R, C)[lo:hi], indices[lo:hi], indptr[b0 : b1 + 1] - lo),
-                    shape=((b1 - b0) * R, K),
-                )
-                out[:] = (block @ x.reshape(K, N)).reshape(-1)
-            elif N == 1:
-                _sparsetools.bsr_matvec(b1 - b0, nbcol, R, C, indptr[b0 : b1 + 1], indices, data, x, out)
-            else:
-                _sparsetools.bsr_matvecs(b1 - b0, nbcol, N, R, C, indptr[b0 : b1 + 1], indices, data, x, out)
-
-        _run(_row_blocks(indptr, _num_threads(threads, nnzb * R * C * N, M // R)), job)
-    out = torch.from_numpy(y)
-    return out if compute == W.dtype else out.to(W.dtype)
+    return CpuSparseProduct(W)(X, threads)
 
 
 # -- choice ------------------------------------------------------------------------------------

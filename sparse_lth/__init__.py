@@ -22,7 +22,8 @@ __all__ = ["Mask", "prunable_names", "build_model", "prune_by_magnitude", "prune
 # SparseLinear / sparsify / densify and the kernel choice behind them
 from sparse_lth.backends import choose_backend, sparse_linear, sparse_matmul  # noqa: E402
 from sparse_lth.modules import SparseConv1D, SparseLinear, SparseMultiheadAttention, densify, sparsify  # noqa: E402
-from sparse_lth.nn import TrainableSparseLinear  # noqa: E402
+from sparse_lth.nn import TrainableSparseLinear, calibration_table  # noqa: E402
 
 __all__ += ["SparseLinear", "SparseConv1D", "SparseMultiheadAttention", "TrainableSparseLinear", "sparsify", "densify",
+            "calibration_table",
             "choose_backend", "sparse_matmul", "sparse_linear"]

@@ -99,7 +99,9 @@ class TensorReport:
 
 @dataclass(frozen=True)
 class ConvertReport:
-    """What :func:`convert_checkpoint` did: file sizes and how each tensor was stored."""
+    """What :func:`convert_checkpoint` did: file sizes and how each tensor was stored; for a run
+    directory also which round it deployed, that round's share of weights left and its test
+    accuracy at early stop (a fraction; None where the record holds none)."""
 
     src: str
     dst: str
@@ -108,6 +110,9 @@ class ConvertReport:
     bytes_before: int
     bytes_after: int
     tensors: dict[str, TensorReport] = field(default_factory=dict)
+    round: int | None = None
+    weights_remaining: float | None = None
+    test_accuracy: float | None = None
 
     @property
     def ratio(self) -> float:
@@ -119,8 +124,12 @@ class ConvertReport:
 
     def __str__(self) -> str:
         lines = [f"{self.src} -> {self.dst} ({self.format}"
-                 + (f", block {self.blocksize[0]}x{self.blocksize[1]})" if self.blocksize else ")"),
-                 f"bytes before {self.bytes_before:,}  after {self.bytes_after:,}  ({100 * self.ratio:.2f}%)"]
+                 + (f", block {self.blocksize[0]}x{self.blocksize[1]})" if self.blocksize else ")")]
+        if self.round is not None:
+            left = "" if self.weights_remaining is None else f": {100 * self.weights_remaining:.2f}% of weights left"
+            acc = "" if self.test_accuracy is None else f", test accuracy {100 * self.test_accuracy:.2f}% at early stop"
+            lines.append(f"round {self.round}{left}{acc}")
+        lines.append(f"bytes before {self.bytes_before:,}  after {self.bytes_after:,}  ({100 * self.ratio:.2f}%)")
         for name, t in self.tensors.items():
             if t.format != "dense":
                 extra = f", block density {t.block_density:.4f}" if t.block_density is not None else ""
@@ -523,16 +532,28 @@ def _read_torch_file(src: Path) -> Any:
         raise ValueError(f"{src}: not a readable torch state dict (truncated or corrupt?)") from None
 
 
+def _read_run(src: Path, round: int | None, max_drop: float | None
+              ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], int, dict[str, Any]]:
+    """(trained state dict, mask, bytes of its weight file, record) of the round to deploy."""
+    if round is None and max_drop is None:  # the newest round: only its own files are read
+        mask, trained, record = run_files.last_ticket(src)
+        index = run_files.completed_rounds(src)[-1]
+    else:
+        try:
+            index = run_files.pick_round(run_files.read_records(src), round=round, max_drop=max_drop)
+        except ValueError as e:
+            raise ValueError(f"{src}: {e}") from None
+        mask, trained, record = run_files.read_round(src, index)
+    weights_file = run_files.round_dir(src, index) / run_files.TRAINED_FILE
+    return trained, mask, weights_file.stat().st_size, {**record, "round": index}
+
+
 def _read_source(src: Path, max_dense_bytes: int | None = None
                  ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None, int]:
-    """(state dict, mask or None, bytes of the source's weight file)."""
+    """(state dict, mask or None, bytes of the file) of a checkpoint file (a run directory is
+    :func:`_read_run`'s)."""
     if src.is_dir():
-        if not run_files.is_run_dir(src):
-            raise ValueError(f"{src} is a directory but not a run directory of a lottery search")
-        rounds = run_files.completed_rounds(src)
-        mask, trained, _ = run_files.last_ticket(src)
-        weights_file = run_files.round_dir(src, rounds[-1]) / run_files.TRAINED_FILE
-        return trained, mask, weights_file.stat().st_size
+        raise ValueError(f"{src} is a directory but not a run directory of a lottery search")
     if not src.is_file():
         raise FileNotFoundError(f"no checkpoint at {src}")
     size = src.stat().st_size
@@ -576,14 +597,21 @@ def _check_destination(src: Path, dst: Path) -> None:
 
 def convert_checkpoint(src: str | Path, dst: str | Path, format: str = "csr",
                        blocksize: int | tuple[int, int] | None = None,
-                       max_dense_bytes: int | None = None) -> ConvertReport:
+                       max_dense_bytes: int | None = None, round: int | None = None,
+                       max_drop: float | None = None) -> ConvertReport:
     """Convert a dense checkpoint to one sparse safetensors file at ``dst`` (written atomically).
 
     ``src`` is a torch ``.pt`` / ``.pth`` state dict (read with ``weights_only=True``), a
-    safetensors file (dense, or sparse to re-encode), or a search's run directory (its newest
-    ticket, mask applied). Returns sizes before and after and per-tensor densities.
+    safetensors file (dense, or sparse to re-encode), or a search's run directory (a round's
+    trained weights, its mask applied). Returns sizes before and after and per-tensor densities.
     ``dst`` may not be ``src`` itself (under any spelling or link) nor lie inside a run
     directory ``src``; ``max_dense_bytes`` is passed to :func:`load_sparse` for a sparse ``src``.
+
+    Which round of a run directory: ``round`` by number, or with ``max_drop`` the sparsest
+    round whose test accuracy at early stop is within ``max_drop`` percentage points of round
+    0's (see :func:`~sparse_lth.run_files.pick_round`); neither, the newest round. The report
+    says which round it took, its weights left and its accuracy. Either for a file ``src`` is
+    a ``ValueError``.
 
     >>> import tempfile, os
     >>> d = tempfile.mkdtemp()
@@ -594,9 +622,22 @@ def convert_checkpoint(src: str | Path, dst: str | Path, format: str = "csr",
     ('csr', True)
     """
     src, dst = Path(src), Path(dst)
+    if (round is not None or max_drop is not None) and not run_files.is_run_dir(src):
+        flag = "--round (round=)" if round is not None else "--max-drop (max_drop=)"
+        raise ValueError(f"{flag} picks a round of a search's run directory, and {src} is not one")
     _check_destination(src, dst)
-    state, mask, bytes_before = _read_source(src, max_dense_bytes)
+    record: dict[str, Any] = {}
+    if run_files.is_run_dir(src):
+        state, mask, bytes_before, record = _read_run(src, round, max_drop)
+    else:
+        state, mask, bytes_before = _read_source(src, max_dense_bytes)
     report = save_sparse(state, dst, format=format, blocksize=blocksize, mask=mask)
+
+    def number(key: str) -> float | None:  # a record written by hand may lack it
+        value = record.get(key)
+        return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
     return ConvertReport(str(src), str(dst), format,
                          _blocksize(blocksize, "blocksize") if blocksize is not None else None,
-                         bytes_before, dst.stat().st_size, report)
+                         bytes_before, dst.stat().st_size, report, round=record.get("round"),
+                         weights_remaining=number("weights_remaining"), test_accuracy=number(run_files.ACCURACY_KEY))

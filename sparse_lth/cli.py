@@ -6,6 +6,7 @@ Each subcommand is a ``_cmd_<name>(args)`` function and a parser block in ``buil
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import warnings
 from typing import NoReturn
@@ -29,6 +30,13 @@ def _positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
     return value
+
+
+def _batch_sizes(text: str) -> tuple[int, ...]:
+    sizes = tuple(_positive_int(part) for part in text.split(",") if part.strip())
+    if not sizes:
+        raise argparse.ArgumentTypeError(f"expected batch sizes like 1,64, got {text!r}")
+    return sizes
 
 
 def _parse_block(text: str | None) -> tuple[int, int] | None:
@@ -87,17 +95,58 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     from sparse_lth.checkpoint import convert_checkpoint
 
     print(convert_checkpoint(args.src, args.dst, format=args.format, blocksize=args.block,
-                             max_dense_bytes=args.max_dense_bytes))
+                             max_dense_bytes=args.max_dense_bytes, round=args.round, max_drop=args.max_drop))
     return 0
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from sparse_lth.run_files import is_run_dir
+
+    if is_run_dir(args.source):
+        return _report_run(args)
+    run_only = [flag for flag, value in (("--reps", args.reps), ("--batch-sizes", args.batch_sizes),
+                                         ("--threads", args.threads)) if value is not None]
+    if Path(args.source).is_dir():
+        raise ValueError(f"{args.source} is a directory but not a run directory of a lottery search; report takes "
+                         "a run directory or a pytest-benchmark JSON file")
+    if run_only:
+        raise ValueError(f"{' and '.join(run_only)} {'is' if len(run_only) == 1 else 'are'} for measuring a run "
+                         f"directory's rounds; {args.source} is not a run directory")
     from sparse_lth.bench_report import make_report
 
-    text, paths = make_report(args.json, args.out, stat=args.stat)
+    text, paths = make_report(args.source, args.out or "bench-report", stat=args.stat)
     print(text)
     for path in paths:
         print(f"plot: {path}")
+    return 0
+
+
+def _report_run(args: argparse.Namespace) -> int:
+    """Bytes and CPU latency of every round of a run directory, dense against sparse."""
+    from pathlib import Path
+
+    import torch
+
+    from sparse_lth.plots import plot_costs
+    from sparse_lth.report_table import costs_table
+    from sparse_lth.run_files import atomic_write_json
+    from sparse_lth.run_report import DEFAULT_BATCH_SIZES, DEFAULT_REPS, measure_run
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    out = Path(args.out or "run-report")
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{out} exists and is not a directory; choose another folder for the plots (--out)")
+    costs = measure_run(args.source, batch_sizes=args.batch_sizes or DEFAULT_BATCH_SIZES,
+                        reps=args.reps or DEFAULT_REPS)
+    print(costs_table(costs))
+    paths = plot_costs(costs, out)
+    atomic_write_json(costs.to_dict(), out / "costs.json")
+    for path in paths:
+        print(f"plot: {path}")
+    print(f"data: {out / 'costs.json'}")
     return 0
 
 
@@ -155,13 +204,31 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--block", type=_parse_block, default=None, help="BSR block, e.g. 32 or 32x16")
     convert.add_argument("--max-dense-bytes", type=_positive_int, default=None,
                          help="largest dense size a sparse SRC may declare (default: max(1 GiB, 1024 x its size))")
+    pick = convert.add_mutually_exclusive_group()
+    pick.add_argument("--round", type=int, default=None, metavar="N",
+                      help="run directory only: deploy round N (0 is the dense network; default: the newest round)")
+    pick.add_argument("--max-drop", type=float, default=None, metavar="P",
+                      help="run directory only: deploy the sparsest round whose test accuracy at the early-stop "
+                           "iteration (the records' early_stop_test_accuracy) is at most P percentage points "
+                           "below round 0's")
     convert.set_defaults(func=_cmd_convert)
 
-    report = sub.add_parser("report", help="benchmark JSON (pytest --benchmark-json) -> tables and PNG plots")
-    report.add_argument("json", help="the JSON file pytest-benchmark wrote (.json or .json.gz)")
-    report.add_argument("--out", default="bench-report", help="folder for the PNG plots (default: bench-report)")
+    report = sub.add_parser("report", help="benchmark JSON (pytest --benchmark-json) or run directory "
+                                           "-> tables and PNG plots")
+    report.add_argument("source", metavar="JSON_OR_RUN_DIR",
+                        help="the JSON file pytest-benchmark wrote (.json or .json.gz), or a search's run directory: "
+                             "then each round's bytes and CPU latency are measured here, dense against sparse")
+    report.add_argument("--out", default=None,
+                        help="folder for the PNG plots (default: bench-report, or run-report for a run directory)")
     report.add_argument("--stat", choices=("median", "min", "mean"), default="median",
-                        help="which timing statistic to compare (default: median)")
+                        help="benchmark JSON: which timing statistic to compare (default: median)")
+    report.add_argument("--reps", type=_positive_int, default=None,
+                        help="run directory: interleaved timing repetitions per round; the median is shown "
+                             "(default: 5; each takes a few ms per model and batch size on a small network)")
+    report.add_argument("--batch-sizes", type=_batch_sizes, default=None,
+                        help="run directory: batch sizes to time, comma-separated (default: 1,64)")
+    report.add_argument("--threads", type=_positive_int, default=None,
+                        help="run directory: torch CPU threads (default: torch's)")
     report.set_defaults(func=_cmd_report)
     return parser
 
@@ -184,15 +251,25 @@ def main(argv: list[str] | None = None) -> int:
         from sparse_lth import distributed
 
         try:
-            return args.func(args)
+            code = args.func(args)
         # The library raises ValueError naming the file or value at fault; OSError covers what
         # the file system refuses (permissions, a directory where a file belongs, a full disk).
         except (ValueError, OSError) as e:
             if distributed.is_main():  # under torchrun every rank stops; rank 0 says why, once
                 print(f"sparse-lth {args.command}: error: {_one_line(e)}", file=sys.stderr)
-            return 2
+            code = 2
         finally:
+            ranks = distributed.world()
             distributed.shutdown()
+        if ranks > 1:
+            # A torchrun worker whose work is done and group destroyed leaves at once: letting the
+            # C++ runtime tear down after it, rank 0 aborted now and then ("terminate called
+            # without an active exception", SIGABRT after its files were written; 1 two-rank
+            # search in 5-15 here, with or without a barrier before the teardown).
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+        return code
     except KeyboardInterrupt:
         return 130  # Ctrl-C: the user knows why it stopped; no traceback
 

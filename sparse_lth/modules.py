@@ -39,15 +39,18 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, Optional
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from sparse_lth.attention import SparseMultiheadAttention, keep_out_of_fused_paths
-from sparse_lth.backends import BACKENDS, sparse_linear
+from sparse_lth.backends import BACKENDS, choose_backend, sparse_linear
 from sparse_lth.formats import SparseWeight, _make, to_sparse_weight
+from sparse_lth.kernels.cpu import CpuSparseProduct
 from sparse_lth.kernels.invariants import check_index_invariants
 from sparse_lth.masks import Mask
+from sparse_lth.nn import ops
 from sparse_lth.nn.trainable import TrainableSparseLinear, linear_with
 
 __all__ = ["SparseLinear", "SparseConv1D", "SparseMultiheadAttention", "sparsify", "densify", "DEFAULT_MAX_DENSITY"]
@@ -60,6 +63,9 @@ __all__ = ["SparseLinear", "SparseConv1D", "SparseMultiheadAttention", "sparsify
 DEFAULT_MAX_DENSITY = 0.1
 
 _INT32_MAX = 2**31 - 1
+
+
+_SCIPY_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
 class SparseLinear(nn.Module):
@@ -82,6 +88,12 @@ class SparseLinear(nn.Module):
     Inference only: nothing here requires grad. An input that requires grad while autograd is
     on raises a RuntimeError rather than returning an output whose gradient is silently
     missing: run under ``torch.no_grad()`` / ``torch.inference_mode()``, or :func:`densify` to train.
+
+    ``backend="dense"`` (what calibration keeps where dense is faster) multiplies by a dense copy
+    of the weight made on first use. Under ``torch.compile`` / ``torch.export`` the product is
+    the custom op ``sparse_lth::linear``. Placed by hand in an ``nn.TransformerEncoderLayer``,
+    register :func:`~sparse_lth.attention.keep_out_of_fused_paths` as a forward pre-hook
+    (``sparsify`` does): that layer's fused eval kernel would read the weight as dense.
 
     >>> import torch
     >>> from torch import nn
@@ -135,6 +147,7 @@ class SparseLinear(nn.Module):
         self.matrix_shape = (int(matrix.shape[0]), int(matrix.shape[1]))  # padded to whole blocks for BSR
         self.backend = backend
         self.threads = threads
+        self.calibration = None  # a LayerChoice once sparse_lth.nn.calibrate has timed the paths
         crow, col = matrix.crow_indices(), matrix.col_indices()
         if crow.dtype == torch.int64 and max(*self.matrix_shape, col.numel()) <= _INT32_MAX:
             # a third less index traffic than torch's default int64, for scipy and MKL alike
@@ -146,8 +159,6 @@ class SparseLinear(nn.Module):
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
         # A state dict loaded later may carry other indices: they are checked like these.
         self.register_load_state_dict_post_hook(_recheck_after_load)
-        # torch's fused transformer path would read .weight as a dense tensor: stay off it
-        self.register_forward_pre_hook(keep_out_of_fused_paths)
 
     # -- construction -------------------------------------------------------------------------
     @classmethod
@@ -199,11 +210,12 @@ class SparseLinear(nn.Module):
         """Torch sparse tensors built over the buffers (the weight, row bands), kept while the
         buffers are the same tensors: building one costs ~5 us, a sizeable share of a small
         layer's call. ``.to()`` / ``.cuda()`` / ``.half()`` and ``deepcopy`` drop them."""
-        parts = (self.crow_indices, self.col_indices, self.values)
+        buffers = self._buffers  # read directly: three attribute lookups cost a small layer's call
+        crow, col, values = buffers["crow_indices"], buffers["col_indices"], buffers["values"]
         cached = self.__dict__.get("_sparse_views")
-        if cached is None or any(a is not b for a, b in zip(cached[0], parts)):
-            cached = self.__dict__["_sparse_views"] = (parts, {})
-        return cached[1]
+        if cached is None or cached[0] is not crow or cached[1] is not col or cached[2] is not values:
+            cached = self.__dict__["_sparse_views"] = (crow, col, values, {})
+        return cached[3]
 
     @property
     def weight(self) -> torch.Tensor:
@@ -285,14 +297,97 @@ class SparseLinear(nn.Module):
         cols = self.matrix_shape[1]
         return F.pad(x, (0, cols - self.in_features)) if cols != self.in_features else x
 
+    def _multiply(self, x: torch.Tensor, rows: tuple[int, int] | None, bias: torch.Tensor | None) -> torch.Tensor:
+        """``x @ W[rows].T + bias`` (all stored rows when ``rows`` is None) on the layer's path,
+        a new contiguous tensor.
+
+        Under ``torch.compile`` / ``torch.export`` the product is the custom op
+        ``sparse_lth::linear`` over the raw buffers (a graph sees no sparse tensor). ``"dense"``
+        (a calibrated choice: dense was faster for this layer) multiplies by a dense copy of
+        the weight, made once and kept with the views."""
+        if torch.compiler.is_compiling():
+            y = ops.linear(x.reshape(x.shape[:-1].numel(), x.shape[-1]).contiguous(), self.crow_indices, self.col_indices,
+                                     self.values, self.matrix_shape[0], backend=self.backend)
+            y = y.reshape(*x.shape[:-1], self.matrix_shape[0])
+            y = y if rows is None else y[..., rows[0]:rows[1]]
+            return y if bias is None else y + bias
+        if self.backend == "dense":
+            views = self._views()
+            if "dense" not in views:
+                views["dense"] = self.weight.to_dense()
+            W = views["dense"] if rows is None else views["dense"][rows[0]:rows[1]]
+            return F.linear(x, W, bias)
+        if rows is None and x.device.type == "cpu" and self._scipy_here(x):
+            return self._scipy_linear(x, bias)
+        if rows is None:
+            W, offset = self.weight, 0
+        else:
+            W, offset = self._row_band(*rows)
+        if offset == 0 and (rows is None or W.shape[0] == rows[1] - rows[0]):
+            return sparse_linear(x, W, bias, backend=self.backend, threads=self.threads, check_invariants=False)
+        y = sparse_linear(x, W, backend=self.backend, threads=self.threads, check_invariants=False)
+        y = y[..., offset:offset + rows[1] - rows[0]]  # type: ignore[index]  # BSR: whole block rows
+        return y + bias if bias is not None else y.contiguous()
+
+    def _scipy_here(self, x: torch.Tensor) -> bool:
+        """Whether this call takes the scipy path (other dtypes go the checked way, to its error)."""
+        if x.dtype != self.values.dtype or x.dtype not in _SCIPY_DTYPES or self.backend not in ("scipy", "auto"):
+            return False
+        if self.backend == "scipy":
+            return True
+        batch = x.numel() // max(x.shape[-1], 1)
+        return choose_backend(self.format, x.device, x.dtype, batch, "auto", self.nnz, self.blocksize) == "scipy"
+
+    def _scipy_linear(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """The scipy path without per-call preparation: the product over the weight's arrays is
+        built once (:class:`~sparse_lth.kernels.cpu.CpuSparseProduct`), as a small layer at
+        batch 1 spends more on preparing a call than on multiplying."""
+        views = self._views()
+        product = views.get("scipy")
+        if product is None:
+            product = views["scipy"] = CpuSparseProduct(self.weight)
+        if x.dtype == product.compute and x.dim() <= 2 and x.shape[:-1].numel() == 1 and x.is_contiguous():
+            # batch 1: numpy end to end, one tensor conversion each way (a layer's whole call
+            # at batch 1 can be shorter than a few torch calls)
+            y = product.matvec(x.numpy().reshape(-1), self.threads)
+            if bias is not None:
+                if "bias_np" not in views:
+                    views["bias_np"] = bias.detach().numpy()
+                np.add(y, views["bias_np"], out=y)
+            return torch.from_numpy(y.reshape(x.shape[:-1] + (y.shape[0],)))
+        lead = x.shape[:-1]
+        x2 = x.reshape(lead.numel(), x.shape[-1])  # not -1: the width may be 0
+        yt = product(x2.t(), self.threads)  # [M, N]
+        M, N = yt.shape
+        if N == 1:  # [M, 1] and [1, M] share one memory order: no copy, and yt is ours to add to
+            y = yt.reshape(1, M)
+            if bias is not None:
+                y.add_(bias)
+        else:
+            y = torch.empty((N, M), dtype=yt.dtype)
+            torch.add(yt.t(), bias, out=y) if bias is not None else y.copy_(yt.t())
+        return y.reshape(*lead, M)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self._check_input(x)  # BSR padded to whole blocks: the input is padded to match
-        W = self.weight
-        if self.matrix_shape[0] == self.out_features:
-            return sparse_linear(x, W, self.bias, backend=self.backend, threads=self.threads, check_invariants=False)
-        y = sparse_linear(x, W, backend=self.backend, threads=self.threads, check_invariants=False)
-        y = y[..., : self.out_features]
-        return y + self.bias if self.bias is not None else y.contiguous()
+        rows = None if self.matrix_shape[0] == self.out_features else (0, self.out_features)
+        return self._multiply(x, rows, self.bias)
+
+    def backend_candidates(self, x: torch.Tensor) -> list[str]:
+        """The paths that can multiply this layer's weight by ``x`` here (what
+        :func:`~sparse_lth.nn.calibrate.calibrate` times): ``"dense"`` always, ``"torch"`` and
+        ``"scipy"`` on the CPU, ``"triton"`` and ``"torch"`` on CUDA, each where its dtype and
+        block shape are supported."""
+        names = ("dense", "triton", "torch") if x.device.type == "cuda" else ("dense", "torch", "scipy")
+        batch = x.numel() // max(x.shape[-1], 1)
+        ok = []
+        for name in names:
+            try:
+                choose_backend(self.format, x.device, x.dtype, batch, name, self.nnz, self.blocksize)
+            except ValueError:
+                continue
+            ok.append(name)
+        return ok
 
     def forward_rows(self, x: torch.Tensor, start: int, stop: int) -> torch.Tensor:
         """``self(x)[..., start:stop]``, multiplying only the stored rows ``start:stop`` (BSR: the
@@ -310,22 +405,18 @@ class SparseLinear(nn.Module):
             raise ValueError(f"forward_rows: need 0 <= start <= stop <= {self.out_features}, got {start}:{stop}")
         if (start, stop) == (0, self.out_features):
             return self(x)
-        x = self._check_input(x)
-        W, offset = self._row_band(start, stop)
         bias = None if self.bias is None else self.bias[start:stop]
-        if offset == 0 and W.shape[0] == stop - start:
-            return sparse_linear(x, W, bias, backend=self.backend, threads=self.threads, check_invariants=False)
-        y = sparse_linear(x, W, backend=self.backend, threads=self.threads, check_invariants=False)
-        y = y[..., offset:offset + stop - start]
-        return y + bias if bias is not None else y.contiguous()
+        return self._multiply(self._check_input(x), (start, stop), bias)
 
     def extra_repr(self) -> str:
         block = f", blocksize={self.blocksize}" if self.blocksize else ""
+        calibrated = f" ({self.calibration})" if self.calibration is not None else ""
         return (f"in_features={self.in_features}, out_features={self.out_features}, format={self.format}{block}, "
-                f"density={self.density():.4f}, bias={self.bias is not None}, backend={self.backend}")
+                f"density={self.density():.4f}, bias={self.bias is not None}, backend={self.backend}{calibrated}")
 
 
 def _recheck_after_load(module: SparseLinear, incompatible_keys) -> None:
+    module.__dict__.pop("_sparse_views", None)  # loaded in place: a dense copy made before is stale
     check_index_invariants(module.weight, "SparseLinear weight (loaded state dict)")
 
 
@@ -537,11 +628,18 @@ _NESTED_WAS = "_sparse_lth_use_nested_tensor"  # an encoder's use_nested_tensor 
 
 def _keep_encoders_padded(model: nn.Module) -> None:
     """Turn off nn.TransformerEncoder's nested-tensor path where it holds sparse layers: it hands
-    each layer a NestedTensor, which the sparse products do not take (remembered for densify)."""
+    each layer a NestedTensor, which the sparse products do not take (remembered for densify).
+    And keep each nn.TransformerEncoderLayer that holds one off its fused kernel, which reads
+    the weights as dense tensors: a forward pre-hook on its sparse layers does that. Only there:
+    a hook costs every call a few microseconds, a share of a small layer's call at batch 1."""
     for encoder in model.modules():
         if isinstance(encoder, nn.TransformerEncoder) and any(_is_sparse(m) for m in encoder.modules()):
             encoder.__dict__.setdefault(_NESTED_WAS, encoder.use_nested_tensor)
             encoder.use_nested_tensor = False
+        if isinstance(encoder, nn.TransformerEncoderLayer):
+            for m in encoder.modules():
+                if isinstance(m, SparseLinear) and keep_out_of_fused_paths not in m._forward_pre_hooks.values():
+                    m.register_forward_pre_hook(keep_out_of_fused_paths)
 
 
 def sparsify(
@@ -552,6 +650,7 @@ def sparsify(
     backend: str = "auto",
     max_density: float = DEFAULT_MAX_DENSITY,
     trainable: bool = False,
+    example_inputs: Any = None,
 ) -> nn.Module:
     """Swap each sparse enough linear layer of ``model`` for a sparse one; return the model.
 
@@ -585,6 +684,15 @@ def sparsify(
     trained dense layers back); Conv1D and attention stay dense then. Tied weights share one
     values Parameter.
 
+    ``example_inputs`` (a tensor or a tuple of the model's positional inputs, as
+    ``torch.export`` takes them) calibrates the swapped layers: each one's paths (dense, and the
+    sparse kernels that can run here) are timed inside the model at that input shape and the
+    fastest is kept (:func:`sparse_lth.nn.calibrate.calibrate`; the choice shows in the layer's
+    repr, and :func:`~sparse_lth.nn.calibrate.calibration_table` prints them). A layer
+    calibrated to ``"dense"`` multiplies by a dense copy of its weight, made on first use.
+    Without example inputs each call picks its kernel by the measured density and batch rule
+    (``backend="auto"``). Not with ``trainable=True``.
+
     The model is changed in place (a bare layer passed as ``model`` is returned as a new sparse
     one). A model on the meta device holds no values to store: that is a ValueError saying so.
     Without ``trainable`` the layers are inference only: see :class:`SparseLinear`.
@@ -603,6 +711,8 @@ def sparsify(
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if format not in ("csr", "bsr"):
         raise ValueError(f"format must be 'csr' or 'bsr', got {format!r}")
+    if example_inputs is not None and trainable:
+        raise ValueError("sparsify: example_inputs calibrates inference layers; trainable=True has one path each")
     targets: list[tuple[str, nn.Module, str]] = []  # (name, module, kind)
     for name, m in model.named_modules():
         if type(m) is nn.Linear:
@@ -640,9 +750,14 @@ def sparsify(
         if sparse is None:
             continue
         if not name:
-            return sparse
+            model = sparse
+            break
         _replace(model, name, sparse)
     _keep_encoders_padded(model)
+    if example_inputs is not None:
+        from sparse_lth.nn.calibrate import calibrate  # calibrate reads these layers: imported late
+
+        calibrate(model, example_inputs)
     return model
 
 

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from sparse_lth.run_report import RunCosts
 
 
 def report_metric(records: Sequence[Mapping], preferred: str | None = None) -> str | None:
@@ -51,9 +55,43 @@ def rounds_table(records: Sequence[Mapping], controls: Mapping[str, Sequence[Map
             c = by_round[name].get(rec["round"])
             row += _cells(c, metric) if c else ["", ""]
         rows.append(row)
+    return _layout(header, rows, markdown)
+
+
+def _layout(header: Sequence[str], rows: Sequence[Sequence[str]], markdown: bool) -> str:
+    """Right-aligned columns for a terminal, or a Markdown table."""
     if markdown:
         lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
     widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)]
     fmt = lambda cells: "  ".join(c.rjust(w) for c, w in zip(cells, widths))  # noqa: E731
     return "\n".join([fmt(header), fmt(["-" * w for w in widths]), *map(fmt, rows)])
+
+
+def _micro(seconds: float) -> str:
+    us = 1e6 * seconds
+    return f"{us:.1f}" if us < 1000 else f"{us:,.0f}"
+
+
+def costs_table(costs: RunCosts, markdown: bool = False) -> str:
+    """One row per round of :func:`~sparse_lth.run_report.measure_run`: weights left, test
+    accuracy at early stop, bytes dense (state dict) and sparse (convert's file) with their
+    ratio, the layers ``sparsify`` swapped, and microseconds per forward pass dense and sparse
+    at each batch size with the speedup (dense / sparse: above 1, the sparse model is faster).
+    A first line says what the latencies were measured on."""
+    header = ["round", "weights left %", "test acc %", "dense B", "sparse B", "bytes d/s", "sparse layers"]
+    for b in costs.batch_sizes:
+        header += [f"b{b} dense us", f"b{b} sparse us", f"b{b} d/s"]
+    total = len(costs.pruned_weights)
+    rows = []
+    for r in costs.rounds:
+        acc = "-" if r.test_accuracy is None else f"{100 * r.test_accuracy:.2f}"
+        row = [str(r.round), f"{100 * r.weights_remaining:.2f}", acc, f"{r.dense_bytes:,}", f"{r.sparse_bytes:,}",
+               f"{r.bytes_ratio:.2f}", f"{len(r.sparse_layers)}/{total}" if total else str(len(r.sparse_layers))]
+        for b in costs.batch_sizes:
+            row += [_micro(r.dense_seconds[b]), _micro(r.sparse_seconds[b]), f"{r.speedup(b):.2f}"]
+        rows.append(row)
+    note = (f"{costs.run_dir}: {costs.model}, input {list(costs.input_shape)}; CPU {costs.machine}, "
+            f"{costs.threads} thread{'s' if costs.threads != 1 else ''}, torch {costs.torch_version}; "
+            f"latency: median of {costs.reps} interleaved repetitions; test accuracy at the early-stop iteration")
+    return note + "\n\n" + _layout(header, rows, markdown)

@@ -34,7 +34,8 @@ import shutil
 import socket
 import tempfile
 import time
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +51,9 @@ SUMMARY_FILE = "records.json"
 PLOT_FILE = "accuracy.png"
 LOCK_FILE = "run.lock"  # no leading dot: a run leaves no dot-files behind
 CONTROLS_DIR = "controls"
+# The accuracy a round is judged by: test accuracy at the early-stop iteration (the evaluation
+# with the lowest validation loss), a fraction in [0, 1], as the built-in loop records it.
+ACCURACY_KEY = "early_stop_test_accuracy"
 _ROUND_RE = re.compile(r"^round_(\d{2,})$")
 # Prefixes of the temporaries the atomic writers make (".<name>.<random>.tmp", ".round_NN.<random>").
 _TEMP_PREFIXES = (".round_", *(f".{name}." for name in (MASK_FILE, TRAINED_FILE, RECORD_FILE, SUMMARY_FILE,
@@ -299,6 +303,79 @@ def last_ticket(run_dir: str | Path) -> tuple[dict[str, torch.Tensor], dict[str,
     if not rounds:
         raise FileNotFoundError(f"{run_dir} holds no completed round yet")
     return read_round(run_dir, rounds[-1])
+
+
+def read_records(base: str | Path) -> list[dict]:
+    """The records of every completed round under ``base`` (a run or a control), in round order."""
+    return [read_record(base, r) for r in completed_rounds(base)]
+
+
+def _round_list(rounds: Sequence[int]) -> str:
+    if not rounds:
+        return "none"
+    if list(rounds) == list(range(rounds[0], rounds[-1] + 1)) and len(rounds) > 2:
+        return f"{rounds[0]}-{rounds[-1]}"
+    return ", ".join(map(str, rounds))
+
+
+def pick_round(records: Sequence[Mapping[str, Any]], round: int | None = None,
+               max_drop: float | None = None) -> int:
+    """Which round of a run to deploy, from its rounds' records (:func:`read_records`).
+
+    * ``round``: that round, which must be among the records;
+    * ``max_drop``: the sparsest round (fewest ``weights_remaining``; the later round on a tie)
+      whose test accuracy at the early-stop iteration (``early_stop_test_accuracy``) is at most
+      ``max_drop`` percentage points below round 0's, the dense network's (so round 0 itself
+      when no pruned round is close enough);
+    * neither: the last round, the sparsest ticket found (what ``convert`` deploys by default).
+
+    Raises ``ValueError`` for both given, a round that is not there, a negative or non-finite
+    ``max_drop``, and records that hold no ``early_stop_test_accuracy`` (a run of your own
+    ``train_fn`` records its own metrics: pick its round by number).
+
+    >>> records = [{"round": 0, "weights_remaining": 1.0, "early_stop_test_accuracy": 0.950},
+    ...            {"round": 1, "weights_remaining": 0.8, "early_stop_test_accuracy": 0.955},
+    ...            {"round": 2, "weights_remaining": 0.64, "early_stop_test_accuracy": 0.942},
+    ...            {"round": 3, "weights_remaining": 0.51, "early_stop_test_accuracy": 0.900}]
+    >>> pick_round(records), pick_round(records, round=1), pick_round(records, max_drop=1.0)
+    (3, 1, 2)
+    >>> pick_round(records, max_drop=0), pick_round(records, max_drop=5)
+    (1, 3)
+    >>> pick_round(records, round=7)
+    Traceback (most recent call last):
+    ...
+    ValueError: there is no round 7 (completed rounds: 0-3)
+    """
+    if round is not None and max_drop is not None:
+        raise ValueError("give a round (--round) or a largest accuracy drop (--max-drop), not both")
+    rounds = [int(r["round"]) for r in records]
+    if not rounds:
+        raise ValueError("the run holds no completed round yet")
+    if round is not None:
+        if isinstance(round, bool) or not isinstance(round, int) or round not in rounds:
+            raise ValueError(f"there is no round {round} (completed rounds: {_round_list(rounds)})")
+        return round
+    if max_drop is None:
+        return rounds[-1]
+    if isinstance(max_drop, bool) or not isinstance(max_drop, (int, float)) or not 0 <= max_drop < math.inf:
+        raise ValueError(f"the largest accuracy drop (--max-drop) must be a non-negative number of "
+                         f"percentage points, got {max_drop!r}")
+    by_round = {int(r["round"]): r for r in records}
+    if 0 not in by_round:
+        raise ValueError("round 0 (the dense network) has no record, and --max-drop compares with it; "
+                         "pick a round by number (--round)")
+    for r in records:
+        if not isinstance(r.get(ACCURACY_KEY), (int, float)):
+            raise ValueError(f"round {r['round']}'s record holds no {ACCURACY_KEY} (a run of your own "
+                             "train_fn records its own metrics); pick a round by number (--round)")
+    dense = 100 * by_round[0][ACCURACY_KEY]
+    if not math.isfinite(dense):
+        raise ValueError(f"round 0's {ACCURACY_KEY} is {by_round[0][ACCURACY_KEY]}, nothing to compare with; "
+                         "pick a round by number (--round)")
+    # 1e-9: a drop of exactly max_drop points must count as within it despite float rounding.
+    close = [r for r in records if dense - 100 * r[ACCURACY_KEY] <= max_drop + 1e-9]
+    best = min(close, key=lambda r: (r.get("weights_remaining", 1.0), -int(r["round"])))
+    return int(best["round"])
 
 
 # -- one writer per run directory ---------------------------------------------------------------

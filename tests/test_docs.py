@@ -14,13 +14,15 @@ ROOT = Path(__file__).resolve().parents[1]
 LINK = re.compile(r"\]\(([^)#\s]+)(?:#[^)]*)?\)")
 
 # Modules whose docstring examples run here (csr.py / bsr.py run in test_triton_kernels.py,
-# sddmm.py in test_sddmm.py, formats / checkpoint in test_checkpoint.py); lottery's example runs
-# a two-round search.
+# sddmm.py in test_sddmm.py, formats / checkpoint in test_checkpoint.py); lottery's and
+# run_report's examples run a small search.
 DOCTESTED = ["sparse_lth.masks", "sparse_lth.pruning", "sparse_lth.modules", "sparse_lth.backends",
-             "sparse_lth.user_loop", "sparse_lth.attention", "sparse_lth.training", "sparse_lth.nn.ops",
+             "sparse_lth.user_loop", "sparse_lth.attention", "sparse_lth.training", "sparse_lth.nn.ops", "sparse_lth.nn.calibrate",
              "sparse_lth.nn.trainable", "sparse_lth.models",
-             "sparse_lth.lottery", "sparse_lth.bench_report", "sparse_lth.kernels.cpu",
-             "sparse_lth.kernels.invariants", "sparse_lth.kernels.reference"]
+             "sparse_lth.lottery", "sparse_lth.bench_report", "sparse_lth.run_files", "sparse_lth.run_report",
+             "sparse_lth.kernels.cpu",
+             "sparse_lth.kernels.invariants", "sparse_lth.kernels.reference", "sparse_lth.kernels.cpu_conv",
+             "sparse_lth.nn.conv"]
 
 
 @pytest.mark.parametrize("document", ["README.md", "docs/DESIGN.md", "bench/RESULTS.md"])

@@ -8,7 +8,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 STDLIB = set(sys.stdlib_module_names)
-KERNEL_THIRD_PARTY = {"torch", "triton", "numpy", "scipy"}
+KERNEL_THIRD_PARTY = {"torch", "triton", "numpy", "scipy", "numba"}
 
 # module -> sparse_lth modules it must never import (directly)
 FORBIDDEN = {
@@ -23,6 +23,8 @@ FORBIDDEN = {
     "user_loop": {"training", "lottery", "kernels", "modules", "backends", "cli", "checkpoint"},
     "data": {"training", "lottery", "kernels", "modules", "backends", "cli"},
     "models": {"training", "lottery", "kernels", "modules", "backends", "cli"},
+    # deploy side, on top of checkpoints: measures a finished run, never searches or trains
+    "run_report": {"training", "lottery", "user_loop", "distributed", "pruning", "data", "kernels", "cli"},
 }
 
 

@@ -85,22 +85,24 @@ def _block_rows(crow: torch.Tensor, stored: int) -> torch.Tensor:
 @torch.library.custom_op("sparse_lth::linear", mutates_args=())
 def linear(x: torch.Tensor, crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor,
            out_features: int, crow_t: Optional[torch.Tensor] = None,
-           col_t: Optional[torch.Tensor] = None, perm: Optional[torch.Tensor] = None) -> torch.Tensor:
+           col_t: Optional[torch.Tensor] = None, perm: Optional[torch.Tensor] = None,
+           backend: str = "auto") -> torch.Tensor:
     """``x @ W.T`` for ``x`` [N, K] and ``W`` [out_features, K] given by its pattern and values
     (1-D: CSR; [blocks, br, bc]: BSR). The transposed pattern (:func:`transpose_pattern`) is
-    what the backward pass multiplies by; without it only the forward runs. The indices are
-    not checked here: the layer that owns them checks them once."""
+    what the backward pass multiplies by; without it only the forward runs. ``backend``: as
+    :func:`~sparse_lth.backends.sparse_linear` takes it (the inference layer's, calibrated or
+    forced). The indices are not checked here: the layer that owns them checks them once."""
     W = _make(_layout(values), crow, col, values, (out_features, x.shape[1]))
-    return sparse_linear(x, W, check_invariants=False)
+    return sparse_linear(x, W, backend=backend, check_invariants=False)
 
 
 @linear.register_fake
-def _(x, crow, col, values, out_features, crow_t=None, col_t=None, perm=None):
+def _(x, crow, col, values, out_features, crow_t=None, col_t=None, perm=None, backend="auto"):
     return x.new_empty((x.shape[0], out_features))
 
 
 def _linear_setup(ctx, inputs, output) -> None:
-    x, crow, col, values, out_features, crow_t, col_t, perm = inputs
+    x, crow, col, values, out_features, crow_t, col_t, perm, _ = inputs
     ctx.save_for_backward(x, crow, col, values, crow_t, col_t, perm)
 
 
@@ -115,7 +117,7 @@ def _linear_backward(ctx, dy):
         dx = linear(dy, crow_t, col_t, _transposed_values(values, perm), x.shape[1])
     if ctx.needs_input_grad[3]:
         dvalues = sddmm(crow, col, values, dy, x)
-    return dx, None, None, dvalues, None, None, None, None
+    return dx, None, None, dvalues, None, None, None, None, None
 
 
 linear.register_autograd(_linear_backward, setup_context=_linear_setup)

@@ -1,0 +1,154 @@
+"""Per-layer calibrated choice of kernel: time each sparse layer's paths inside the model, at the
+user's input shape, and keep the fastest.
+
+A density rule cannot know that MKL's product pays a fixed cost per call that a 300 x 784 layer at
+batch 1 never earns back, or that scipy's thread pool and torch's OpenMP threads fight over two
+cores between the model's other calls. So the choice is measured where it will run: the whole
+model is called on ``example_inputs`` with one layer switched to each of its candidate paths in
+turn (interleaved, medians), the others kept as they are; the layer keeps the fastest. Layers
+are visited in order, each seeing the choices made before it (coordinate descent).
+
+A layer takes part when it has ``backend`` and ``backend_candidates(x)`` (the paths that can run
+on its input ``x``): :class:`~sparse_lth.modules.SparseLinear` and its subclasses. Each gets
+``calibration``, a :class:`LayerChoice`, and shows it in its repr;
+:func:`calibration_table` prints them all.
+
+>>> import torch
+>>> from torch import nn
+>>> from sparse_lth import sparsify
+>>> model = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 8))
+>>> mask = {"0.weight": torch.rand(32, 64) < 0.1, "2.weight": torch.rand(8, 32) < 0.1}
+>>> model = sparsify(model, mask=mask, example_inputs=torch.randn(1, 64))
+>>> model[0].calibration.chosen in model[0].calibration.seconds
+True
+>>> print(calibration_table(model))  # doctest: +ELLIPSIS
+layer  shape ...
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+__all__ = ["LayerChoice", "calibrate", "calibration_table"]
+
+
+@dataclass
+class LayerChoice:
+    """One layer's measured paths: median seconds of a whole model call per candidate backend,
+    the input shape the layer saw, and the backend kept."""
+
+    input_shape: tuple[int, ...]
+    seconds: dict[str, float] = field(default_factory=dict)
+    chosen: str = ""
+
+    def speedup(self, backend: str = "dense") -> float:
+        """How much faster the model ran with the chosen path than with ``backend`` for this layer."""
+        return self.seconds[backend] / self.seconds[self.chosen]
+
+    def __str__(self) -> str:
+        return f"calibrated at input {list(self.input_shape)}"
+
+
+def _as_tuple(example_inputs: Any) -> tuple:
+    return example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+
+
+def _timer(model: nn.Module, inputs: tuple) -> Callable[[], float]:
+    cuda = any(isinstance(x, torch.Tensor) and x.is_cuda for x in inputs)
+
+    def once() -> float:
+        if cuda:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        model(*inputs)
+        if cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter() - start
+
+    return once
+
+
+def _layer_inputs(model: nn.Module, layers: dict[str, nn.Module], inputs: tuple) -> dict[str, torch.Tensor]:
+    """The input each layer gets in one call of the model (layers the call skips are absent)."""
+    seen: dict[str, torch.Tensor] = {}
+    hooks = [m.register_forward_pre_hook(lambda mod, args, name=name: seen.setdefault(name, args[0]))
+             for name, m in layers.items()]
+    try:
+        model(*inputs)
+    finally:
+        for h in hooks:
+            h.remove()
+    return seen
+
+
+def calibrate(model: nn.Module, example_inputs: Any, *, reps: int = 9, budget_s: float = 1.0,
+              progress: bool = False) -> dict[str, LayerChoice]:
+    """Set each calibratable layer's ``backend`` to its fastest path for ``example_inputs``.
+
+    ``example_inputs``: a tensor or a tuple of positional inputs, as ``torch.export`` takes them.
+    Each layer's candidates are timed ``reps`` times at most (3 at least), interleaved, within
+    about ``budget_s`` seconds a layer; the medians decide. The choice holds for inputs of that
+    shape: a layer calibrated at batch 1 keeps its path at batch 1024 (calibrate again for
+    another shape). Runs under ``torch.inference_mode()``. Returns name -> :class:`LayerChoice`.
+    """
+    if reps < 1 or budget_s <= 0:
+        raise ValueError(f"calibrate: reps must be >= 1 and budget_s > 0, got {reps} and {budget_s}")
+    inputs = _as_tuple(example_inputs)
+    layers = {name: m for name, m in model.named_modules() if hasattr(m, "backend_candidates")}
+    choices: dict[str, LayerChoice] = {}
+    with torch.inference_mode():
+        seen = _layer_inputs(model, layers, inputs)  # also a warm-up of every path now in use
+        once = _timer(model, inputs)
+        names = [name for name in layers if name in seen]
+        try:
+            from tqdm.auto import tqdm
+            names_iter = tqdm(names, desc="calibrating layers", unit="layer", disable=not progress)
+        except ImportError:  # pragma: no cover - tqdm is a dependency
+            names_iter = names
+        for name in names_iter:
+            layer, x = layers[name], seen[name]
+            candidates = list(layer.backend_candidates(x))
+            if len(candidates) < 2:
+                continue
+            times: dict[str, list[float]] = {c: [] for c in candidates}
+            for c in candidates:  # first calls build pools, caches, compiled kernels: untimed
+                layer.backend = c
+                once()
+            start = time.perf_counter()
+            for r in range(max(reps, 3)):
+                if r >= 3 and time.perf_counter() - start > budget_s:
+                    break
+                for c in candidates[r % len(candidates):] + candidates[:r % len(candidates)]:
+                    layer.backend = c
+                    times[c].append(once())
+            seconds = {c: statistics.median(t) for c, t in times.items()}
+            choice = LayerChoice(tuple(x.shape), seconds, min(seconds, key=seconds.__getitem__))
+            layer.backend = choice.chosen
+            layer.calibration = choice
+            choices[name] = choice
+    return choices
+
+
+def calibration_table(model: nn.Module) -> str:
+    """The calibrated layers of ``model`` as a text table: shape, density, the input seen,
+    the model's median time per candidate path (ms), and the path kept."""
+    rows = [("layer", "shape", "density", "input", "ms per model call by path", "chosen")]
+    for name, m in model.named_modules():
+        choice = getattr(m, "calibration", None)
+        if not isinstance(choice, LayerChoice):
+            continue
+        shape = f"{m.out_features}x{m.in_features}" if hasattr(m, "out_features") else "-"
+        density = f"{m.density():.3f}" if hasattr(m, "density") else "-"
+        paths = " ".join(f"{c}={s * 1e3:.3f}" for c, s in choice.seconds.items())
+        rows.append((name or "(model)", shape, density, "x".join(map(str, choice.input_shape)), paths,
+                     choice.chosen))
+    if len(rows) == 1:
+        return "no calibrated layers (sparsify(..., example_inputs=...) calibrates them)"
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip() for r in rows)
