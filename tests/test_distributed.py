@@ -163,3 +163,24 @@ def test_block_tickets_on_two_ranks(tmp_path):
     alive, valid = tiles(mask), tiles(torch.ones_like(mask))
     assert torch.equal(alive, alive.any(-1, keepdim=True) & valid)  # every tile wholly alive or wholly pruned
     assert 0 < mask.float().mean() < 1
+
+
+def test_sparse_training_on_two_ranks_follows_masked_dense(tmp_path):
+    """DDP over TrainableSparseLinear: the values Parameter is what the ranks average. Two ranks
+    training sparse from round 1 on agree with two ranks training masked-dense."""
+    args = ["search", "--dataset", "digits", "--rounds", "1", "--iterations", "100", "--eval-every", "100",
+            "--threads", "1", "--controls", ""]
+    runs = {}
+    for mode in ("always", "never"):
+        proc = torchrun([*args, "--sparse-training", mode, "--out", str(tmp_path / mode)])
+        _, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err[-3000:]
+        runs[mode] = run_dir(tmp_path / mode)
+    sparse = json.loads((runs["always"] / "round_01" / "record.json").read_text())
+    dense = json.loads((runs["never"] / "round_01" / "record.json").read_text())
+    assert set(sparse["training_path"].values()) == {"sparse"}
+    assert set(dense["training_path"].values()) == {"masked-dense"}
+    ws, wd = (load(d / "round_01" / "trained.safetensors") for d in (runs["always"], runs["never"]))
+    assert ws.keys() == wd.keys()
+    for name in ws:  # 100 Adam steps from the same start, reduced over two ranks either way
+        torch.testing.assert_close(ws[name], wd[name], rtol=1e-3, atol=1e-4, msg=name)
