@@ -9,7 +9,9 @@ Backends:
 - ``"torch"``: torch's own sparse product (MKL on the CPU, cuSPARSE on CUDA). On the CPU
   float32 / float64 only: torch refuses float16 / bfloat16 there.
 - ``"dense"``: densify and use a dense matmul (a reference, and the fallback elsewhere).
-- ``"auto"``: on CUDA Triton (torch when Triton is missing or the dtype is float64); on the CPU
+- ``"auto"``: on CUDA Triton (torch when Triton is missing or the dtype is float64; a
+  ``SparseLinear`` also takes dense cuBLAS where the measured rule of
+  :mod:`sparse_lth.kernels.cuda_rule` says it wins, on a dense copy it keeps); on the CPU
   the measured rule of :func:`sparse_lth.kernels.cpu.auto_cpu_backend` (scipy for a single
   column and for float16 / bfloat16, torch's MKL product for wider batches; see
   ``bench/cpu_crossover.md``); on any other device dense.

@@ -48,6 +48,7 @@ from sparse_lth.attention import SparseMultiheadAttention, keep_out_of_fused_pat
 from sparse_lth.backends import BACKENDS, choose_backend, sparse_linear
 from sparse_lth.formats import SparseWeight, _make, to_sparse_weight
 from sparse_lth.kernels.cpu import CpuSparseProduct
+from sparse_lth.kernels.cuda_rule import auto_cuda_backend
 from sparse_lth.kernels.invariants import check_index_invariants
 from sparse_lth.masks import Mask
 from sparse_lth.nn import ops
@@ -311,7 +312,7 @@ class SparseLinear(nn.Module):
             y = y.reshape(*x.shape[:-1], self.matrix_shape[0])
             y = y if rows is None else y[..., rows[0]:rows[1]]
             return y if bias is None else y + bias
-        if self.backend == "dense":
+        if self.backend == "dense" or (self.backend == "auto" and x.is_cuda and self._dense_wins_on_cuda(x)):
             views = self._views()
             if "dense" not in views:
                 views["dense"] = self.weight.to_dense()
@@ -328,6 +329,13 @@ class SparseLinear(nn.Module):
         y = sparse_linear(x, W, backend=self.backend, threads=self.threads, check_invariants=False)
         y = y[..., offset:offset + rows[1] - rows[0]]  # type: ignore[index]  # BSR: whole block rows
         return y + bias if bias is not None else y.contiguous()
+
+    def _dense_wins_on_cuda(self, x: torch.Tensor) -> bool:
+        """The measured CUDA rule (:mod:`sparse_lth.kernels.cuda_rule`): cuBLAS on a dense copy
+        where it beat the Triton kernels at this density and batch."""
+        batch = x.numel() // max(x.shape[-1], 1)
+        stored = self.nnz / max(self.matrix_shape[0] * self.matrix_shape[1], 1)
+        return auto_cuda_backend(self.format, batch, stored, self.blocksize) == "dense"
 
     def _scipy_here(self, x: torch.Tensor) -> bool:
         """Whether this call takes the scipy path (other dtypes go the checked way, to its error)."""
