@@ -8,10 +8,12 @@ measures, on this machine:
   sparse checkpoint ``sparse-lth convert RUN_DIR DST --round N`` writes (that file's size,
   header included; written to a temporary folder and deleted);
 * latency: one forward pass at each batch size, the dense model (pruned weights zero) against
-  ``sparsify(model, mask=<the round's mask>)``, under ``torch.inference_mode``, as the median
-  of ``reps`` interleaved repetitions (each repetition times every model and batch size once,
-  in a rotating order, so a slow spell of the machine falls on all of them alike), at torch's
-  CPU thread count (``torch.get_num_threads()``: set it beforehand to change it).
+  the model as a user deploys it for that batch size: ``sparsify(model, mask=<the round's
+  mask>, max_density=1.0, example_inputs=x)``, each layer on the path calibration found
+  fastest there (dense where sparse does not pay). Under ``torch.inference_mode``, the median
+  of ``reps`` interleaved repetitions (each repetition times both models once, in a rotating
+  order, so a slow spell of the machine falls on both alike), at torch's CPU thread count
+  (``torch.get_num_threads()``: set it beforehand to change it).
 
 The accuracy shown beside them is the round's recorded test accuracy at the early-stop
 iteration (``early_stop_test_accuracy``). :func:`~sparse_lth.report_table.costs_table` makes
@@ -236,7 +238,7 @@ def measure_run(run_dir: str | Path, batch_sizes: Sequence[int] = DEFAULT_BATCH_
     pruned: tuple[str, ...] = ()
     generator = torch.Generator().manual_seed(0)
     with tempfile.TemporaryDirectory(prefix="sparse-lth-report-") as tmp, \
-            tqdm(total=len(wanted) * reps, desc="measuring", unit="rep", disable=not progress) as bar:
+            tqdm(total=len(wanted) * reps * len(batch_sizes), desc="measuring", unit="rep", disable=not progress) as bar:
         for r in wanted:
             bar.set_postfix_str(f"round {r}")
             mask, trained, record = run_files.read_round(run_dir, r)
@@ -247,12 +249,17 @@ def measure_run(run_dir: str | Path, batch_sizes: Sequence[int] = DEFAULT_BATCH_
                 raise ValueError(f"{run_files.round_dir(run_dir, r)}: its trained weights do not fit the run's network "
                                  f"({' '.join(str(e).split())[:300]})") from None
             dense = model
-            sparse = sparsify(copy.deepcopy(dense), mask=mask).eval()
             converted = convert_checkpoint(run_dir, Path(tmp) / f"round_{r:02d}.safetensors", round=r)
-            inputs = {b: torch.randn(b, *shape, generator=generator) for b in batch_sizes}
-            seconds = _latencies({"dense": dense, "sparse": sparse}, inputs, reps, lambda: bar.update(1))
-            with torch.inference_mode():
-                diff = max(float((sparse(x) - dense(x)).abs().max()) for x in inputs.values())
+            seconds: dict[str, dict[int, float]] = {"dense": {}, "sparse": {}}
+            diff = 0.0
+            for b in batch_sizes:  # each batch size its own calibrated model, as a user would deploy it
+                x = torch.randn(b, *shape, generator=generator)
+                sparse = sparsify(copy.deepcopy(dense), mask=mask, max_density=1.0, example_inputs=x).eval()
+                for name, by_batch in _latencies({"dense": dense, "sparse": sparse}, {b: x}, reps,
+                                                 lambda: bar.update(1)).items():
+                    seconds[name].update(by_batch)
+                with torch.inference_mode():
+                    diff = max(diff, float((sparse(x) - dense(x)).abs().max()))
             accuracy = record.get(run_files.ACCURACY_KEY)
             costs.append(RoundCost(
                 round=r,
