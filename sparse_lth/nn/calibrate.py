@@ -34,6 +34,7 @@ from typing import Any, Callable
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 __all__ = ["LayerChoice", "calibrate", "calibration_table"]
 
@@ -59,19 +60,26 @@ def _as_tuple(example_inputs: Any) -> tuple:
     return example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
 
 
-def _timer(model: nn.Module, inputs: tuple) -> Callable[[], float]:
+#: Seconds one timing sample lasts at least: a model call at batch 1 takes tens of microseconds,
+#: the scale of a timer's jitter and of one scheduler hiccup; a burst of calls averages them out.
+SAMPLE_S = 2e-3
+
+
+def _timer(model: nn.Module, inputs: tuple) -> Callable[[int], float]:
+    """``sample(calls)``: seconds per call over ``calls`` back-to-back calls of the model."""
     cuda = any(isinstance(x, torch.Tensor) and x.is_cuda for x in inputs)
 
-    def once() -> float:
+    def sample(calls: int) -> float:
         if cuda:
             torch.cuda.synchronize()
         start = time.perf_counter()
-        model(*inputs)
+        for _ in range(calls):
+            model(*inputs)
         if cuda:
             torch.cuda.synchronize()
-        return time.perf_counter() - start
+        return (time.perf_counter() - start) / calls
 
-    return once
+    return sample
 
 
 def _layer_inputs(model: nn.Module, layers: dict[str, nn.Module], inputs: tuple) -> dict[str, torch.Tensor]:
@@ -87,52 +95,64 @@ def _layer_inputs(model: nn.Module, layers: dict[str, nn.Module], inputs: tuple)
     return seen
 
 
-def calibrate(model: nn.Module, example_inputs: Any, *, reps: int = 9, budget_s: float = 1.0,
-              progress: bool = False) -> dict[str, LayerChoice]:
+def calibrate(model: nn.Module, example_inputs: Any, *, reps: int = 9, budget_s: float = 1.0, passes: int = 2,
+              margin: float = 0.02, progress: bool = False) -> dict[str, LayerChoice]:
     """Set each calibratable layer's ``backend`` to its fastest path for ``example_inputs``.
 
     ``example_inputs``: a tensor or a tuple of positional inputs, as ``torch.export`` takes them.
-    Each layer's candidates are timed ``reps`` times at most (3 at least), interleaved, within
-    about ``budget_s`` seconds a layer; the medians decide. The choice holds for inputs of that
-    shape: a layer calibrated at batch 1 keeps its path at batch 1024 (calibrate again for
-    another shape). Runs under ``torch.inference_mode()``. Returns name -> :class:`LayerChoice`.
+    Every layer starts on ``"dense"`` where it has that path (the model a user would otherwise
+    run); then, layer by layer, each candidate path is timed inside the model, ``reps`` times at
+    most (3 at least) within about ``budget_s`` seconds, interleaved, a sample being a burst of
+    calls of about :data:`SAMPLE_S`. A sparse path is kept only when its median beats dense by
+    more than ``margin`` (2 %: within that, timing noise would decide). ``passes`` repeats the
+    round over the layers, so each choice is made again beside the others' final paths (a
+    kernel's speed depends on its neighbours: thread pools, caches). The choice holds for
+    inputs of that shape: calibrate again for another. Runs under ``torch.inference_mode()``.
+    Returns name -> :class:`LayerChoice`, each layer's last measurement.
     """
-    if reps < 1 or budget_s <= 0:
-        raise ValueError(f"calibrate: reps must be >= 1 and budget_s > 0, got {reps} and {budget_s}")
+    if reps < 1 or budget_s <= 0 or passes < 1 or margin < 0:
+        raise ValueError(f"calibrate: reps and passes must be >= 1, budget_s > 0 and margin >= 0, got reps={reps}, "
+                         f"passes={passes}, budget_s={budget_s}, margin={margin}")
     inputs = _as_tuple(example_inputs)
     layers = {name: m for name, m in model.named_modules() if hasattr(m, "backend_candidates")}
     choices: dict[str, LayerChoice] = {}
     with torch.inference_mode():
-        seen = _layer_inputs(model, layers, inputs)  # also a warm-up of every path now in use
-        once = _timer(model, inputs)
-        names = [name for name in layers if name in seen]
-        try:
-            from tqdm.auto import tqdm
-            names_iter = tqdm(names, desc="calibrating layers", unit="layer", disable=not progress)
-        except ImportError:  # pragma: no cover - tqdm is a dependency
-            names_iter = names
-        for name in names_iter:
-            layer, x = layers[name], seen[name]
-            candidates = list(layer.backend_candidates(x))
-            if len(candidates) < 2:
-                continue
-            times: dict[str, list[float]] = {c: [] for c in candidates}
-            for c in candidates:  # first calls build pools, caches, compiled kernels: untimed
-                layer.backend = c
-                once()
-            start = time.perf_counter()
-            for r in range(max(reps, 3)):
-                if r >= 3 and time.perf_counter() - start > budget_s:
-                    break
-                for c in candidates[r % len(candidates):] + candidates[:r % len(candidates)]:
-                    layer.backend = c
-                    times[c].append(once())
-            seconds = {c: statistics.median(t) for c, t in times.items()}
-            choice = LayerChoice(tuple(x.shape), seconds, min(seconds, key=seconds.__getitem__))
-            layer.backend = choice.chosen
-            layer.calibration = choice
-            choices[name] = choice
+        seen = _layer_inputs(model, layers, inputs)
+        candidates = {name: list(layers[name].backend_candidates(x)) for name, x in seen.items()}
+        candidates = {name: c for name, c in candidates.items() if len(c) >= 2}
+        for name, c in candidates.items():
+            if "dense" in c:
+                layers[name].backend = "dense"
+        sample = _timer(model, inputs)
+        sample(1)  # warm-up
+        calls = max(1, min(1000, round(SAMPLE_S / max(sample(1), 1e-7))))  # calls per sample
+        todo = [name for _ in range(passes) for name in candidates]
+        for name in tqdm(todo, desc="calibrating layers", unit="layer", disable=not progress):
+            layer, paths = layers[name], candidates[name]
+            seconds = _time_paths(layer, paths, sample, calls, reps, budget_s)
+            best = min(seconds, key=seconds.__getitem__)
+            if "dense" in seconds and seconds[best] > seconds["dense"] * (1 - margin):
+                best = "dense"
+            layer.backend = best
+            layer.calibration = choices[name] = LayerChoice(tuple(seen[name].shape), seconds, best)
     return choices
+
+
+def _time_paths(layer: nn.Module, paths: list[str], sample: Callable[[int], float], calls: int, reps: int,
+                budget_s: float) -> dict[str, float]:
+    """Median seconds per model call with ``layer`` on each path (interleaved, rotating order)."""
+    times: dict[str, list[float]] = {c: [] for c in paths}
+    for c in paths:  # first calls build pools, caches, compiled kernels: untimed
+        layer.backend = c
+        sample(1)
+    start = time.perf_counter()
+    for r in range(max(reps, 3)):
+        if r >= 3 and time.perf_counter() - start > budget_s:
+            break
+        for c in paths[r % len(paths):] + paths[:r % len(paths)]:
+            layer.backend = c
+            times[c].append(sample(calls))
+    return {c: statistics.median(t) for c, t in times.items()}
 
 
 def calibration_table(model: nn.Module) -> str:
