@@ -52,6 +52,7 @@ from sparse_lth.kernels.cuda_rule import auto_cuda_backend
 from sparse_lth.kernels.invariants import check_index_invariants
 from sparse_lth.masks import Mask
 from sparse_lth.nn import ops
+from sparse_lth.nn.conv import SparseConv2d
 from sparse_lth.nn.trainable import TrainableSparseLinear, linear_with
 
 __all__ = ["SparseLinear", "SparseConv1D", "SparseMultiheadAttention", "sparsify", "densify", "DEFAULT_MAX_DENSITY"]
@@ -289,7 +290,9 @@ class SparseLinear(nn.Module):
                              "path); set encoder.use_nested_tensor = False, as sparsify does")
         if x.shape[-1:] != (self.in_features,):
             raise ValueError(f"{type(self).__name__} expects input [..., {self.in_features}], got {tuple(x.shape)}")
-        if x.requires_grad and torch.is_grad_enabled():
+        # (a graph being traced is let through: torch.export traces with autograd on, and the
+        # dense layers before this one hand it an input that requires grad)
+        if x.requires_grad and torch.is_grad_enabled() and not torch.compiler.is_compiling():
             raise RuntimeError(
                 f"{type(self).__name__} is inference-only: its input requires grad, and no gradient would flow "
                 "back through this layer. Run the model under torch.no_grad() / torch.inference_mode(), "
@@ -607,6 +610,17 @@ class _Builder:
         self.built[key] = sparse
         return sparse
 
+    def conv(self, conv: nn.Conv2d, name: str) -> SparseConv2d | None:
+        """A :class:`~sparse_lth.nn.conv.SparseConv2d` for ``conv`` if its weight is sparse enough
+        (element density: the conv is stored CSR whatever ``format`` says), else None."""
+        layer_mask = self.by_weight.get(id(conv.weight))
+        alive = conv.weight.detach() != 0 if layer_mask is None else layer_mask
+        if float(alive.sum()) / max(alive.numel(), 1) > self.max_density:
+            return None
+        backend = "dense" if self.backend == "dense" else "auto"
+        return SparseConv2d.from_conv(conv, mask=None if layer_mask is None else layer_mask.to(conv.weight.device),
+                                      backend=backend)
+
     def attention(self, mha: nn.MultiheadAttention, name: str) -> SparseMultiheadAttention | None:
         """A SparseMultiheadAttention for ``mha`` when at least one projection is sparse enough (the
         other stays a dense ``nn.Linear`` over the same parameters), else None."""
@@ -628,7 +642,7 @@ class _Builder:
 
 
 def _is_sparse(module: nn.Module) -> bool:
-    return isinstance(module, (SparseLinear, SparseMultiheadAttention, TrainableSparseLinear))
+    return isinstance(module, (SparseLinear, SparseMultiheadAttention, TrainableSparseLinear, SparseConv2d))
 
 
 _NESTED_WAS = "_sparse_lth_use_nested_tensor"  # an encoder's use_nested_tensor before sparsify
@@ -660,7 +674,7 @@ def sparsify(
     trainable: bool = False,
     example_inputs: Any = None,
 ) -> nn.Module:
-    """Swap each sparse enough linear layer of ``model`` for a sparse one; return the model.
+    """Swap each sparse enough linear and conv layer of ``model`` for a sparse one; return the model.
 
     Swapped: ``nn.Linear`` (exactly that type) -> :class:`SparseLinear`; Hugging Face's
     ``Conv1D`` (GPT-2) -> :class:`SparseConv1D`; ``nn.MultiheadAttention`` ->
@@ -679,8 +693,10 @@ def sparsify(
     (default :data:`DEFAULT_MAX_DENSITY`, from the measured CPU crossover) are swapped; the
     rest stay dense. Layers that share one weight share one set of sparse buffers.
 
-    Left dense (masked all the same): convolution layers (no sparse conv path yet); subclasses
-    of ``nn.Linear`` (they may read their weight outside forward, as ``nn.MultiheadAttention``
+    ``nn.Conv2d`` (exactly that type, ``groups=1``, zeros padding) -> :class:`~sparse_lth.nn.conv.SparseConv2d`
+    (CSR over [out, in * kh * kw] whatever ``format`` says; the direct sparse CPU kernel, a dense
+    copy on other devices). Left dense (masked all the same): grouped and depthwise convs, other
+    padding modes and conv subclasses; subclasses of ``nn.Linear`` (they may read their weight outside forward, as ``nn.MultiheadAttention``
     does with its output projection: that one is handled with its attention); attention with
     separate q / k / v weights (``kdim`` or ``vdim`` != ``embed_dim``), ``add_bias_kv`` or
     ``add_zero_attn`` (see :mod:`sparse_lth.attention`). An ``nn.TransformerEncoder`` that
@@ -731,6 +747,8 @@ def sparsify(
             targets.append((name, m, "conv1d"))
         elif type(m) is nn.MultiheadAttention and _mha_supported(m):
             targets.append((name, m, "mha"))
+        elif type(m) is nn.Conv2d and m.groups == 1 and m.padding_mode == "zeros":
+            targets.append((name, m, "conv2d"))
     for name, m, kind in targets:
         weights = (m.in_proj_weight, m.out_proj.weight) if kind == "mha" else (m.weight,)
         if any(w.is_meta for w in weights):
@@ -753,6 +771,8 @@ def sparsify(
         elif kind == "conv1d":
             sparse = builder.layer(m.weight, m.bias, transposed=True, cls=SparseConv1D, name=where,
                                    dense_cls=type(m))
+        elif kind == "conv2d":
+            sparse = builder.conv(m, where)
         else:
             sparse = builder.attention(m, name or "model")
         if sparse is None:
@@ -810,4 +830,6 @@ def _dense_of(module: nn.Module) -> nn.Module:
         return module.to_dense_mha()
     if isinstance(module, SparseConv1D):
         return module.to_dense_conv1d()
+    if isinstance(module, SparseConv2d):
+        return module.to_dense_conv()
     return module.to_dense_linear()  # type: ignore[union-attr]

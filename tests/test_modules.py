@@ -114,12 +114,14 @@ class ReadsItsWeight(nn.Linear):
     """A Linear subclass, as third-party code writes them: sparsify cannot know what it reads."""
 
 
-def test_conv_and_linear_subclasses_stay_dense_attention_is_swapped_whole():
-    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.Linear(2 * 4 * 4, 3), ReadsItsWeight(3, 3))
+def test_grouped_convs_and_linear_subclasses_stay_dense_attention_is_swapped_whole():
+    model = nn.Sequential(nn.Conv2d(2, 2, 3, groups=2), nn.Flatten(), nn.Linear(2 * 4 * 4, 3), ReadsItsWeight(3, 3),
+                          nn.Conv2d(1, 1, 3, padding=1, padding_mode="reflect"))
     attention = nn.MultiheadAttention(8, 2)
     model.add_module("attn", attention)
     out = sparsify(model, max_density=1.0)
     assert type(out[0]) is nn.Conv2d and type(out[2]) is SparseLinear and type(out[3]) is ReadsItsWeight
+    assert type(out[4]) is nn.Conv2d
     # the attention's output projection (a Linear subclass read in F.multi_head_attention_forward)
     # is swapped with its attention, never on its own
     assert type(out.attn) is SparseMultiheadAttention and type(out.attn.out_proj) is SparseLinear

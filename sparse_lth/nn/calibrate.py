@@ -163,7 +163,12 @@ def calibration_table(model: nn.Module) -> str:
         choice = getattr(m, "calibration", None)
         if not isinstance(choice, LayerChoice):
             continue
-        shape = f"{m.out_features}x{m.in_features}" if hasattr(m, "out_features") else "-"
+        if hasattr(m, "out_features"):
+            shape = f"{m.out_features}x{m.in_features}"
+        elif hasattr(m, "out_channels"):
+            shape = "x".join(map(str, (m.out_channels, m.in_channels, *m.kernel_size)))
+        else:
+            shape = "-"
         density = f"{m.density():.3f}" if hasattr(m, "density") else "-"
         paths = " ".join(f"{c}={s * 1e3:.3f}" for c, s in choice.seconds.items())
         rows.append((name or "(model)", shape, density, "x".join(map(str, choice.input_shape)), paths,

@@ -41,7 +41,7 @@ from sparse_lth import kernels
 from sparse_lth.backends import sparse_linear
 from sparse_lth.formats import _make
 
-__all__ = ["linear", "sddmm", "transpose_pattern"]
+__all__ = ["linear", "sddmm", "conv2d", "transpose_pattern"]
 
 #: On CUDA a CSR weight gradient is sampled from the dense product when that fits in this.
 _DENSE_SAMPLE_BYTES = 1 << 30
@@ -163,3 +163,33 @@ def _bsr_sddmm(crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor, dy: 
     dy_rows = dy.t().reshape(-1, br, N)[_block_rows(crow, nblocks)]
     x_cols = x.t().reshape(-1, bc, N)[col.long()]
     return torch.bmm(dy_rows, x_cols.transpose(1, 2))
+
+
+@torch.library.custom_op("sparse_lth::conv2d", mutates_args=())
+def conv2d(x: torch.Tensor, crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor, bias: Optional[torch.Tensor],
+           kernel_size: list[int], stride: list[int], padding: list[int], same: bool, dilation: list[int],
+           backend: str = "auto") -> torch.Tensor:
+    """``F.conv2d`` of ``x`` [N, in, H, W] with a weight [out, in, kh, kw] stored as CSR over
+    ``[out, in * kh * kw]`` (inference; no autograd formula). ``same``: ``padding="same"``, else
+    ``padding`` [ph, pw]. ``backend``: ``"dense"`` densifies the weight for ``F.conv2d``; else the
+    direct sparse kernel on the CPU (a dense conv elsewhere). What ``SparseConv2d`` becomes in a
+    ``torch.compile`` / ``torch.export`` graph; the layer checks its indices once."""
+    from sparse_lth.kernels import cpu_conv  # numba, imported on first use
+
+    pad = "same" if same else tuple(padding)
+    if backend == "dense" or x.device.type != "cpu":
+        out, (kh, kw) = crow.shape[0] - 1, kernel_size
+        W = _make(torch.sparse_csr, crow, col, values, (out, x.shape[1] * kh * kw)).to_dense()
+        return torch.nn.functional.conv2d(x, W.reshape(out, x.shape[1], kh, kw), bias, tuple(stride), pad,
+                                          tuple(dilation))
+    return cpu_conv.cpu_sparse_conv2d(x, crow, col, values, bias, kernel_size=tuple(kernel_size), stride=tuple(stride),
+                                      padding=pad, dilation=tuple(dilation), check_invariants=False)
+
+
+@conv2d.register_fake
+def _(x, crow, col, values, bias, kernel_size, stride, padding, same, dilation, backend="auto"):
+    from sparse_lth.kernels import cpu_conv
+
+    _, (oh, ow) = cpu_conv.conv2d_geometry(tuple(x.shape[-2:]), tuple(kernel_size), tuple(stride),
+                                           "same" if same else tuple(padding), tuple(dilation), name="sparse_lth::conv2d")
+    return x.new_empty((x.shape[0], crow.shape[0] - 1, oh, ow))

@@ -1,0 +1,371 @@
+"""CPU sparse Conv2d: direct sparse convolution, compiled with numba.
+
+``cpu_sparse_conv2d(x, crow, col, values, bias, kernel_size, stride, padding, dilation)`` computes
+``F.conv2d(x, W, bias, stride, padding, dilation)`` (groups 1, zeros padding) for a weight ``W``
+[out, in, kh, kw] stored as CSR over its ``[out, in * kh * kw]`` view, the layout
+``W.reshape(out, -1).to_sparse_csr()`` gives. Work and weight bytes scale with the stored values.
+
+How it runs (Park et al., ICLR 2017, "Faster CNNs with direct sparse convolutions"):
+
+- Each stored weight ``W[o, c, ky, kx]`` adds one shifted copy of input plane ``c``, scaled, into
+  output plane ``o``; there is no im2col of the input. The input is packed once: padded, split
+  into its ``stride x stride`` phases (so a strided tap is a plain shift inside one phase), and
+  laid out ``[in, phase, rows, cols, batch]``. In that layout every output row of every image is
+  in one contiguous run, and every stored weight is one offset into the packed input: the inner
+  loop is ``acc[j] += w * packed[offset + j]``, which LLVM vectorizes. The few columns past each
+  output row that only shifts read (``(cols - out_w) / cols`` of the work) are computed and
+  dropped. The batch innermost keeps that waste what it is for one image (with images stacked
+  by rows, a 7x7 map would also waste the rows between images: 81 / 49 positions, not 63 / 49);
+  the output is transposed back to [N, out, H, W] at the end (one copy, none for one image).
+- A 1x1 conv (stride 1, no padding) is the same loop with zero shifts: CSR [out, in] times
+  X [in, pixels] (Elsen et al., CVPR 2020), nothing dropped.
+- Register blocking: 64 consecutive outputs (4 zmm of fp32) stay in registers while the loop
+  runs over all of one output channel's stored weights; per weight that is 4 vector loads and
+  4 multiply-adds, no accumulator traffic. (Blocking across output channels, as dense direct
+  conv does, has little to reuse here: with unstructured sparsity two output channels rarely
+  share an input tap.) Blocks are grouped in tiles whose input slab (all channels) stays in
+  L2, and ``prange`` spreads (tile, output-channel group) items over the threads.
+- Loops index with unsigned integers: numba's negative-index wraparound on signed indices
+  defeats vectorization (measured: 1 vs 17 GFMA/s on one core).
+
+Threads follow ``torch.get_num_threads()`` (capped by numba's pool). fp32 and fp64 are computed
+natively; other floating dtypes in fp32 and cast back. ``fastmath`` stays off: the sums are
+plain IEEE multiply-adds in the stored order (results match F.conv2d to rounding, not bitwise).
+
+numba compiles each kernel on its first call per dtype (a few seconds; ``cache=False``, since
+the library may live on a read-only path): :func:`warm_up` does it ahead of time.
+
+This module imports torch, numpy and numba only.
+"""
+
+from __future__ import annotations
+
+import threading
+import warnings
+
+import numba
+import numpy as np
+import torch
+from numba import njit, prange, types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+from .invariants import check_index_invariants
+
+__all__ = ["cpu_sparse_conv2d", "conv2d_taps", "conv2d_geometry", "warm_up"]
+
+_NATIVE = {torch.float32: np.float32, torch.float64: np.float64}
+#: Output positions accumulated in registers at once: 4 zmm of fp32 (8 of fp64). 64 is what
+#: LLVM's loop vectorizer (16 lanes, interleaved 4x) turns into exactly one unrolled step; 16 or
+#: 32 get fully unrolled first and come out scalar (measured: 19 vs 4 GFMA/s on one core).
+_BLOCK = 64
+#: Bytes of input one tile reads across all channels: a tile's slab stays in a core's L2
+#: (512 KiB to 2 MiB on current x86) while its output channels take turns reading it.
+_SLAB_BYTES = 256 * 1024
+#: The longest accumulator tile (elements): 16 KiB of fp32, half of a typical L1D.
+_MAX_TILE = 4096
+#: Items (tile x channel group) per thread: a few, so uneven rows even out under static scheduling.
+_ITEMS_PER_THREAD = 8
+
+
+# -- the kernels ---------------------------------------------------------------------------------
+@njit(parallel=True, fastmath=False, cache=False)
+def _pack(x, packed, pad_top, pad_left, sh, sw, hph, wph, inner):
+    """x [N, C, H, W] -> packed[(c * sh * sw + py * sw + px) * S + ((g * hph + r) * wph + q) * M + m]
+    = x_padded[g * M + m, c, r * sh + py, q * sw + px], zeros outside x: images g * M + m, with
+    M = ``inner`` images innermost (1 or N) and S = N * hph * wph. The tail past the planes is
+    zeroed too: the last tile reads into it."""
+    n_, c_, h, w = x.shape
+    phases = sh * sw
+    outer = n_ // inner
+    s = n_ * hph * wph
+    for item in prange(c_ * phases * outer):
+        c = item // (phases * outer)
+        rest = item - c * phases * outer
+        p = rest // outer
+        g = rest - p * outer
+        py = p // sw
+        px = p - py * sw
+        # columns q whose source ix = q * sw + px - pad_left lies inside the row: [q0, q1)
+        q0 = min(wph, max(0, (pad_left - px + sw - 1) // sw))
+        q1 = max(q0, min(wph, (w - 1 + pad_left - px) // sw + 1))
+        ix0 = q0 * sw + px - pad_left
+        for r in range(hph):
+            iy = r * sh + py - pad_top
+            d = np.uint64((c * phases + p) * s + (g * hph + r) * wph * inner)
+            if iy < 0 or iy >= h:
+                for q in range(np.uint64(wph * inner)):
+                    packed[d + q] = 0
+                continue
+            for q in range(np.uint64(q0 * inner)):
+                packed[d + q] = 0
+            if inner == 1:  # one image: a strided row copy
+                src = x[g, c, iy]
+                for q in range(np.uint64(q1 - q0)):
+                    packed[d + np.uint64(q0) + q] = src[np.uint64(ix0) + q * np.uint64(sw)]
+            else:  # the batch innermost: gather one pixel of every image
+                for q in range(q1 - q0):
+                    dq = d + np.uint64((q0 + q) * inner)
+                    for m in range(inner):
+                        packed[dq + np.uint64(m)] = x[m, c, iy, ix0 + q * sw]
+            for q in range(np.uint64(q1 * inner), np.uint64(wph * inner)):
+                packed[d + q] = 0
+    for i in range(c_ * phases * s, packed.shape[0]):
+        packed[i] = 0
+
+
+@njit(parallel=True, fastmath=False, cache=False)
+def _offsets(taps, s, wph, inner, out):
+    """Where each stored weight reads in the packed input: plane * S + (row shift * wph + col shift) * M."""
+    for k in prange(taps.shape[0]):
+        out[k] = np.uint64(taps[k, 0]) * np.uint64(s) + np.uint64((taps[k, 1] * wph + taps[k, 2]) * inner)
+
+
+@intrinsic
+def _register_block(typingctx, dtype):
+    """A ``_BLOCK``-element array on the stack (a pointer; wrap it with ``numba.carray``). Read and
+    written only at constant indices in fully unrolled loops, LLVM keeps it in vector registers:
+    the register blocking of Park et al. (4 zmm of fp32 outputs held across a row's weights)."""
+    def codegen(context, builder, signature, args):
+        return cgutils.alloca_once(builder, context.get_value_type(dtype.dtype), size=_BLOCK)
+    return types.CPointer(dtype.dtype)(dtype), codegen
+
+
+@njit(parallel=True, fastmath=False, cache=False)
+def _direct(packed, crow, offs, vals, bias, out, hph, wph, inner, tile, group):
+    """out[g, o, y, x * M + m] = bias[o] + sum over o's stored weights k of vals[k] * packed[offs[k] + j],
+    j = ((g * hph + y) * wph + x) * M + m (M = ``inner`` images innermost, out [N / M, O, out_h,
+    out_w * M]); items are (tile of j, group of output channels)."""
+    outer, o_, ho, row = out.shape  # row = out_w * M: the kept part of a packed row
+    row_in = wph * inner
+    span = ((outer - 1) * hph + ho - 1) * row_in + row  # flat positions up to the last output
+    ntiles = (span + tile - 1) // tile
+    ngroups = (o_ + group - 1) // group
+    for item in prange(ntiles * ngroups):
+        t = item // ngroups  # tile-major: consecutive items (one thread's share) reuse one slab
+        g = item - t * ngroups
+        j0 = t * tile
+        j1 = min(j0 + tile, span)
+        acc = numba.carray(_register_block(vals.dtype), _BLOCK)
+        stage = np.empty(_BLOCK, dtype=out.dtype)  # acc's values, read back at computed indices
+        for o in range(g * group, min(o_, (g + 1) * group)):
+            b = bias[o]
+            lo, hi = crow[o], crow[o + 1]
+            for p0 in range(j0, j1, _BLOCK):
+                for q in range(_BLOCK):
+                    acc[q] = b
+                for k in range(lo, hi):
+                    w = vals[k]
+                    base = offs[k] + np.uint64(p0)
+                    for q in range(_BLOCK):
+                        acc[q] += w * packed[base + np.uint64(q)]
+                for q in range(_BLOCK):
+                    stage[q] = acc[q]
+                # keep the output part of each packed row this block touches
+                p1 = min(p0 + _BLOCK, j1)
+                for r in range(p0 // row_in, (p1 - 1) // row_in + 1):
+                    image = r // hph
+                    y = r - image * hph
+                    if y >= ho:
+                        continue
+                    first = max(0, p0 - r * row_in)
+                    last = min(row, p1 - r * row_in)
+                    shift = np.uint64(r * row_in - p0)
+                    for x in range(np.uint64(first), np.uint64(last)):
+                        out[image, o, y, x] = stage[shift + x]
+
+
+# -- geometry ------------------------------------------------------------------------------------
+def _pair(value, what: str, name: str = "cpu_sparse_conv2d") -> tuple[int, int]:
+    pair = (value, value) if isinstance(value, int) else tuple(value)
+    if len(pair) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in pair):
+        raise ValueError(f"{name}: {what} must be an int or a pair of ints, got {value!r}")
+    return pair  # type: ignore[return-value]
+
+
+def conv2d_geometry(in_hw: tuple[int, int], kernel_size, stride=1, padding=0, dilation=1, *,
+                    name: str = "cpu_sparse_conv2d") -> tuple[tuple[int, int, int, int], tuple[int, int]]:
+    """((top, bottom, left, right) padding, (out_h, out_w)) of a conv as ``F.conv2d`` defines it,
+    ``padding`` an int, a pair, ``"valid"`` or ``"same"`` (stride 1 only, the extra pixel of an
+    odd total on the bottom / right, as torch puts it). Errors are ValueErrors starting ``name``.
+
+    >>> conv2d_geometry((7, 7), 3, stride=2, padding=1)
+    ((1, 1, 1, 1), (4, 4))
+    >>> conv2d_geometry((6, 6), (2, 4), padding="same")
+    ((0, 1, 1, 2), (6, 6))
+    """
+    (kh, kw), (sh, sw), (dh, dw) = _pair(kernel_size, "kernel_size", name), _pair(stride, "stride", name), \
+        _pair(dilation, "dilation", name)
+    if min(kh, kw, sh, sw, dh, dw) < 1:
+        raise ValueError(f"{name}: kernel_size, stride and dilation must be positive, got "
+                         f"{(kh, kw)}, {(sh, sw)}, {(dh, dw)}")
+    if padding == "valid":
+        pads = (0, 0, 0, 0)
+    elif padding == "same":
+        if (sh, sw) != (1, 1):
+            raise ValueError(f"{name}: padding='same' needs stride 1 (as in torch), got "
+                             f"stride {(sh, sw)}")
+        th, tw = dh * (kh - 1), dw * (kw - 1)
+        pads = (th // 2, th - th // 2, tw // 2, tw - tw // 2)
+    elif isinstance(padding, str):
+        raise ValueError(f"{name}: padding must be an int, a pair, 'valid' or 'same', got {padding!r}")
+    else:
+        ph, pw = _pair(padding, "padding", name)
+        if min(ph, pw) < 0:
+            raise ValueError(f"{name}: padding must be non-negative, got {(ph, pw)}")
+        pads = (ph, ph, pw, pw)
+    h, w = in_hw
+    out_h = (h + pads[0] + pads[1] - dh * (kh - 1) - 1) // sh + 1
+    out_w = (w + pads[2] + pads[3] - dw * (kw - 1) - 1) // sw + 1
+    if out_h < 1 or out_w < 1:
+        raise ValueError(f"{name}: input {h}x{w} padded by {pads} is smaller than the dilated "
+                         f"kernel {(dh * (kh - 1) + 1, dw * (kw - 1) + 1)}")
+    return pads, (out_h, out_w)
+
+
+def conv2d_taps(col_indices: torch.Tensor, kernel_size, stride=1, dilation=1) -> np.ndarray:
+    """[nnz, 3] int64: for each stored weight (column ``c * kh * kw + ky * kw + kx`` of the CSR
+    matrix) the packed plane it reads (``c * sh * sw + phase``) and its row and column shift
+    inside that phase. Depends on the pattern alone, not the input: a layer computes it once
+    and passes it as ``taps``.
+
+    >>> conv2d_taps(torch.tensor([0, 4, 9]), 3).tolist()
+    [[0, 0, 0], [0, 1, 1], [1, 0, 0]]
+    """
+    (kh, kw), (sh, sw), (dh, dw) = _pair(kernel_size, "kernel_size"), _pair(stride, "stride"), \
+        _pair(dilation, "dilation")
+    col = col_indices.detach().to("cpu", torch.int64)
+    c, tap = col // (kh * kw), col % (kh * kw)
+    ry, rx = (tap // kw) * dh, (tap % kw) * dw  # offsets in the padded input
+    plane = c * (sh * sw) + (ry % sh) * sw + (rx % sw)
+    return torch.stack([plane, ry // sh, rx // sw], 1).numpy()
+
+
+# -- the entry point -----------------------------------------------------------------------------
+# numba's workqueue layer (its fallback where neither TBB nor OpenMP loads) aborts the process on
+# launches from two Python threads at once: calls take turns.
+_THREADS_LOCK = threading.Lock()
+
+
+def _threads() -> int:
+    return max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
+
+
+def cpu_sparse_conv2d(x: torch.Tensor, crow_indices: torch.Tensor, col_indices: torch.Tensor,
+                      values: torch.Tensor, bias: torch.Tensor | None = None, *, kernel_size, stride=1,
+                      padding=0, dilation=1, taps: np.ndarray | None = None, cache: dict | None = None,
+                      check_invariants: bool = True) -> torch.Tensor:
+    """``F.conv2d(x, W, bias, stride, padding, dilation)`` with ``W`` [out, in, kh, kw] given as
+    CSR over ``[out, in * kh * kw]`` (``crow_indices`` [out + 1], ``col_indices`` and ``values``
+    [nnz]); ``x`` [N, in, H, W] on the CPU, a floating dtype matching ``values``. Returns a new
+    contiguous [N, out, out_h, out_w] tensor of ``x``'s dtype.
+
+    ``taps``: :func:`conv2d_taps` of this pattern, stride and dilation, computed here when not
+    given. ``cache``: a dict the caller keeps with this weight, its taps and this geometry (stride,
+    padding, dilation), where the row pointers and per-input-size offsets are kept between calls
+    (O(nnz) to compute: a sizeable share of a very sparse call). ``check_invariants=False`` skips the index checks (for a caller that checked once;
+    taps or indices that do not match then read out of bounds).
+
+    >>> import torch, torch.nn.functional as F
+    >>> w = torch.randn(4, 3, 3, 3) * (torch.rand(4, 3, 3, 3) < 0.3)
+    >>> W = w.reshape(4, -1).to_sparse_csr()
+    >>> x = torch.randn(2, 3, 9, 9)
+    >>> y = cpu_sparse_conv2d(x, W.crow_indices(), W.col_indices(), W.values(), kernel_size=3, stride=2, padding=1)
+    >>> y.shape, torch.allclose(y, F.conv2d(x, w, stride=2, padding=1), atol=1e-5)
+    (torch.Size([2, 4, 5, 5]), True)
+    """
+    (kh, kw), (sh, sw) = _pair(kernel_size, "kernel_size"), _pair(stride, "stride")
+    if not isinstance(x, torch.Tensor) or x.dim() != 4:
+        raise ValueError(f"cpu_sparse_conv2d: x must be a 4-D tensor [N, C, H, W], got "
+                         f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
+    if x.device.type != "cpu" or values.device.type != "cpu" or (bias is not None and bias.device.type != "cpu"):
+        raise ValueError(f"cpu_sparse_conv2d: x, values and bias must be on the CPU, got {x.device}, "
+                         f"{values.device} and {None if bias is None else bias.device}")
+    if not x.dtype.is_floating_point or x.dtype != values.dtype:
+        raise ValueError(f"cpu_sparse_conv2d: x and values must share one floating dtype, got {x.dtype} and "
+                         f"{values.dtype}")
+    n, c, h, w = x.shape
+    out_channels = crow_indices.numel() - 1
+    if check_invariants:
+        if values.dim() != 1:
+            raise ValueError(f"cpu_sparse_conv2d: values must be 1-D, got shape {tuple(values.shape)}")
+        with warnings.catch_warnings():  # torch's "CSR is beta" notice says nothing to our users
+            warnings.filterwarnings("ignore", message=".*Sparse CSR tensor support is in beta.*")
+            matrix = torch.sparse_csr_tensor(crow_indices, col_indices, values, (out_channels, c * kh * kw),
+                                             check_invariants=False)
+        check_index_invariants(matrix, "cpu_sparse_conv2d weight")
+    if bias is not None and bias.shape != (out_channels,):
+        raise ValueError(f"cpu_sparse_conv2d: bias must have shape ({out_channels},), got {tuple(bias.shape)}")
+    cache = {} if cache is None else cache
+    geometry = cache.get(("geometry", h, w))
+    if geometry is None:  # pure Python, ~10 us: kept per input size like the offsets
+        geometry = cache[("geometry", h, w)] = conv2d_geometry((h, w), kernel_size, stride, padding, dilation)
+    pads, (out_h, out_w) = geometry
+    dtype = x.dtype
+    work_t = dtype if dtype in _NATIVE else torch.float32  # other floats: computed in fp32, cast back
+    if taps is None:
+        taps = conv2d_taps(col_indices, kernel_size, stride, dilation)
+    if n == 0 or out_channels == 0:
+        return torch.empty((n, out_channels, out_h, out_w), dtype=dtype)
+    if "shift_max" not in cache:
+        cache["shift_max"] = (int(taps[:, 1].max(initial=0)), int(taps[:, 2].max(initial=0)))
+    dy_max, dx_max = cache["shift_max"]
+    # The batch innermost where the rows between stacked images would be a tenth of the work or
+    # more (small maps, e.g. 7x7 and 14x14 under a 3x3 kernel); else images stacked by rows,
+    # which needs no transposes (1x1 convs, large maps).
+    inner = n if n > 1 and 10 * dy_max >= out_h else 1
+    out = np.empty((n // inner, out_channels, out_h, out_w * inner), dtype=_NATIVE[work_t])
+    # Phase planes just tall and wide enough for the outputs plus the largest stored shift: rows
+    # and columns past that are never read (their outputs are not kept).
+    hph, wph = out_h + dy_max, out_w + dx_max
+    planes, plane_elems = c * sh * sw, hph * wph * n
+    span = ((n // inner - 1) * hph + out_h - 1) * wph * inner + out_w * inner  # up to the last output
+    threads = _threads()
+    tile = _tile(span, planes, out.itemsize)
+    ntiles = -(-span // tile)
+    group = max(1, min(16, ntiles * out_channels // (_ITEMS_PER_THREAD * threads)))
+    # The last tile runs past the last output by up to tile - 1 positions (garbage, not kept):
+    # a zero tail keeps its reads inside the buffer.
+    reach = (planes - 1) * plane_elems + ntiles * tile + (dy_max * wph + dx_max) * inner
+    packed = np.empty(max(planes * plane_elems, reach), dtype=out.dtype)
+    xs = x.detach().to(work_t).contiguous().numpy()
+    vals = values.detach().to(work_t).contiguous().numpy()
+    b = np.zeros(out_channels, out.dtype) if bias is None else bias.detach().to(work_t).contiguous().numpy()
+    crow = cache.get("crow")
+    if crow is None:  # int64 always: one compiled signature for int32 and int64 indices
+        crow = cache["crow"] = crow_indices.detach().to(torch.int64).numpy()
+    key = ("offsets", plane_elems, wph, inner)
+    offs = cache.get(key)
+    with _THREADS_LOCK:
+        numba.set_num_threads(threads)
+        if offs is None:
+            offs = np.empty(taps.shape[0], dtype=np.uint64)
+            _offsets(taps, plane_elems, wph, inner, offs)
+            for old in [k for k in cache if isinstance(k, tuple) and k[0] == "offsets"][:-4]:  # a few sizes kept
+                del cache[old]
+            cache[key] = offs
+        _pack(xs, packed, pads[0], pads[2], sh, sw, hph, wph, inner)
+        _direct(packed, crow, offs, vals, b, out, hph, wph, inner, tile, group)
+    result = torch.from_numpy(out)
+    if inner > 1:  # batch innermost back to [N, out, H, W]: one copy
+        result = result.view(out_channels, out_h, out_w, n).permute(3, 0, 1, 2).contiguous()
+    return result if dtype in _NATIVE else result.to(dtype)
+
+
+def _tile(span: int, planes: int, itemsize: int) -> int:
+    """Accumulator tile length: the whole run when small, else as long as the L2 slab allows,
+    at least one vector loop (``_BLOCK``) and at most ``_MAX_TILE``."""
+    cap = max(_BLOCK, min(_MAX_TILE, _SLAB_BYTES // max(1, planes * itemsize)) // _BLOCK * _BLOCK)
+    count = -(-span // cap)  # tiles of about equal length, none much shorter than cap
+    per_tile = -(-span // count)
+    return -(-per_tile // _BLOCK) * _BLOCK
+
+
+def warm_up(dtypes=(torch.float32,)) -> None:
+    """Compile the kernels for ``dtypes`` now (numba compiles on first use: seconds per dtype).
+
+    >>> warm_up()
+    """
+    for dtype in dtypes:
+        x = torch.zeros(1, 1, 3, 3, dtype=dtype)
+        cpu_sparse_conv2d(x, torch.tensor([0, 1]), torch.tensor([0]), torch.ones(1, dtype=dtype), kernel_size=1)

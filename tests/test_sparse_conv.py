@@ -1,0 +1,301 @@
+"""SparseConv2d and its CPU kernel (sparse_lth/nn/conv.py, kernels/cpu_conv.py) against F.conv2d
+on the masked dense weight: the independent reference."""
+
+from __future__ import annotations
+
+import copy
+import random
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sparse_lth.formats import to_sparse_weight
+from sparse_lth.kernels.cpu_conv import conv2d_geometry, cpu_sparse_conv2d
+from sparse_lth.nn.conv import SparseConv2d
+
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:Sparse (BSR|CSR) tensor support is in beta"),
+    pytest.mark.filterwarnings("ignore:Using padding='same'"),
+]
+
+# (batch, in, out, H, W, kernel, stride, padding, dilation); several cut the run into many tiles
+# (many channels x phases, or a long batch) so tile edges and the zero tail are exercised.
+GEOMETRIES = [
+    (1, 8, 16, 7, 7, 1, 1, 0, 1),            # 1x1: CSR x pixels
+    (4, 16, 8, 5, 9, 1, 1, 0, 1),
+    (2, 6, 5, 9, 9, 1, 2, 0, 1),             # 1x1 strided
+    (1, 3, 4, 8, 8, 3, 1, 1, 1),
+    (4, 5, 7, 11, 13, 3, 1, 0, 1),           # odd sizes, no padding
+    (2, 8, 8, 10, 10, 3, 2, 1, 1),           # stride 2
+    (1, 4, 6, 12, 9, 3, 1, "same", 1),
+    (1, 4, 6, 13, 13, 3, 1, 1, 2),           # dilation 2
+    (2, 3, 5, 14, 14, 5, 1, 2, 1),           # 5x5
+    (1, 3, 4, 15, 15, 5, 2, 0, 1),
+    (1, 4, 3, 10, 12, (1, 3), 1, (0, 1), 1),   # rectangular kernels
+    (2, 4, 3, 11, 8, (3, 1), (2, 1), (1, 0), 1),
+    (1, 2, 3, 9, 9, (2, 4), 1, "same", (1, 2)),  # even kernel, 'same': torch's lopsided padding
+    (1, 5, 5, 9, 9, 3, 3, "valid", 2),
+    (2, 64, 32, 33, 33, 3, 2, 1, 1),         # 256 phase planes: short tiles, many of them
+    (4, 64, 16, 24, 24, 3, 1, 1, 1),         # a long batch run: several tiles
+    (1, 1, 1, 6, 6, 3, 1, 1, 1),             # one channel
+]
+DENSITIES = [0.0, 0.05, 0.5, 1.0]
+
+
+def _case(geometry, density: float, dtype: torch.dtype, bias: bool, seed: int = 0):
+    n, c, o, h, w, k, stride, padding, dilation = geometry
+    kh, kw = (k, k) if isinstance(k, int) else k
+    gen = torch.Generator().manual_seed(seed)
+    conv = nn.Conv2d(c, o, (kh, kw), stride, padding, dilation, bias=bias).to(dtype)
+    with torch.no_grad():
+        conv.weight.copy_(torch.randn(conv.weight.shape, generator=gen))
+        if bias:
+            conv.bias.copy_(torch.randn(o, generator=gen))
+    mask = torch.rand(conv.weight.shape, generator=gen) < density
+    x = torch.randn(n, c, h, w, generator=gen).to(dtype)
+    return conv, mask, x
+
+
+def _reference(conv: nn.Conv2d, mask: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """F.conv2d on the masked weight, in fp64 (the dtype's own rounding is the tolerance's job)."""
+    bias = None if conv.bias is None else conv.bias.double()
+    with torch.no_grad():
+        return F.conv2d(x.double(), conv.weight.double() * mask, bias, conv.stride, conv.padding, conv.dilation)
+
+
+def _assert_close(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype) -> None:
+    assert got.dtype == dtype and got.shape == want.shape and got.is_contiguous()
+    eps = {torch.float64: 1e-13, torch.float32: 2e-6, torch.bfloat16: 2e-2, torch.float16: 2e-3}[dtype]
+    scale = max(float(want.abs().max()) if want.numel() else 0.0, 1.0)
+    torch.testing.assert_close(got.double(), want, rtol=eps, atol=eps * scale)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+@pytest.mark.parametrize("density", DENSITIES)
+@pytest.mark.parametrize("geometry", GEOMETRIES, ids=lambda g: "-".join(map(str, g)).replace(" ", ""))
+def test_matches_masked_dense_conv(geometry, density, dtype):
+    bias = GEOMETRIES.index(geometry) % 2 == 0 or density == 0.0  # all-pruned: the output is the bias
+    conv, mask, x = _case(geometry, density, dtype, bias)
+    layer = SparseConv2d.from_conv(conv, mask=mask)
+    assert layer.nnz == int(mask.sum())
+    with torch.no_grad():
+        got = layer(x)
+        assert torch.equal(F.conv2d(x, layer.dense_weight(), layer.bias, conv.stride, conv.padding, conv.dilation),
+                           conv._conv_forward(x, conv.weight * mask, conv.bias))
+    _assert_close(got, _reference(conv, mask, x), dtype)
+
+
+@pytest.mark.parametrize("channels", [1, 2, 7, 16, 33, 64])
+def test_channel_counts(channels):
+    conv, mask, x = _case((2, channels, 65 - channels, 9, 8, 3, 1, 1, 1), 0.3, torch.float32, True, seed=channels)
+    with torch.no_grad():
+        _assert_close(SparseConv2d.from_conv(conv, mask=mask)(x), _reference(conv, mask, x), torch.float32)
+
+
+def test_random_geometries_match_f_conv2d():
+    rng = random.Random(0)
+    for i in range(40):
+        k = (rng.choice([1, 2, 3, 5]), rng.choice([1, 3, 4]))
+        stride = (rng.choice([1, 2, 3]), rng.choice([1, 2]))
+        dilation = (rng.choice([1, 2]), rng.choice([1, 3]))
+        padding = rng.choice([0, 1, (2, 1), "valid", "same"])
+        if padding == "same":
+            stride = (1, 1)
+        h, w = rng.randint(k[0] * dilation[0] + 2, 20), rng.randint(k[1] * dilation[1] + 2, 20)
+        geometry = (rng.choice([1, 3]), rng.randint(1, 12), rng.randint(1, 12), h, w, k, stride, padding, dilation)
+        conv, mask, x = _case(geometry, rng.choice([0.05, 0.3, 1.0]), torch.float32, i % 2 == 0, seed=i)
+        with torch.no_grad():
+            _assert_close(SparseConv2d.from_conv(conv, mask=mask)(x), _reference(conv, mask, x), torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_dtypes_computed_in_fp32(dtype):
+    conv, mask, x = _case((2, 8, 6, 9, 9, 3, 1, 1, 1), 0.3, dtype, True)
+    with torch.no_grad():
+        got = SparseConv2d.from_conv(conv, mask=mask)(x)
+    _assert_close(got, _reference(conv, mask, x), dtype)
+
+
+def test_two_threads_split_the_work():
+    conv, mask, x = _case((3, 16, 24, 12, 12, 3, 2, 1, 1), 0.2, torch.float32, True)
+    layer = SparseConv2d.from_conv(conv, mask=mask)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)  # tests run on one thread (conftest); the kernel follows torch
+    try:
+        with torch.no_grad():
+            got = layer(x)
+    finally:
+        torch.set_num_threads(before)
+    _assert_close(got, _reference(conv, mask, x), torch.float32)
+
+
+def test_unbatched_input_and_nonzeros_without_mask():
+    conv = nn.Conv2d(3, 4, 3, padding=1)
+    with torch.no_grad():
+        conv.weight.mul_(torch.rand(conv.weight.shape) < 0.5)
+    layer = SparseConv2d.from_conv(conv)
+    assert layer.nnz == int((conv.weight != 0).sum())
+    x = torch.randn(3, 6, 6)
+    with torch.no_grad():
+        _assert_close(layer(x), _reference(conv, torch.ones_like(conv.weight, dtype=torch.bool), x), torch.float32)
+
+
+def test_bad_inputs_are_clear_errors():
+    layer = SparseConv2d.from_conv(nn.Conv2d(3, 4, 3))
+    with torch.no_grad():
+        with pytest.raises(ValueError, match=r"expects input \[N, 3, H, W\]"):
+            layer(torch.randn(1, 5, 8, 8))
+        with pytest.raises(ValueError, match=r"expects input"):
+            layer(torch.randn(8, 8))
+        with pytest.raises(ValueError, match="dtype"):
+            layer(torch.randn(1, 3, 8, 8, dtype=torch.float64))
+        with pytest.raises(ValueError, match="smaller than the dilated kernel"):
+            layer(torch.randn(1, 3, 2, 8))
+    with pytest.raises(RuntimeError, match="inference-only"):
+        layer(torch.randn(1, 3, 8, 8, requires_grad=True))
+    with pytest.raises(ValueError, match="grouped and depthwise convs stay dense"):
+        SparseConv2d.from_conv(nn.Conv2d(4, 8, 3, groups=2))
+    with pytest.raises(ValueError, match="padding_mode='reflect'"):
+        SparseConv2d.from_conv(nn.Conv2d(4, 8, 3, padding=1, padding_mode="reflect"))
+    with pytest.raises(ValueError, match="needs an nn.Conv2d"):
+        SparseConv2d.from_conv(nn.Linear(3, 4))
+    with pytest.raises(ValueError, match="backend"):
+        SparseConv2d.from_conv(nn.Conv2d(3, 4, 3), backend="triton")
+    with pytest.raises(ValueError, match="stores CSR"):
+        SparseConv2d(to_sparse_weight(torch.randn(4, 3, 3, 3), "bsr", 2))
+    with pytest.raises(ValueError, match="logical shape"):
+        SparseConv2d(to_sparse_weight(torch.randn(4, 27), "csr"))
+    with pytest.raises(ValueError, match="'same' needs stride 1"):
+        conv2d_geometry((8, 8), 3, stride=2, padding="same")
+
+
+def test_kernel_refuses_malformed_indices_and_mismatched_inputs():
+    W = torch.randn(4, 18).to_sparse_csr()
+    x = torch.randn(1, 2, 6, 6)
+    col = W.col_indices().clone()
+    col[3] = 18  # past the 2 x 3 x 3 columns
+    with pytest.raises(ValueError, match="col"):
+        cpu_sparse_conv2d(x, W.crow_indices(), col, W.values(), kernel_size=3)
+    with pytest.raises(ValueError, match="share one floating dtype"):
+        cpu_sparse_conv2d(x.double(), W.crow_indices(), W.col_indices(), W.values(), kernel_size=3)
+    with pytest.raises(ValueError, match="bias must have shape"):
+        cpu_sparse_conv2d(x, W.crow_indices(), W.col_indices(), W.values(), torch.zeros(3), kernel_size=3)
+    with pytest.raises(ValueError, match="4-D"):
+        cpu_sparse_conv2d(x[0], W.crow_indices(), W.col_indices(), W.values(), kernel_size=3)
+
+
+def test_dense_backend_and_dense_conv_agree():
+    conv, mask, x = _case((2, 6, 5, 10, 10, 3, 2, 1, 1), 0.2, torch.float32, True)
+    layer = SparseConv2d.from_conv(conv, mask=mask)
+    with torch.no_grad():
+        sparse = layer(x)
+        layer.backend = "dense"
+        assert "backend=dense" in repr(layer)
+        _assert_close(layer(x), _reference(conv, mask, x), torch.float32)
+        back = layer.to_dense_conv()
+        assert type(back) is nn.Conv2d and back.stride == conv.stride and back.padding == conv.padding
+        assert torch.equal(back.weight, conv.weight * mask) and torch.equal(back.bias, conv.bias)
+        torch.testing.assert_close(back(x), sparse, rtol=1e-5, atol=1e-5)
+
+
+def test_state_dict_round_trip_and_recheck():
+    conv, mask, x = _case((1, 4, 6, 8, 8, 3, 1, 1, 1), 0.3, torch.float32, True)
+    layer = SparseConv2d.from_conv(conv, mask=mask)
+    state = layer.state_dict()
+    assert sorted(state) == ["bias", "col_indices", "crow_indices", "values"]
+    assert state["crow_indices"].dtype == torch.int32
+    other = SparseConv2d.from_conv(nn.Conv2d(4, 6, 3, padding=1), mask=mask)
+    with torch.no_grad():
+        other(x)  # builds the cached taps: a load must drop them
+        other.load_state_dict(state)
+        assert torch.equal(other(x), layer(x))
+    bad = {k: v.clone() for k, v in state.items()}
+    bad["col_indices"][0] = 4 * 9
+    with pytest.raises(ValueError, match="loaded state dict"):
+        other.load_state_dict(bad)
+    sparse_state = layer.sparse_state_dict()
+    assert sparse_state["weight"].shape == (6, 4, 3, 3)
+    assert torch.equal(sparse_state["weight"].to_dense(), conv.weight.detach() * mask)
+    assert torch.equal(sparse_state["bias"], conv.bias.detach())
+
+
+def test_deepcopy_to_and_in_place_edits():
+    conv, mask, x = _case((2, 5, 4, 9, 9, 3, 1, 1, 1), 0.4, torch.float32, True)
+    layer = SparseConv2d.from_conv(conv, mask=mask)
+    with torch.no_grad():
+        y = layer(x)
+        twin = copy.deepcopy(layer)
+        assert torch.equal(twin(x), y) and twin.values.data_ptr() != layer.values.data_ptr()
+        twin.values.mul_(2)  # an in-place edit: the cached dense copy must not go stale
+        twin.backend = "dense"
+        _assert_close(twin(x), 2 * _reference(conv, mask, x) - conv.bias.double().view(1, -1, 1, 1), torch.float32)
+        assert torch.equal(layer(x), y)
+        wide = layer.to(torch.float64)
+        assert wide.values.dtype == torch.float64 and wide.crow_indices.dtype == torch.int32
+        _assert_close(wide(x.double()), _reference(conv, mask, x), torch.float64)
+
+
+def test_repr_shows_geometry_density_and_backend():
+    layer = SparseConv2d.from_conv(nn.Conv2d(2, 3, 3, stride=2, padding=1, dilation=2),
+                                   mask=torch.zeros(3, 2, 3, 3, dtype=torch.bool), backend="sparse")
+    assert repr(layer) == ("SparseConv2d(2, 3, kernel_size=(3, 3), stride=(2, 2), padding=(1, 1), dilation=(2, 2), "
+                           "density=0.0000, bias=True, backend=sparse)")
+
+
+# -- in a model: sparsify, calibration, densify, torch.compile / torch.export ------------------------
+def _conv_model() -> nn.Module:
+    torch.manual_seed(3)
+    return nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, stride=2),
+                         nn.Conv2d(16, 16, 3, padding=1, groups=4), nn.Conv2d(16, 8, 1), nn.Flatten(),
+                         nn.Linear(8 * 7 * 7, 10)).eval()
+
+
+def _conv_mask(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {n: torch.rand(p.shape) < 0.1 for n, p in model.named_parameters() if n.endswith("weight")}
+
+
+def test_sparsify_swaps_plain_convs_and_densify_gives_them_back():
+    from sparse_lth import densify, sparsify
+
+    model = _conv_model()
+    mask = _conv_mask(model)
+    ref = copy.deepcopy(model)
+    with torch.no_grad():
+        for name, alive in mask.items():
+            ref.get_parameter(name).mul_(alive)
+    x = torch.randn(2, 3, 16, 16)
+    sparse = sparsify(copy.deepcopy(model), mask=mask, max_density=1.0, example_inputs=x)
+    kinds = [type(m).__name__ for m in sparse]
+    assert kinds[0] == kinds[2] == kinds[4] == "SparseConv2d" and kinds[3] == "Conv2d"  # grouped stays dense
+    for i in (0, 2, 4):
+        assert sparse[i].calibration is not None and sparse[i].backend in ("dense", "sparse")
+    with torch.inference_mode():
+        torch.testing.assert_close(sparse(x), ref(x), rtol=1e-5, atol=1e-5)
+    back = densify(sparse)
+    assert [type(m).__name__ for m in back] == [type(m).__name__ for m in model]
+    for (n, a), (_, b) in zip(back.named_parameters(), ref.named_parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=n)
+
+
+@pytest.mark.parametrize("backend", ["sparse", "dense"])
+def test_a_sparse_conv_model_compiles_whole_and_exports_with_the_custom_op(backend):
+    from sparse_lth import sparsify
+
+    model = _conv_model()
+    mask = _conv_mask(model)
+    sparse = sparsify(copy.deepcopy(model), mask=mask, max_density=1.0)
+    for m in sparse.modules():
+        if isinstance(m, SparseConv2d):
+            m.backend = backend
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        expected = sparse(x)
+        compiled = torch.compile(sparse, fullgraph=True, backend="eager")
+        torch.testing.assert_close(compiled(x), expected, rtol=1e-5, atol=1e-5)
+    program = torch.export.export(sparse, (x,))
+    targets = [str(n.target) for n in program.graph.nodes]
+    assert targets.count("sparse_lth.conv2d.default") == 3
+    with torch.no_grad():
+        torch.testing.assert_close(program.module()(x), expected, rtol=1e-5, atol=1e-5)
