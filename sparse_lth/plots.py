@@ -109,7 +109,7 @@ def plot_costs(costs: RunCosts, out_dir: str | Path) -> list[Path]:
         dense = [1e6 * r.dense_seconds[b] for r in rounds]
         sparse = [1e6 * r.sparse_seconds[b] for r in rounds]
         series(ax, dense, "o", "dense", False)
-        series(ax, sparse, "s", "sparse (sparsify)", True)
+        series(ax, sparse, "s", "sparse (sparsify, calibrated)", True)
         x_scale(ax, dense, sparse)
         ax.set_xlabel(f"forward pass at batch {b} (us, median of {costs.reps})")
         ax.set_ylabel("test accuracy at early stop (%)")
