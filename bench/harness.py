@@ -41,7 +41,7 @@ from typing import Any
 import pytest
 import torch
 
-from sparse_lth.bench_report import vector_isa
+from sparse_lth.bench_report import cpu_model, vector_isa
 
 SIZES = ("small", "default", "large")
 BENCH_DIR = Path(__file__).resolve().parent
@@ -158,17 +158,6 @@ def bench_dtypes(config: pytest.Config, device: str) -> list[torch.dtype]:
         except KeyError as e:
             raise pytest.UsageError(f"--bench-dtype: unknown dtype {e}; choose from {', '.join(DTYPES)}") from None
     return [torch.float32] if device == "cpu" else [torch.bfloat16, torch.float16]
-
-
-def cpu_model() -> str:
-    """The CPU's model name (``/proc/cpuinfo``), else what ``platform`` knows."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def cpu_isa() -> str:

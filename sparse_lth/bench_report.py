@@ -32,6 +32,7 @@ from __future__ import annotations
 import gzip
 import json
 import math
+import platform
 import re
 import statistics
 from collections import defaultdict
@@ -221,6 +222,17 @@ def crossovers(results: Sequence[KernelResult]) -> dict[tuple[str, str, str, int
 
 
 # -- the machine and the statistic ---------------------------------------------------------------
+def cpu_model() -> str:
+    """The CPU's model name where Linux says it, else what ``platform`` knows."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def vector_isa(flags: Iterable[str]) -> str | None:
     """The widest x86 vector ISA among a CPU's flags ("AVX-512", "AVX2", "AVX"), else None.
 

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import copy
 import math
-import platform
 import statistics
 import tempfile
 import time
@@ -38,6 +37,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from sparse_lth import run_files
+from sparse_lth.bench_report import cpu_model
 from sparse_lth.checkpoint import convert_checkpoint
 from sparse_lth.models import MODELS, build_model
 
@@ -274,15 +274,4 @@ def measure_run(run_dir: str | Path, batch_sizes: Sequence[int] = DEFAULT_BATCH_
             ))
             Path(converted.dst).unlink()
     return RunCosts(str(run_dir), str(model_name), shape, pruned, batch_sizes, reps, torch.get_num_threads(),
-                    _machine(), torch.__version__, costs)
-
-
-def _machine() -> str:
-    """The CPU's model name where Linux says it, else what ``platform`` knows."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+                    cpu_model(), torch.__version__, costs)

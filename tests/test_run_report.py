@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from test_cli import one_error_line
 
 from sparse_lth import LotteryConfig, build_model, convert_checkpoint, load_sparse
 from sparse_lth.cli import main
@@ -42,17 +43,6 @@ def records(run: Path) -> dict[int, dict]:
 
 def trained(run: Path, r: int) -> dict[str, torch.Tensor]:
     return load_file(str(run / f"round_{r:02d}" / "trained.safetensors"))
-
-
-def one_error_line(capsys, argv) -> str:
-    rc = main([str(a) for a in argv])
-    err = capsys.readouterr().err
-    assert rc == 2, err
-    assert "Traceback" not in err
-    lines = err.splitlines()
-    assert len(lines) == 1, err
-    assert lines[0].startswith(f"sparse-lth {argv[0]}: error: ")
-    return lines[0]
 
 
 # -- picking a round ----------------------------------------------------------------------------
