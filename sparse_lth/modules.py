@@ -14,8 +14,9 @@ Inference only: a SparseLinear's weight (three index / value buffers) and bias a
 parameters; nothing requires grad, and an input that requires grad is refused rather than left
 without a gradient. A sparsified model is an ordinary module: ``copy.deepcopy``, ``.to()``,
 ``state_dict`` / ``load_state_dict`` (indices re-checked) and ``save_sparse`` (the file loads
-into the dense model) work. Convolution layers are left dense (no sparse conv path yet, but
-masked); so are other subclasses of ``nn.Linear`` (they may read their weight outside forward).
+into the dense model) work. ``nn.Conv2d`` layers become :class:`~sparse_lth.nn.conv.SparseConv2d`
+(grouped and depthwise ones are left dense, masked); subclasses of ``nn.Linear`` are left dense
+(they may read their weight outside forward).
 
 >>> import torch
 >>> from torch import nn

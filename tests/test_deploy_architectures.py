@@ -16,6 +16,7 @@ from torch import nn
 
 from sparse_lth import Mask, SparseMultiheadAttention, load_sparse, save_sparse
 from sparse_lth.modules import SparseLinear, densify, sparsify
+from sparse_lth.nn.conv import SparseConv2d
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:Sparse (BSR|CSR) tensor support is in beta"),
@@ -363,7 +364,7 @@ def resnet(seed: int = 0) -> ResNet:
 
 
 @pytest.mark.parametrize("fmt,block", [("csr", None), ("bsr", 8)])
-def test_resnet_fc_sparse_convs_masked_and_a_bit_exact_checkpoint(fmt, block, tmp_path):
+def test_resnet_fc_and_convs_sparse_and_a_bit_exact_checkpoint(fmt, block, tmp_path):
     model = resnet()
     names = [n for n, p in model.named_parameters() if n.endswith("weight") and p.dim() in (2, 4)]
     mask = random_mask(model, names, block=block or 1)  # BSR: whole tiles, else every block is stored
@@ -371,8 +372,9 @@ def test_resnet_fc_sparse_convs_masked_and_a_bit_exact_checkpoint(fmt, block, tm
     dense = mask.apply(copy.deepcopy(model))
     sparse = sparsify(model, mask, format=fmt, blocksize=block or 32, max_density=1.0)
     assert type(sparse.fc) is SparseLinear
-    assert all(type(m) is nn.Conv2d for m in sparse.modules() if isinstance(m, nn.Conv2d))
-    assert torch.equal(sparse.layers[0].conv1.weight, dense.layers[0].conv1.weight)  # masked in place
+    convs = [name for name, m in dense.named_modules() if isinstance(m, nn.Conv2d)]
+    assert all(type(sparse.get_submodule(name)) is SparseConv2d for name in convs)  # all groups=1, zeros padding
+    assert torch.equal(sparse.layers[0].conv1.dense_weight(), dense.layers[0].conv1.weight)
     x = torch.randn(4, 3, 16, 16, generator=gen(10))
     with torch.no_grad():
         torch.testing.assert_close(sparse(x), dense(x), **TOL)
@@ -380,7 +382,7 @@ def test_resnet_fc_sparse_convs_masked_and_a_bit_exact_checkpoint(fmt, block, tm
     kwargs = {"format": fmt, "blocksize": block} if block else {}
     report = round_trip(sparse, dense, resnet(seed=3), tmp_path, mask=mask, **kwargs)
     conv = report["layers.2.conv1.weight"]  # a 3x3 conv, stored as its (out, in*3*3) matrix
-    assert conv.format == fmt and conv.shape == (32, 16, 3, 3) and conv.density < 0.15
+    assert conv.format == "csr" and conv.shape == (32, 16, 3, 3) and conv.density < 0.15  # a conv layer is CSR
     assert report["fc.weight"].format == fmt
     assert report["bn1.running_var"].format == report["layers.0.bn1.num_batches_tracked"].format == "dense"
     back = densify(sparse)
