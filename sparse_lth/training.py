@@ -26,13 +26,13 @@ from sparse_lth.nn import TrainableSparseLinear
 
 OPTIMIZERS = ("adam", "sgd")
 SPARSE_TRAINING = ("auto", "always", "never")
-#: ``sparse_training="auto"`` trains a masked nn.Linear sparse when it holds at least this many
-#: weights and at most this density. Measured on 2 CPU cores, batch 60, fp32, forward + backward
-#: + Adam (bench/RESULTS.md, sparse training): 100 x 300 lost at every density (0.6-0.7x: the
-#: custom ops' fixed cost), 300 x 784 won from 30% down (1.4-1.7x), 1024 x 1024 and larger won
-#: 2.6-5.7x at 20% and below.
-SPARSE_TRAINING_MIN_WEIGHTS = 1 << 17
-SPARSE_TRAINING_MAX_DENSITY = 0.3
+#: ``sparse_training="auto"``: (at least this many weights, at most this density) pairs; a masked
+#: nn.Linear trains sparse when it meets one of them. Measured on 2 CPU cores, batch 60-64,
+#: fp32, forward + backward + Adam, sparse step against the masked-dense step (bench/RESULTS.md,
+#: sparse training): 100 x 300 lost at every density (0.6-0.7x: the custom ops' fixed cost);
+#: 384 x 384 broke even at 30% and lost at 50% (0.87x), 512 x 512 won 1.26x at 30% and 1.05x at
+#: 50%; 1024 x 1024 won 1.36x at 50% and 1.09x at 60%, 4096 x 4096 1.70x at 50% and 1.27x at 60%.
+SPARSE_TRAINING_RULE: tuple[tuple[int, float], ...] = ((1 << 20, 0.5), (1 << 17, 0.3))
 
 
 @dataclass(frozen=True)
@@ -143,8 +143,8 @@ def training_step(model: nn.Module, optimizer: torch.optim.Optimizer,
 def sparse_training_plan(model: nn.Module, mask: Mask, mode: str) -> dict[str, str]:
     """Per masked ``nn.Linear`` weight, how a round trains it: ``"sparse"`` (a
     :class:`~sparse_lth.nn.TrainableSparseLinear` over the mask's pattern) or ``"masked-dense"``.
-    ``mode`` "always" trains every one sparse, "never" none, "auto" those with at least
-    :data:`SPARSE_TRAINING_MIN_WEIGHTS` weights at most :data:`SPARSE_TRAINING_MAX_DENSITY` dense.
+    ``mode`` "always" trains every one sparse, "never" none, "auto" those that meet
+    :data:`SPARSE_TRAINING_RULE` (2^20 weights or more at 50% density or less, 2^17 or more at 30%).
 
     >>> from sparse_lth.models import build_model
     >>> model = build_model("lenet300", (1, 28, 28), 10)
@@ -161,8 +161,8 @@ def sparse_training_plan(model: nn.Module, mask: Mask, mode: str) -> dict[str, s
         if type(owner) is not nn.Linear or not name.endswith("weight"):
             continue
         density = float(alive.sum()) / max(alive.numel(), 1)
-        big = alive.numel() >= SPARSE_TRAINING_MIN_WEIGHTS and density <= SPARSE_TRAINING_MAX_DENSITY
-        plan[name] = "sparse" if mode == "always" or (mode == "auto" and big) else "masked-dense"
+        pays = any(alive.numel() >= weights and density <= most for weights, most in SPARSE_TRAINING_RULE)
+        plan[name] = "sparse" if mode == "always" or (mode == "auto" and pays) else "masked-dense"
     return plan
 
 
