@@ -3,7 +3,8 @@ training issue: at least 6x at 10% density, 10x at 5%, 20x at 2% for 4096 x 4096
 fp32, 2 CPU cores; parameter plus Adam state at 5% at most 10% of the dense layer's bytes).
 Recorded, never asserted.
 
-- masked dense: ``nn.Linear`` forward and backward, the weight's gradient masked, Adam, the
+- masked dense: ``nn.Linear`` forward and backward (the input's gradient too: a layer inside a
+  network), the weight's gradient masked, fused Adam (the search's optimizer), the
   weight re-masked (what a search round does today, ``training.training_step``);
 - sparse: ``TrainableSparseLinear`` (forward, the transposed product for dx, SDDMM for the
   stored values' gradient: ``sparse_lth.nn.ops``), Adam on the stored values.
@@ -59,10 +60,12 @@ def make_steps(width: int, fmt: str, block: int | None, density: float, device: 
     dense = dense.to(device=device, dtype=dtype)
     mask = mask.to(device)
     sparse = TrainableSparseLinear.from_linear(dense, mask=mask, format=fmt, blocksize=block or 32)
-    x = torch.randn(BATCH, width, generator=gen).to(device=device, dtype=dtype)
+    # a layer inside a network: the input's gradient is computed too (the transposed product)
+    x = torch.randn(BATCH, width, generator=gen).to(device=device, dtype=dtype).requires_grad_()
     dy = torch.randn(BATCH, width, generator=gen).to(device=device, dtype=dtype)
-    opt_dense = torch.optim.Adam(dense.parameters(), lr=1e-3)
-    opt_sparse = torch.optim.Adam(sparse.parameters(), lr=1e-3)
+    # the search's own optimizer (training.make_optimizer): fused Adam, for both
+    opt_dense = torch.optim.Adam(dense.parameters(), lr=1e-3, fused=True)
+    opt_sparse = torch.optim.Adam(sparse.parameters(), lr=1e-3, fused=True)
 
     def masked_dense_step() -> None:
         opt_dense.zero_grad()
