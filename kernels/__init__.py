@@ -68,8 +68,24 @@ def triton_bsr_sddmm(crow, col, blocksize, dy, x, *, out=None, check_invariants=
     return impl(crow, col, blocksize, dy, x, out=out, check_invariants=check_invariants)
 
 
+def triton_bsr_conv2d(x, crow, col, values, bias=None, **geometry):
+    """``F.conv2d`` with a block-sparse weight laid out by tap and input channel (see ``conv.py``)."""
+    require_triton()
+    from .conv import triton_bsr_conv2d as impl
+
+    return impl(x, crow, col, values, bias, **geometry)
+
+
+def conv_weight_to_bsr(weight, mask, blocksize):
+    """A conv weight [O, C, KH, KW] as the BSR that ``triton_bsr_conv2d`` reads (see ``conv.py``)."""
+    require_triton()
+    from .conv import conv_weight_to_bsr as impl
+
+    return impl(weight, mask, blocksize)
+
+
 __all__ += ["has_triton", "triton_csr_matmul", "triton_csr_linear", "triton_bsr_matmul",
-            "triton_bsr_linear", "triton_csr_sddmm", "triton_bsr_sddmm"]
+            "triton_bsr_linear", "triton_csr_sddmm", "triton_bsr_sddmm", "triton_bsr_conv2d", "conv_weight_to_bsr"]
 
 # --- CPU kernels (scipy.sparse, row blocks on a thread pool) -----------------------------------
 from .cpu import auto_cpu_backend, cpu_bsr_matmul, cpu_csr_matmul  # noqa: E402

@@ -46,11 +46,11 @@ def _compile(job: dict) -> dict:
     from triton.compiler import ASTSource
     from triton.runtime.jit import JITFunction
 
-    from sparse_lth.kernels import bsr, csr, sddmm
+    from sparse_lth.kernels import bsr, conv, csr, sddmm
 
     raw = {"bsr": bsr._bsr_kernel, "csr": csr._csr_kernel,
-           "bsr_sddmm": sddmm._bsr_sddmm_kernel, "csr_sddmm": sddmm._csr_sddmm_kernel
-           }[job["kernel"]]
+           "bsr_sddmm": sddmm._bsr_sddmm_kernel, "csr_sddmm": sddmm._csr_sddmm_kernel,
+           "bsr_conv2d": conv._bsr_conv2d_kernel}[job["kernel"]]
     fn = JITFunction(getattr(raw, "fn", raw))  # a plain JITFunction even if made under interpret
     consts = job["constexprs"]
     signature, attrs = {}, {}
@@ -254,6 +254,27 @@ def test_every_bsr_block_shape_keeps_a_config():
                 assert _surviving(arch, dtype, br, bc), (arch, dtype, br, bc)
                 assert all(bsr_sddmm_shared_bytes(c, br, bc, ELEM_BYTES[dtype])
                            <= SMEM_LIMIT[arch] for c in _surviving_sddmm(arch, dtype, br, bc))
+
+
+def test_block_sparse_conv_compiles_for_sm90_and_sm80_on_tensor_cores():
+    """kernels/conv.py: every dtype and block shape it takes builds for both targets, within
+    shared memory, on tensor cores for 16-bit operands (wgmma on sm_90 with 64-row blocks) and
+    FMA for IEEE fp32."""
+    pytest.importorskip("triton")
+    jobs = [{"kernel": "bsr_conv2d", "arch": arch, "dtype": dtype, "index": "i32", "num_warps": 4, "num_stages": 3,
+             "constexprs": {"HAS_BIAS": True, "BR": br, "BC": bc, "BLOCK_P": 64, "DOT_PRECISION": "ieee"}}
+            for arch in ARCHS for dtype in DTYPES for br, bc in ((16, 16), (32, 32), (64, 64), (128, 32))]
+    results = _run(jobs)
+    assert len(results) == len(jobs)
+    for r in results:
+        what = f"bsr_conv2d sm_{r['arch']} {r['dtype']} {r['constexprs']}"
+        assert r["shared"] <= SMEM_LIMIT[r["arch"]], what
+        if r["dtype"] == "fp32":
+            assert not (r["mma_sync"] or r["wgmma"]), f"{what}: IEEE fp32 used tensor cores"
+        elif r["arch"] == 90 and r["constexprs"]["BR"] >= 64:
+            assert r["wgmma"], f"{what}: no wgmma"
+        else:
+            assert r["mma_sync"] or r["wgmma"], f"{what}: no tensor-core mma"
 
 
 def test_exhaustive_compile():

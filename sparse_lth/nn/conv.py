@@ -47,9 +47,10 @@ def _kernels():
 
     return cpu_conv
 
-#: "auto": the direct sparse kernel on the CPU, a dense copy elsewhere (no GPU sparse conv yet);
-#: "sparse": the direct sparse kernel (CPU only); "dense": F.conv2d with a dense copy of the
-#: weight, made once (what a per-layer calibration picks where dense measured faster).
+#: "auto": the direct sparse kernel on the CPU, a dense copy elsewhere (the GPU's block-sparse
+#: conv is not yet timed on a GPU: calibration decides there); "sparse": the direct sparse kernel
+#: on the CPU, the Triton block-sparse conv on CUDA (kernels/conv.py); "dense": F.conv2d with a
+#: dense copy of the weight, made once (what a per-layer calibration picks where dense measured faster).
 CONV_BACKENDS = ("auto", "sparse", "dense")
 
 _INT32_MAX = 2**31 - 1
@@ -237,8 +238,14 @@ class SparseConv2d(nn.Module):
 
     def backend_candidates(self, x: torch.Tensor) -> list[str]:
         """The paths that can run on ``x`` here (what calibration times): ``"dense"`` always, the
-        direct sparse kernel on the CPU for floating inputs."""
-        return ["dense", "sparse"] if x.device.type == "cpu" and x.dtype.is_floating_point else ["dense"]
+        direct sparse kernel on the CPU for floating inputs, the block-sparse Triton conv on CUDA."""
+        if x.device.type == "cpu" and x.dtype.is_floating_point:
+            return ["dense", "sparse"]
+        if x.device.type == "cuda" and x.dtype in (torch.float32, torch.float16, torch.bfloat16):
+            from sparse_lth.kernels._triton import has_triton
+
+            return ["dense", "sparse"] if has_triton() else ["dense"]
+        return ["dense"]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         unbatched = isinstance(x, torch.Tensor) and x.dim() == 3
@@ -256,9 +263,11 @@ class SparseConv2d(nn.Module):
             if "dense" not in cache:
                 cache["dense"] = self.dense_weight()
             y = F.conv2d(x, cache["dense"], self.bias, self.stride, self.padding, self.dilation)
+        elif x.device.type == "cuda":
+            y = self._triton(x, cache)
         else:
             if x.device.type != "cpu":
-                raise ValueError(f"SparseConv2d: backend 'sparse' runs on the CPU only, got input on {x.device}; "
+                raise ValueError(f"SparseConv2d: backend 'sparse' runs on the CPU and CUDA, got input on {x.device}; "
                                  "use backend='dense' or 'auto' there")
             taps = cache.get("taps")
             if taps is None:
@@ -267,6 +276,32 @@ class SparseConv2d(nn.Module):
                                   kernel_size=self.kernel_size, stride=self.stride, padding=self.padding,
                                   dilation=self.dilation, taps=taps, cache=cache, check_invariants=False)
         return y.squeeze(0) if unbatched else y
+
+    def _triton(self, x: torch.Tensor, cache: dict) -> torch.Tensor:
+        """The block-sparse Triton conv (:mod:`sparse_lth.kernels.conv`) over a BSR copy of the
+        weight laid out by tap and input channel, made on first use: blocks of 32 output x up to
+        32 input channels, a block stored where the weight keeps any entry of it."""
+        from sparse_lth.kernels import conv_weight_to_bsr, has_triton, triton_bsr_conv2d
+
+        if not has_triton():
+            raise ValueError("SparseConv2d: backend 'sparse' on CUDA needs Triton; use 'dense' or 'auto'")
+
+        if isinstance(self.padding, str):  # 'same' / 'valid' as pads (the kernel pads symmetrically)
+            (top, bottom, left, right), _ = _kernels().conv2d_geometry(tuple(x.shape[-2:]), self.kernel_size,
+                                                                       self.stride, self.padding, self.dilation)
+            if (top, left) != (bottom, right):
+                x = F.pad(x, (left, right, top, bottom))
+                top = left = 0
+            padding = (top, left)
+        else:
+            padding = self.padding
+        bsr = cache.get("bsr")
+        if bsr is None:
+            block = (32 if self.out_channels > 16 else 16, min(32, max(16, 1 << (self.in_channels - 1).bit_length())))
+            bsr = cache["bsr"] = conv_weight_to_bsr(self.dense_weight(), None, block)
+        return triton_bsr_conv2d(x.contiguous(), *bsr, self.bias, out_channels=self.out_channels,
+                                 kernel_size=self.kernel_size, stride=self.stride, padding=padding,
+                                 dilation=self.dilation)
 
     def extra_repr(self) -> str:
         geometry = f", stride={self.stride}" if self.stride != (1, 1) else ""
