@@ -18,9 +18,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
-import time
 from pathlib import Path
+
+from launch_cost import per_call_us  # bench/ is on the path when run as a script
 
 # (batch, channels, map size): ResNet-50-like 3x3 stages, at batch 1 and 32
 SHAPES = [(b, c, hw) for b in (1, 32) for c, hw in ((64, 56), (128, 28), (256, 14), (512, 7))]
@@ -28,16 +28,7 @@ DRY_SHAPES = [(1, 32, 6), (2, 32, 5)]
 
 
 def per_call_ms(fn, calls: int, reps: int, sync) -> float:
-    fn()
-    sync()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        sync()
-        times.append((time.perf_counter() - t0) / calls * 1e3)
-    return statistics.median(times)
+    return per_call_us(fn, calls, reps, sync) / 1e3
 
 
 def main() -> None:
