@@ -176,21 +176,12 @@ class CpuSparseProduct:
 
     def __call__(self, X: torch.Tensor, threads: int | None = None) -> torch.Tensor:
         """``W @ X`` for a dense CPU ``X`` [K, N] of ``W``'s dtype: a new [M, N] tensor."""
-        (M, K), (R, C) = self.shape, self.block
         N = X.shape[1]
         if self.compute != X.dtype:
             X = X.detach().float()
-        y = np.zeros((M, N), dtype=_NP_DTYPES[self.compute])
-        if self.stored and N and R and C:
-            x = _np(X).reshape(-1)
-            parts = _num_threads(threads, self.stored * R * C * N, M // R)
-            if parts == 1:
-                self._rows(0, M // R, x, N, y)  # most small products: no pool, no row blocks
-            else:
-                blocks = self._blocks.get(parts)
-                if blocks is None:
-                    blocks = self._blocks[parts] = _row_blocks(self.indptr, parts)
-                _run(blocks, lambda r0, r1: self._rows(r0, r1, x, N, y))
+        y = np.zeros((self.shape[0], N), dtype=_NP_DTYPES[self.compute])
+        if N:
+            self._into(_np(X).reshape(-1), N, y, threads)
         out = torch.from_numpy(y)
         return out if self.compute == self.dtype else out.to(self.dtype)
 
@@ -198,18 +189,23 @@ class CpuSparseProduct:
         """``W @ x`` for one C-contiguous numpy vector ``x`` [K] of the compute dtype (float32
         for a half-precision ``W``): a new numpy [M] array. The lean path of a layer at batch 1,
         where converting tensors costs more than the product."""
-        (M, K), (R, C) = self.shape, self.block
-        y = np.zeros(M, dtype=self.data.dtype)
-        if self.stored and R and C:
-            parts = _num_threads(threads, self.stored * R * C, M // R)
-            if parts == 1:
-                self._rows(0, M // R, x, 1, y)
-            else:
-                blocks = self._blocks.get(parts)
-                if blocks is None:
-                    blocks = self._blocks[parts] = _row_blocks(self.indptr, parts)
-                _run(blocks, lambda r0, r1: self._rows(r0, r1, x, 1, y))
+        y = np.zeros(self.shape[0], dtype=self.data.dtype)
+        self._into(x, 1, y, threads)
         return y
+
+    def _into(self, x: np.ndarray, N: int, y: np.ndarray, threads: int | None) -> None:
+        """The product of ``x`` (flat [K, N]) into ``y`` (zeros), its rows split over threads."""
+        M, (R, C) = self.shape[0], self.block
+        if not (self.stored and R and C):
+            return
+        parts = _num_threads(threads, self.stored * R * C * N, M // R)
+        if parts == 1:  # most small products: no pool, no row blocks
+            self._rows(0, M // R, x, N, y)
+            return
+        blocks = self._blocks.get(parts)
+        if blocks is None:
+            blocks = self._blocks[parts] = _row_blocks(self.indptr, parts)
+        _run(blocks, lambda r0, r1: self._rows(r0, r1, x, N, y))
 
     def _rows(self, r0: int, r1: int, x: np.ndarray, N: int, y: np.ndarray) -> None:
         """Rows (BSR: block rows) r0:r1 of the product into ``y``, zeros on entry."""

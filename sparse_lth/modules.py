@@ -71,6 +71,11 @@ _INT32_MAX = 2**31 - 1
 _SCIPY_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
+def _batch(x: torch.Tensor) -> int:
+    """Rows of a linear layer's input: every dimension but the last (the width may be 0)."""
+    return x.shape[:-1].numel()
+
+
 class SparseLinear(nn.Module):
     """A linear layer ``y = x @ W.T + b`` whose weight is stored as a CSR or BSR matrix.
 
@@ -311,8 +316,8 @@ class SparseLinear(nn.Module):
         (a calibrated choice: dense was faster for this layer) multiplies by a dense copy of
         the weight, made once and kept with the views."""
         if torch.compiler.is_compiling():
-            y = ops.linear(x.reshape(x.shape[:-1].numel(), x.shape[-1]).contiguous(), self.crow_indices, self.col_indices,
-                                     self.values, self.matrix_shape[0], backend=self.backend)
+            y = ops.linear(x.reshape(_batch(x), x.shape[-1]).contiguous(), self.crow_indices, self.col_indices,
+                           self.values, self.matrix_shape[0], backend=self.backend)
             y = y.reshape(*x.shape[:-1], self.matrix_shape[0])
             y = y if rows is None else y[..., rows[0]:rows[1]]
             return y if bias is None else y + bias
@@ -337,9 +342,8 @@ class SparseLinear(nn.Module):
     def _dense_wins_on_cuda(self, x: torch.Tensor) -> bool:
         """The measured CUDA rule (:mod:`sparse_lth.kernels.cuda_rule`): cuBLAS on a dense copy
         where it beat the Triton kernels at this density and batch."""
-        batch = x.numel() // max(x.shape[-1], 1)
         stored = self.nnz / max(self.matrix_shape[0] * self.matrix_shape[1], 1)
-        return auto_cuda_backend(self.format, batch, stored, self.blocksize) == "dense"
+        return auto_cuda_backend(self.format, _batch(x), stored, self.blocksize) == "dense"
 
     def _scipy_here(self, x: torch.Tensor) -> bool:
         """Whether this call takes the scipy path (other dtypes go the checked way, to its error)."""
@@ -347,8 +351,7 @@ class SparseLinear(nn.Module):
             return False
         if self.backend == "scipy":
             return True
-        batch = x.numel() // max(x.shape[-1], 1)
-        return choose_backend(self.format, x.device, x.dtype, batch, "auto", self.nnz, self.blocksize) == "scipy"
+        return choose_backend(self.format, x.device, x.dtype, _batch(x), "auto", self.nnz, self.blocksize) == "scipy"
 
     def _scipy_linear(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """The scipy path without per-call preparation: the product over the weight's arrays is
@@ -358,7 +361,7 @@ class SparseLinear(nn.Module):
         product = views.get("scipy")
         if product is None:
             product = views["scipy"] = CpuSparseProduct(self.weight)
-        if x.dtype == product.compute and x.dim() <= 2 and x.shape[:-1].numel() == 1 and x.is_contiguous():
+        if x.dtype == product.compute and x.dim() <= 2 and _batch(x) == 1 and x.is_contiguous():
             # batch 1: numpy end to end, one tensor conversion each way (a layer's whole call
             # at batch 1 can be shorter than a few torch calls)
             y = product.matvec(x.numpy().reshape(-1), self.threads)
@@ -368,7 +371,7 @@ class SparseLinear(nn.Module):
                 np.add(y, views["bias_np"], out=y)
             return torch.from_numpy(y.reshape(x.shape[:-1] + (y.shape[0],)))
         lead = x.shape[:-1]
-        x2 = x.reshape(lead.numel(), x.shape[-1])  # not -1: the width may be 0
+        x2 = x.reshape(_batch(x), x.shape[-1])  # not -1: the width may be 0
         yt = product(x2.t(), self.threads)  # [M, N]
         M, N = yt.shape
         if N == 1:  # [M, 1] and [1, M] share one memory order: no copy, and yt is ours to add to
@@ -391,11 +394,10 @@ class SparseLinear(nn.Module):
         ``"scipy"`` on the CPU, ``"triton"`` and ``"torch"`` on CUDA, each where its dtype and
         block shape are supported."""
         names = ("dense", "triton", "torch") if x.device.type == "cuda" else ("dense", "torch", "scipy")
-        batch = x.numel() // max(x.shape[-1], 1)
         ok = []
         for name in names:
             try:
-                choose_backend(self.format, x.device, x.dtype, batch, name, self.nnz, self.blocksize)
+                choose_backend(self.format, x.device, x.dtype, _batch(x), name, self.nnz, self.blocksize)
             except ValueError:
                 continue
             ok.append(name)
