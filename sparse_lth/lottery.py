@@ -511,12 +511,9 @@ class _Search:
             self.write("writing the summary", self.write_summary)
 
     def records(self) -> tuple[list[dict], dict[str, list[dict]]]:
-        ticket = [run_files.read_record(self.run_dir, r) for r in run_files.completed_rounds(self.run_dir)]
-        controls = {}
-        for control in self.config.controls:
-            base = run_files.control_dir(self.run_dir, control)
-            controls[control] = [run_files.read_record(base, r) for r in run_files.completed_rounds(base)]
-        return ticket, controls
+        controls = {control: run_files.read_records(run_files.control_dir(self.run_dir, control))
+                    for control in self.config.controls}
+        return run_files.read_records(self.run_dir), controls
 
     def write_summary(self) -> None:
         ticket, controls = self.records()
