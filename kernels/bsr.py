@@ -12,6 +12,10 @@ prefetches it with the tiles ``num_stages`` deep.
   through strides with the unit stride known at compile time (constexpr ``X_T`` / ``Y_T``).
 - Blocks: BR, BC powers of two from 16 to 128, square or not (tl.dot needs every side >= 16).
 
+Which kernel runs: N > 16 with 16-byte aligned operands on Hopper goes to ``bsr_tma.py``
+(tensor-descriptor copies into wgmma, a persistent grid); everything else runs the kernel here,
+whose loads are ``cp.async`` copies (sm_80, and rows TMA cannot take).
+
 The sparse tensor is torch's BSR: crow_indices [M / BR + 1], col_indices [nnzb] (block
 columns), values [nnzb, BR, BC] row-major; indices int32 or int64.
 """
@@ -32,6 +36,7 @@ from ._triton import (
     on_device,
     shared_memory_limit,
 )
+from .bsr_tma import launch_bsr_tma, tma_fits
 
 __all__ = ["triton_bsr_matmul", "triton_bsr_linear"]
 
@@ -87,25 +92,33 @@ def _cfg(block_n: int, warps: int, stages: int) -> triton.Config:
     return triton.Config({"BLOCK_N": block_n}, num_warps=warps, num_stages=stages)
 
 
-# Hopper: a block row is a short K loop, so 3-4 stages hide the dependent index load (2 for
-# fp32 with 128-wide blocks, which fit no deeper pipeline on an A100); 8 warps
-# for the large accumulators (BR x BLOCK_N = 128 x 128 fp32 is 64 KB of registers).
-# Shared memory per stage is (BR * BC + BC * BLOCK_N) * bytes; configs that would pass the
-# device limit are pruned at launch (and checked compiled, tests/test_kernel_compile.py).
+# The block's column index is a load the X tile depends on, so Triton's pipeliner spends a stage
+# on it: with wgmma (sm_90, blocks of 64 rows or more) num_stages 2 / 3 / 5 / 7 give 2 / 2 / 3 / 4
+# shared buffers, with mma.sync or FMA 1 / 1 / 2 / 3; an even count above 2 compiles to the code
+# of the odd one below it (read off the compiled kernels: tests/test_kernel_compile.py), so the
+# table holds none. 8 warps for the large accumulators (128 x 256 fp32 is 128 KB of registers).
+# Configs over the device's shared memory are pruned at launch.
 BSR_CONFIGS: list[triton.Config] = [
-    _cfg(16, 4, 2), _cfg(16, 4, 3), _cfg(16, 4, 4),
-    _cfg(32, 4, 3), _cfg(32, 4, 4),
-    _cfg(64, 8, 2), _cfg(64, 4, 3), _cfg(64, 8, 3), _cfg(64, 4, 4),
-    _cfg(128, 4, 3), _cfg(128, 8, 3), _cfg(128, 8, 4),
+    _cfg(16, 4, 2), _cfg(16, 4, 3), _cfg(16, 4, 5),
+    _cfg(32, 4, 3), _cfg(32, 4, 5),
+    _cfg(64, 8, 2), _cfg(64, 4, 3), _cfg(64, 8, 3), _cfg(64, 4, 5), _cfg(64, 8, 5),
+    _cfg(128, 4, 3), _cfg(128, 8, 3), _cfg(128, 8, 5), _cfg(128, 8, 7),
+    _cfg(256, 8, 3), _cfg(256, 8, 5),
 ]
 
 
+def pipeline_buffers(num_stages: int) -> int:
+    """The most shared-memory copies of the block and X tiles ``num_stages`` compiles to (the
+    wgmma count; mma.sync and FMA kernels get one fewer)."""
+    return max(2, (num_stages + 1) // 2)
+
+
 def bsr_shared_bytes(config: triton.Config, br: int, bc: int, elem_bytes: int) -> int:
-    """Upper bound on the shared memory one config takes: ``num_stages`` copies of the block
-    and X tiles. Triton 3.9 was seen using ``num_stages - 1`` copies of both (sm_90, aligned X)
-    or ``num_stages`` of the block and one of X (X rows of unknown alignment);
-    tests/test_kernel_compile.py checks every config against this bound."""
-    return config.num_stages * (br * bc + bc * config.kwargs["BLOCK_N"]) * elem_bytes
+    """Shared memory one config takes at most: its pipeline buffers of a [br, bc] block and a
+    [bc, BLOCK_N] X tile, plus a few bytes of barriers; equal to the compiled figure within
+    those bytes for wgmma kernels (tests/test_kernel_compile.py checks both ways)."""
+    stage = (br * bc + bc * config.kwargs["BLOCK_N"]) * elem_bytes
+    return pipeline_buffers(config.num_stages) * stage + 64
 
 
 def prune_bsr_configs(configs: list[triton.Config], n: int, br: int, bc: int, elem_bytes: int,
@@ -171,6 +184,9 @@ def _launch(W: torch.Tensor, X: torch.Tensor, Y: torch.Tensor, *, N: int, x_t: b
     args = (crow, col, val, X, Y, M, N, K, stride_x, stride_y, next_pow2(N))
     constants = dict(BR=br, BC=bc, X_T=x_t, Y_T=y_t, DOT_PRECISION=precision, UPCAST=upcast,
                      **meta)
+    if kernel is None and N > 16 and tma_fits(W, X, x_t):  # Hopper, aligned: bulk copies
+        launch_bsr_tma(W, X, Y, N=N, x_t=x_t, y_t=y_t, stride_y=stride_y)
+        return
     grid = lambda meta_: (M // br, triton.cdiv(N, meta_["BLOCK_N"]))  # noqa: E731
     with on_device(X):
         if kernel is not None:

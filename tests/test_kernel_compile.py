@@ -19,14 +19,18 @@ compiles) about 3 to 4 minutes. CI runs both.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
 import time
 
 import pytest
+
+triton = pytest.importorskip("triton")
 
 # Per-program opt-in shared memory (cudaDevAttrMaxSharedMemoryPerBlockOptin): 227 KB on H100
 # (228 KB per SM less 1 KB the driver keeps), 163 KB on A100.
@@ -39,19 +43,8 @@ BLOCK_SHAPES = ((16, 16), (32, 32), (64, 64), (128, 128), (16, 128), (128, 32))
 
 # --- the subprocess side ------------------------------------------------------------------------
 
-def _compile(job: dict) -> dict:
-    """Compile one kernel for one target; report shared memory and which matmul unit it uses."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-    from triton.runtime.jit import JITFunction
-
-    from sparse_lth.kernels import bsr, conv, csr, sddmm
-
-    raw = {"bsr": bsr._bsr_kernel, "csr": csr._csr_kernel,
-           "bsr_sddmm": sddmm._bsr_sddmm_kernel, "csr_sddmm": sddmm._csr_sddmm_kernel,
-           "bsr_conv2d": conv._bsr_conv2d_kernel}[job["kernel"]]
-    fn = JITFunction(getattr(raw, "fn", raw))  # a plain JITFunction even if made under interpret
+def _signature(fn, job: dict) -> tuple[dict, dict]:
+    """The argument types and alignment a launch gives ``fn`` for ``job``."""
     consts = job["constexprs"]
     signature, attrs = {}, {}
     for i, (name, param) in enumerate(zip(fn.arg_names, fn.params)):
@@ -59,6 +52,14 @@ def _compile(job: dict) -> dict:
             signature[name] = "constexpr"
         elif name in ("crow_ptr", "col_ptr", "row_ptr"):
             signature[name] = "*" + job["index"]
+        elif name == "order_ptr":
+            signature[name] = "*i32"
+        elif name == "a_desc":  # bsr_tma: the stored blocks, one [BR, BC] box at a time
+            signature[name] = f"tensordesc<{job['dtype']}[{consts['BR']}, {consts['BC']}]>"
+        elif name == "x_desc":  # bsr_tma: X's [BC, BLOCK_N] boxes ([BLOCK_N, BC] for x rows)
+            box = (consts["BLOCK_N"], consts["BC"]) if consts["X_T"] else (consts["BC"],
+                                                                          consts["BLOCK_N"])
+            signature[name] = f"tensordesc<{job['dtype']}[{box[0]}, {box[1]}]>"
         elif name.endswith("_ptr"):
             signature[name] = "*" + job["dtype"]
         else:
@@ -68,15 +69,50 @@ def _compile(job: dict) -> dict:
         # and strides divisible by 16. Bucket arguments are unused by the body.
         if name.endswith("_ptr") or name in ("M", "N", "K", "stride_x", "stride_y"):
             attrs[(i,)] = [["tt.divisibility", 16]]
+    return signature, attrs
+
+
+def code_facts(ptx: str, sass: str | None) -> dict:
+    """What the compiled code shows: matrix units, copy engines, load widths, spills."""
+    facts = {"wgmma": "wgmma" in ptx, "mma_sync": "mma.sync" in ptx,
+             "cp_async": len(re.findall(r"cp\.async\.c[ag]\.shared", ptx)),
+             "tma": len(re.findall(r"cp\.async\.bulk\.tensor", ptx)),
+             "atomics": len(re.findall(r"\b(?:atom|red)\.global", ptx)),
+             # 16-byte global loads: v4 of 32-bit words, v2 of 64-bit ones
+             "ld16": len(re.findall(r"ld\.global(?:\.[\w:]+)*?\.(?:v4\.(?:b32|u32|f32|s32)|"
+                                    r"v2\.(?:b64|u64|f64|s64))", ptx)),
+             "ld_scalar": len(re.findall(r"ld\.global(?:\.[\w:]+)*?\.(?:b|u|s|f)(?:8|16|32|64)\s",
+                                         ptx)),
+             "ptx_hash": hashlib.sha1(re.sub(r"//.*", "", ptx).encode()).hexdigest()[:12]}
+    if sass is not None:
+        facts["spills"] = len(re.findall(r"\b(?:LDL|STL)\b", sass))
+        facts["hgmma"] = "HGMMA" in sass
+    return facts
+
+
+def _compile(job: dict) -> dict:
+    """Compile one kernel for one target; report shared memory and what its code shows."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from triton.runtime.jit import JITFunction
+
+    from sparse_lth.kernels import bsr, bsr_tma, conv, csr, sddmm
+
+    raw = {"bsr": bsr._bsr_kernel, "csr": csr._csr_kernel, "bsr_tma": bsr_tma._bsr_tma_kernel,
+           "bsr_sddmm": sddmm._bsr_sddmm_kernel, "csr_sddmm": sddmm._csr_sddmm_kernel,
+           "bsr_conv2d": conv._bsr_conv2d_kernel}[job["kernel"]]
+    fn = JITFunction(getattr(raw, "fn", raw))  # a plain JITFunction even if made under interpret
+    signature, attrs = _signature(fn, job)
     start = time.perf_counter()
     compiled = triton.compile(
-        ASTSource(fn=fn, signature=signature, constexprs=consts, attrs=attrs),
+        ASTSource(fn=fn, signature=signature, constexprs=job["constexprs"], attrs=attrs),
         target=GPUTarget("cuda", job["arch"], 32),
         options={"num_warps": job["num_warps"], "num_stages": job["num_stages"]},
     )
-    ptx = compiled.asm["ptx"]
-    return {**job, "shared": int(compiled.metadata.shared), "wgmma": "wgmma" in ptx,
-            "mma_sync": "mma.sync" in ptx, "seconds": time.perf_counter() - start}
+    sass = compiled.asm["sass"] if job.get("sass") else None  # cuobjdump: ~0.2 s a kernel
+    return {**job, "shared": int(compiled.metadata.shared),
+            **code_facts(compiled.asm["ptx"], sass), "seconds": time.perf_counter() - start}
 
 
 def _main() -> None:
@@ -109,6 +145,13 @@ def _bsr_job(arch, dtype, br, bc, config, index="i32", x_t=False, precision="iee
             "constexprs": {"BR": br, "BC": bc, "X_T": x_t, "Y_T": x_t,
                            "DOT_PRECISION": precision, "UPCAST": False,
                            "BLOCK_N": config.kwargs["BLOCK_N"]}}
+
+
+def _bsr_tma_job(arch, dtype, br, bc, config, x_t=False, precision="ieee", sass=False) -> dict:
+    return {"kernel": "bsr_tma", "arch": arch, "dtype": dtype, "index": "i32", "sass": sass,
+            "num_warps": config.num_warps, "num_stages": config.num_stages,
+            "constexprs": {"BR": br, "BC": bc, "X_T": x_t, "Y_T": x_t,
+                           "DOT_PRECISION": precision, "UPCAST": False, **config.kwargs}}
 
 
 def _csr_job(arch, dtype, config, index="i32", x_t=False) -> dict:
@@ -294,6 +337,100 @@ def test_exhaustive_compile():
     jobs += [_csr_sddmm_job(arch, dtype, c, index="i64")
              for arch in ARCHS for dtype in DTYPES for c in CSR_SDDMM_CONFIGS]
     _check(_run(jobs))
+
+
+# --- the Hopper evidence (issue 10): buffers, bulk copies, no duplicate configs, no spills -------
+
+TMA_SHAPES = ((64, 64), (128, 128), (128, 32), (32, 32))
+
+
+def _stage_bytes(r: dict) -> int:
+    k = r["constexprs"]
+    return (k["BR"] * k["BC"] + k["BC"] * k["BLOCK_N"]) * ELEM_BYTES[r["dtype"]]
+
+
+def _distinct_code(results: list[dict]) -> None:
+    """Configs that differ in anything but the grid (WAVES) must compile to different PTX:
+    two alike would spend the autotuner's time on one kernel twice."""
+    groups: dict[tuple, dict[str, tuple]] = {}
+    for r in results:
+        k = r["constexprs"]
+        group = groups.setdefault((r["kernel"], r["dtype"], k["BR"], k["BC"], k["X_T"]), {})
+        config = (k["BLOCK_N"], r["num_warps"], r["num_stages"])
+        twin = groups[(r["kernel"], r["dtype"], k["BR"], k["BC"], k["X_T"])].get(r["ptx_hash"])
+        assert twin in (None, config), f"{r['kernel']} {k}: configs {twin} and {config} compile alike"
+        group[r["ptx_hash"]] = config
+
+
+@pytest.fixture(scope="module")
+def hopper() -> list[dict]:
+    """sm_90 compiles of both BSR kernels: every config the launch keeps for a wide N, fp16,
+    each block shape; the largest one per dtype; the linear layout; SASS for all of them."""
+    pytest.importorskip("triton")
+    from sparse_lth.kernels.bsr import BSR_CONFIGS, prune_bsr_configs
+    from sparse_lth.kernels.bsr_tma import TMA_CONFIGS, prune_tma_configs, tma_shared_bytes
+
+    jobs = []
+    for br, bc in TMA_SHAPES:
+        for c in prune_tma_configs(TMA_CONFIGS, 4096, br, bc, 2, SMEM_LIMIT[90]):
+            jobs.append(_bsr_tma_job(90, "fp16", br, bc, c, sass=True))
+        for c in prune_bsr_configs(BSR_CONFIGS, 4096, br, bc, 2, SMEM_LIMIT[90]):
+            jobs.append({**_bsr_job(90, "fp16", br, bc, c), "sass": True})
+        for dtype in ("bf16", "fp32"):
+            kept = prune_tma_configs(TMA_CONFIGS, 4096, br, bc, ELEM_BYTES[dtype], SMEM_LIMIT[90])
+            big = max(kept, key=lambda c: tma_shared_bytes(c, br, bc, ELEM_BYTES[dtype]))
+            jobs.append(_bsr_tma_job(90, dtype, br, bc, big, sass=True,
+                                     precision="tf32" if dtype == "fp32" else "ieee"))
+        mid = prune_tma_configs(TMA_CONFIGS, 128, br, bc, 2, SMEM_LIMIT[90])[0]
+        jobs.append(_bsr_tma_job(90, "bf16", br, bc, mid, x_t=True, sass=True))
+    return _run(jobs)
+
+
+def test_tma_bsr_copies_by_tensor_descriptor_into_wgmma(hopper):
+    """Every TMA config: bulk tensor copies, wgmma for 16-bit / tf32 blocks of 64 rows or more,
+    at least 2 shared buffers, shared memory equal to tma_shared_bytes (the launcher's pruning)
+    within its barrier bytes, no local-memory spills."""
+    from sparse_lth.kernels.bsr_tma import tma_buffers, tma_shared_bytes
+
+    tma = [r for r in hopper if r["kernel"] == "bsr_tma"]
+    assert len(tma) >= 20
+    for r in tma:
+        k = r["constexprs"]
+        what = f"bsr_tma {r['dtype']} {k} warps={r['num_warps']} stages={r['num_stages']}"
+        assert r["tma"] >= 2, f"{what}: no cp.async.bulk.tensor"
+        assert r["spills"] == 0, f"{what}: {r['spills']} local-memory accesses in SASS"
+        if k["BR"] >= 64 and (r["dtype"] != "fp32" or k["DOT_PRECISION"] == "tf32"):
+            assert r["wgmma"] and r["hgmma"], f"{what}: no wgmma / HGMMA"
+            config = triton.Config(dict(k), num_warps=r["num_warps"], num_stages=r["num_stages"])
+            estimate = tma_shared_bytes(config, k["BR"], k["BC"], ELEM_BYTES[r["dtype"]])
+            assert r["shared"] <= estimate <= r["shared"] + 128, f"{what}: {r['shared']} vs {estimate}"
+            assert r["shared"] >= tma_buffers(r["num_stages"]) * _stage_bytes(r) >= 2 * _stage_bytes(r)
+        assert r["shared"] <= SMEM_LIMIT[90]
+    _distinct_code(tma)
+
+
+def test_cp_async_bsr_pipelines_with_two_buffers_and_no_twins(hopper):
+    """The cp.async BSR kernel (sm_80, and Hopper operands TMA cannot take): every config the
+    launch keeps compiles to distinct code without spills, its shared memory within the
+    launcher's estimate, and for each block shape some kept config double-buffers the K loop
+    (asynchronous copies into at least 2 buffers)."""
+    from sparse_lth.kernels.bsr import bsr_shared_bytes
+
+    cp = [r for r in hopper if r["kernel"] == "bsr"]
+    for r in cp:
+        k = r["constexprs"]
+        config = triton.Config({"BLOCK_N": k["BLOCK_N"]}, num_warps=r["num_warps"],
+                               num_stages=r["num_stages"])
+        assert r["shared"] <= bsr_shared_bytes(config, k["BR"], k["BC"], 2), k
+        assert r["spills"] == 0 and r["cp_async"] > 0, k
+    for br, bc in TMA_SHAPES:
+        shape = [r for r in cp if (r["constexprs"]["BR"], r["constexprs"]["BC"]) == (br, bc)]
+        assert any(r["shared"] >= 2 * _stage_bytes(r) for r in shape), (br, bc)
+        assert max(r["num_stages"] for r in shape) >= 5, (br, bc)
+    wide = [r for r in cp if r["constexprs"]["BR"] >= 64]
+    assert any(r["constexprs"]["BLOCK_N"] == 256 for r in wide)
+    _distinct_code(cp)
+
 
 
 if __name__ == "__main__":
