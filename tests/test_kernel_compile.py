@@ -6,11 +6,9 @@ weight gradient) run on tensor cores (``wgmma`` on sm_90 when the block has >= 6
 ``shared``) fits the device's per-program limit after pruning, and never exceeds the
 launcher's estimate that pruning relies on.
 
-Compiling needs TRITON_INTERPRET off: under the interpreter Triton patches ``tl`` ops and the
-code generator fails. The conftest turns the interpreter on for the kernel tests, so the
-compiles run in one subprocess with it off (and a fresh Triton cache, so timings are honest).
-This file is also that subprocess's script: ``python tests/test_kernel_compile.py`` reads a
-JSON list of jobs on stdin and prints results as JSON.
+The compiles run through kernels/compiled.py (a subprocess with TRITON_INTERPRET off, which the
+conftest turns on for the kernel tests, and a fresh Triton cache); it also reads the facts
+asserted here off the PTX and SASS.
 
 The default set (``_default_jobs``, ~180 compiles, half of them the SDDMM kernels) takes about
 40 s on 2 cores; the exhaustive sweep (every config x block shape x dtype x arch, ~860
@@ -18,15 +16,6 @@ compiles) about 3 to 4 minutes. CI runs both.
 """
 
 from __future__ import annotations
-
-import hashlib
-import json
-import os
-import re
-import subprocess
-import sys
-import tempfile
-import time
 
 import pytest
 
@@ -41,102 +30,11 @@ ELEM_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
 BLOCK_SHAPES = ((16, 16), (32, 32), (64, 64), (128, 128), (16, 128), (128, 32))
 
 
-# --- the subprocess side ------------------------------------------------------------------------
-
-def _signature(fn, job: dict) -> tuple[dict, dict]:
-    """The argument types and alignment a launch gives ``fn`` for ``job``."""
-    consts = job["constexprs"]
-    signature, attrs = {}, {}
-    for i, (name, param) in enumerate(zip(fn.arg_names, fn.params)):
-        if param.is_constexpr:
-            signature[name] = "constexpr"
-        elif name in ("crow_ptr", "col_ptr", "row_ptr"):
-            signature[name] = "*" + job["index"]
-        elif name == "order_ptr":
-            signature[name] = "*i32"
-        elif name == "a_desc":  # bsr_tma: the stored blocks, one [BR, BC] box at a time
-            signature[name] = f"tensordesc<{job['dtype']}[{consts['BR']}, {consts['BC']}]>"
-        elif name == "x_desc":  # bsr_tma: X's [BC, BLOCK_N] boxes ([BLOCK_N, BC] for x rows)
-            box = (consts["BLOCK_N"], consts["BC"]) if consts["X_T"] else (consts["BC"],
-                                                                          consts["BLOCK_N"])
-            signature[name] = f"tensordesc<{job['dtype']}[{box[0]}, {box[1]}]>"
-        elif name.endswith("_ptr"):
-            signature[name] = "*" + job["dtype"]
-        else:
-            signature[name] = "i32"
-        # What a launch sees with torch allocations and layer-sized M, K, N (the case that
-        # pipelines both tiles and so needs the most shared memory): aligned pointers, sizes
-        # and strides divisible by 16. Bucket arguments are unused by the body.
-        if name.endswith("_ptr") or name in ("M", "N", "K", "stride_x", "stride_y"):
-            attrs[(i,)] = [["tt.divisibility", 16]]
-    return signature, attrs
-
-
-def code_facts(ptx: str, sass: str | None) -> dict:
-    """What the compiled code shows: matrix units, copy engines, load widths, spills."""
-    facts = {"wgmma": "wgmma" in ptx, "mma_sync": "mma.sync" in ptx,
-             "cp_async": len(re.findall(r"cp\.async\.c[ag]\.shared", ptx)),
-             "tma": len(re.findall(r"cp\.async\.bulk\.tensor", ptx)),
-             "atomics": len(re.findall(r"\b(?:atom|red)\.global", ptx)),
-             # 16-byte global loads: v4 of 32-bit words, v2 of 64-bit ones
-             "ld16": len(re.findall(r"ld\.global(?:\.[\w:]+)*?\.(?:v4\.(?:b32|u32|f32|s32)|"
-                                    r"v2\.(?:b64|u64|f64|s64))", ptx)),
-             "ld_scalar": len(re.findall(r"ld\.global(?:\.[\w:]+)*?\.(?:b|u|s|f)(?:8|16|32|64)\s",
-                                         ptx)),
-             "ptx_hash": hashlib.sha1(re.sub(r"//.*", "", ptx).encode()).hexdigest()[:12]}
-    if sass is not None:
-        facts["spills"] = len(re.findall(r"\b(?:LDL|STL)\b", sass))
-        facts["hgmma"] = "HGMMA" in sass
-    return facts
-
-
-def _compile(job: dict) -> dict:
-    """Compile one kernel for one target; report shared memory and what its code shows."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-    from triton.runtime.jit import JITFunction
-
-    from sparse_lth.kernels import bsr, bsr_tma, conv, csr, sddmm
-
-    raw = {"bsr": bsr._bsr_kernel, "csr": csr._csr_kernel, "bsr_tma": bsr_tma._bsr_tma_kernel,
-           "bsr_sddmm": sddmm._bsr_sddmm_kernel, "csr_sddmm": sddmm._csr_sddmm_kernel,
-           "bsr_conv2d": conv._bsr_conv2d_kernel}[job["kernel"]]
-    fn = JITFunction(getattr(raw, "fn", raw))  # a plain JITFunction even if made under interpret
-    signature, attrs = _signature(fn, job)
-    start = time.perf_counter()
-    compiled = triton.compile(
-        ASTSource(fn=fn, signature=signature, constexprs=job["constexprs"], attrs=attrs),
-        target=GPUTarget("cuda", job["arch"], 32),
-        options={"num_warps": job["num_warps"], "num_stages": job["num_stages"]},
-    )
-    sass = compiled.asm["sass"] if job.get("sass") else None  # cuobjdump: ~0.2 s a kernel
-    return {**job, "shared": int(compiled.metadata.shared),
-            **code_facts(compiled.asm["ptx"], sass), "seconds": time.perf_counter() - start}
-
-
-def _main() -> None:
-    jobs = json.load(sys.stdin)
-    from concurrent.futures import ProcessPoolExecutor
-
-    with ProcessPoolExecutor(max_workers=min(2, os.cpu_count() or 1)) as pool:
-        results = list(pool.map(_compile, jobs, chunksize=4))
-    json.dump(results, sys.stdout)
-
-
-# --- the pytest side ----------------------------------------------------------------------------
-
 def _run(jobs: list[dict]) -> list[dict]:
-    """Compile ``jobs`` in a subprocess with the interpreter off and an empty Triton cache."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # silence triton 3.9's default-change warning
-    with tempfile.TemporaryDirectory() as cache:
-        env["TRITON_CACHE_DIR"] = cache
-        proc = subprocess.run([sys.executable, os.path.abspath(__file__)], input=json.dumps(jobs),
-                              capture_output=True, text=True, env=env, timeout=1800)
-    if proc.returncode != 0:
-        raise AssertionError(f"compile subprocess failed:\n{proc.stderr[-6000:]}")
-    return json.loads(proc.stdout)
+    """Compile ``jobs`` (kernels/compiled.py: a subprocess, interpreter off, fresh cache)."""
+    from sparse_lth.kernels.compiled import compile_jobs
+
+    return compile_jobs(jobs)
 
 
 def _bsr_job(arch, dtype, br, bc, config, index="i32", x_t=False, precision="ieee") -> dict:
@@ -432,6 +330,3 @@ def test_cp_async_bsr_pipelines_with_two_buffers_and_no_twins(hopper):
     _distinct_code(cp)
 
 
-
-if __name__ == "__main__":
-    _main()
