@@ -1,0 +1,85 @@
+#!/usr/bin/env python
+"""What each Triton kernel compiles to on Hopper (sm_90), as a markdown table for RESULTS.md.
+
+No GPU needed: kernels/compiled.py builds one representative config per kernel and layout
+(fp16 unless said) with triton's own compiler and reads the PTX and SASS. Columns: shared
+memory and how many tile buffers it holds, the matrix unit (HGMMA = wgmma, HMMA = mma.sync,
+FMA), how tiles arrive (TMA bulk tensor copies, cp.async, plain loads), global loads by width,
+atomics, and local-memory accesses (spills).
+
+    python bench/compiled_table.py            # ~1 minute on 2 cores
+"""
+
+from __future__ import annotations
+
+import sys
+
+import triton
+
+from sparse_lth.kernels.compiled import compile_jobs
+
+ELEM = {"fp16": 2, "bf16": 2, "fp32": 4}
+
+
+def _job(kernel: str, label: str, constexprs: dict, warps: int, stages: int,
+         dtype: str = "fp16", **extra) -> dict:
+    return {"kernel": kernel, "label": label, "arch": 90, "dtype": dtype, "index": "i32",
+            "num_warps": warps, "num_stages": stages, "constexprs": constexprs, "sass": True,
+            **extra}
+
+
+def _bsr(br: int, block_n: int, warps: int, stages: int, *, x_t=False, dtype="fp16",
+         tma=False) -> dict:
+    k = {"BR": br, "BC": br, "X_T": x_t, "Y_T": x_t, "DOT_PRECISION": "ieee", "UPCAST": False,
+         "BLOCK_N": block_n}
+    if tma:
+        k["WAVES"] = 1
+    what = f"{br}x{br} blocks, BLOCK_N {block_n}{', x rows' if x_t else ''}"
+    return _job("bsr_tma" if tma else "bsr", what, k, warps, stages, dtype,
+                stage_bytes=(br * br + br * block_n) * ELEM[dtype])
+
+
+def jobs() -> list[dict]:
+    """The table's rows: the configs the launchers favour for each kernel on Hopper."""
+    rows = [
+        _bsr(64, 128, 8, 5, tma=True), _bsr(128, 128, 8, 5, tma=True),
+        _bsr(64, 256, 8, 3, tma=True), _bsr(64, 128, 8, 5, tma=True, x_t=True, dtype="bf16"),
+        _bsr(32, 128, 8, 5, tma=True),
+        _bsr(64, 128, 8, 5), _bsr(64, 128, 8, 3), _bsr(32, 64, 4, 5), _bsr(128, 64, 8, 5),
+        _job("csr", "decode, BLOCK_NNZ 256", {"X_T": False, "Y_T": False, "BLOCK_N": 1,
+                                              "BLOCK_NNZ": 256}, 4, 2),
+        _job("csr", "wide, BLOCK_N 64", {"X_T": False, "Y_T": False, "BLOCK_N": 64,
+                                         "BLOCK_NNZ": 32}, 4, 2),
+        _job("bsr_sddmm", "64x64 blocks", {"BR": 64, "BC": 64, "DOT_PRECISION": "ieee",
+                                           "UPCAST": False, "BLOCK_N": 64}, 4, 3),
+        _job("bsr_conv2d", "3x3, 64x64 blocks", {"HAS_BIAS": True, "BR": 64, "BC": 64,
+                                                 "BLOCK_P": 64, "DOT_PRECISION": "ieee"}, 4, 3),
+    ]
+    return rows
+
+
+def table(results: list[dict]) -> str:
+    head = ("| kernel | config | dtype | warps / stages | shared KB | tile buffers | matrix unit "
+            "| tiles by | 16-B / 8-B / scalar loads | atomics | spills |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in results:
+        unit = "HGMMA" if r["hgmma"] else ("HMMA" if r["mma_sync"] else "FMA")
+        copies = ("TMA" if r["tma"] else "cp.async" if r["cp_async"] else "loads")
+        stage = r.get("stage_bytes")
+        buffers = f"{r['shared'] // stage}" if stage else "-"
+        lines.append(
+            f"| {r['kernel']} | {r['label']} | {r['dtype']} | {r['num_warps']} / "
+            f"{r['num_stages']} | {r['shared'] / 1024:.1f} | {buffers} | {unit} | {copies} | "
+            f"{r['ld16']} / {r['ld8']} / {r['ld_scalar']} | {r['atomics']} | {r['spills']} |")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    results = compile_jobs(jobs())
+    print(f"triton {triton.__version__}, sm_90, compiled without a GPU\n")
+    print(table(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
