@@ -1,11 +1,12 @@
 #!/usr/bin/env python
 """The one-command GPU proof: versions, the kernel tests run for real, the two ceilings, the
-benchmark plan (headline first, then the wider sweep while time remains), JSON + plots, and a
-PASS / MISS table of the kernels issue's goals printed last.
+benchmark plan (the goal points first, then the SparseLinear layout, then the wider sweep while
+time remains), JSON + plots, and a PASS / MISS table of the kernels issue's goals printed last.
 
-Run it on a lent GPU machine with ONE call of the device tool::
+Run it on a lent GPU machine with ONE call of the device tool (the script ends by itself within
+380 s, so a 450 s call leaves room for the install and a margin; ``--skip-tests`` saves ~100 s)::
 
-    run(command="python3 -m pip install -q --no-build-isolation --no-deps -e . >/dev/null 2>&1 || echo 'pip install failed: gpu_check aliases the package'; set -o pipefail; PYTHONUNBUFFERED=1 python3 bench/gpu_check.py --out $OUT 2>&1 | tee $OUT/log.txt", timeout_s=590)
+    run(command="python3 -m pip install -q --no-build-isolation --no-deps -e . >/dev/null 2>&1 || echo 'pip install failed: gpu_check aliases the package'; set -o pipefail; PYTHONUNBUFFERED=1 python3 bench/gpu_check.py --out $OUT 2>&1 | tee $OUT/log.txt", timeout_s=450)
 
 The device image (KINDS.md) has torch 2.11, triton 3.6, numpy, scipy, safetensors, tqdm,
 matplotlib, scikit-learn, pytest and pytest-xdist, but no network: ``--no-build-isolation`` makes
@@ -13,24 +14,40 @@ the editable install use the image's setuptools instead of fetching one, and ``-
 pip from resolving anything. If the install fails anyway, this script maps ``sparse_lth.kernels``
 to ``kernels/`` itself (a meta-path alias, passed to the pytest subprocess via sitecustomize).
 
-The script keeps its own clock (``--budget``, 520 s by default, counted from its start) so it
-ends, files written and table printed, inside the call's 10 minutes: the tests get at most ~28 %
-of it (``--tests-s`` caps them; pytest is interrupted with ^C at the cap and its summary kept),
-torch's BSR tuner ``--tune-s`` per headline block, and the sweep whatever is left; what does not
-fit is skipped and counted in the JSON (``skipped``) and on stdout. ``--quick`` keeps the
-headline only.
+What it times (kernel time: each call replayed from a CUDA graph, index checks off):
+
+* ``W @ X`` (``triton_bsr_matmul`` / ``triton_csr_matmul``, X [K, N]) against cuBLAS
+  (``torch.matmul``), cuSPARSE (torch's CSR product) and torch's Triton BSR, untuned and tuned;
+* the SparseLinear layout, ``x @ W.T`` (``triton_bsr_linear`` / ``triton_csr_linear``, x [N, K]
+  row-major, y [N, M]) against ``F.linear`` on the dense weight (cuBLAS), plus the forward of a
+  ``SparseLinear(W, backend="triton")`` layer (what a deployed model runs; the JSON notes what
+  ``backend="auto"`` would pick there), at decode N (1, 16) and wide N.
+
+Each timed call reads its own copy of the operands, rotating over R copies with R x (bytes of
+one call) >= 3x the device's L2 (capped by free memory; R per point in the JSON), dense and
+sparse alike, so a small sparse problem is not timed out of L2 while dense streams from memory.
+Decode points report the fraction of the measured copy rate reached on the bytes a call must
+move: stored values + indices + X read, Y written (dense: W + X + Y).
+
+The script keeps its own clock (``--budget``, 380 s by default, counted from its start) so it
+ends, files written and table printed, inside the call: the tests get at most ~28 % of it
+(``--tests-s`` caps them; pytest is interrupted with ^C at the cap and its summary kept), torch's
+BSR tuner ``--tune-s`` per headline block (a tuner cut by that cap is flagged "CAPPED" wherever
+its figure is printed: partly tuned), and the rest whatever is left; what does not fit is
+skipped and counted in the JSON (``skipped``) and on stdout. ``--quick`` keeps the goal points
+only.
 
 On a CPU-only machine, ``python bench/gpu_check.py --out /tmp/gc --dry-run`` runs the same plan on
 tiny shapes with the Triton kernels under TRITON_INTERPRET=1 (set here before triton is
 imported): the tests are only collected, torch's Triton BSR and its tuner are skipped (CUDA-only)
-and say so, the CSR peer is torch's CPU product (MKL), and the ceilings are CPU stand-ins so the
-decode arithmetic runs. Its numbers mean nothing; it proves the script end to end in ~20 s
-(tests/test_gpu_check.py runs it).
+and say so, the CSR peer is torch's CPU product (MKL), the ceilings and the L2 are CPU stand-ins
+so the decode arithmetic and the copy rotation run. Its numbers mean nothing; it proves the
+script end to end in ~20-40 s, on triton 3.9 and 3.6 alike (tests/test_gpu_check.py runs it).
 
 Files under --out (at most 8, flat): results.json (every point: device, date, versions, shapes,
-dtype, density, check error, time, derived rates; the tuner's parameters; the compiler's resource
-report), tests.txt (pytest output), speedup.png, decode.png, and log.txt when the command tees
-into it.
+dtype, density, check error, time, copies rotated, derived rates; the tuner's parameters and
+whether its cap cut it; the compiler's resource report), tests.txt (pytest output), speedup.png,
+decode.png, and log.txt when the command tees into it.
 """
 
 from __future__ import annotations
@@ -56,6 +73,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+DEFAULT_BUDGET_S = 380.0  # the whole script, tests included: a 450 s device call keeps a margin
 EXPECTED = {"torch": ("2.11", "2.13"), "triton": ("3.6", "3.9")}  # device image, this machine
 TEST_FILES = ("tests/test_triton_kernels.py", "tests/test_modules.py")
 
@@ -102,6 +120,8 @@ class Scale:
     dtypes: tuple[str, ...]                  # sweep dtypes, in priority order
     copy_bytes: int                          # ceiling: bytes of the copied tensor
     matmul_n: int                            # ceiling: n of the n^3 product
+    l2_stand_in: int                         # L2 bytes to rotate past (0: the device's own)
+    max_copies: int                          # most operand copies one point rotates over
 
 
 GPU_SCALE = Scale(
@@ -110,17 +130,22 @@ GPU_SCALE = Scale(
     decode_shapes=((8192, 8192), (4096, 16384)), decode_ns=(1, 16),
     blocks=(64, 32, 128, 16), densities=(0.5, 0.3, 0.2, 0.1, 0.05, 0.02, 0.01),
     dtypes=("fp16", "bf16", "fp32"), copy_bytes=1 << 30, matmul_n=4096,
+    l2_stand_in=0, max_copies=4096,
 )
 DRY_SCALE = Scale(
     square=64, big_n=32, ns=(16,), csr_headline_ns=(1, 16), csr_densities=(0.1, 0.02),
     decode_shapes=((64, 128),), decode_ns=(1, 16),
     blocks=(16,), densities=(0.5,),
     dtypes=("fp32",), copy_bytes=1 << 22, matmul_n=128,
+    # A pretend 64 KiB L2 and at most 3 copies: the copies are made and the last one timed.
+    l2_stand_in=1 << 16, max_copies=3,
 )
 
 HEADLINE_BLOCKS = (64, 32)     # the blocks torch's tuner is run for
 BIG_BLOCKS = (64, 128)         # ">= 5x with blocks >= 64"
 HEADLINE_DENSITY = 0.1         # 90 % sparsity
+L2_TIMES = 3.0                 # operand copies rotated per point cover 3x the L2
+FREE_FRACTION = 0.25           # ... in at most this share of the free device memory
 
 
 def dtype_of(name: str):
@@ -147,14 +172,16 @@ class Point:
     N: int
     density: float           # requested: block density for BSR, element density for CSR
     backends: tuple[str, ...]
+    op: str = "matmul"       # matmul: W @ X, X [K, N] | linear: x @ W.T, x [N, K] (SparseLinear)
 
     @property
     def key(self) -> tuple:
-        return (self.layout, self.block, self.dtype, self.M, self.K, self.N, self.density)
+        return (self.op, self.layout, self.block, self.dtype, self.M, self.K, self.N, self.density)
 
     def label(self) -> str:
         lay = f"bsr{self.block}" if self.layout == "bsr" else "csr"
-        return f"{lay} {self.dtype} {self.M}x{self.K} N={self.N} d={self.density:g}"
+        return f"{lay} {self.dtype} {self.M}x{self.K} N={self.N} d={self.density:g}" + (
+            " x@W.T" if self.op == "linear" else "")
 
 
 @dataclass
@@ -168,15 +195,17 @@ class Record:
     N: int
     density: float           # requested
     density_actual: float    # stored fraction of W (blocks for BSR, elements for CSR)
-    backend: str             # ours | dense (torch.matmul: cuBLAS) | torch_bsr | torch_bsr_tuned | cusparse
+    backend: str             # ours | dense (cuBLAS: torch.matmul, or F.linear for op linear) | torch_bsr |
+                             # torch_bsr_tuned | cusparse | module (SparseLinear forward, op linear)
     status: str              # ok | refused: ... | wrong: ... | skipped: ...
+    op: str = "matmul"       # matmul | linear (see Point)
     verified: bool = False
     rel_err: float | None = None
     tol: float | None = None
     ms: float | None = None
     timing: str | None = None
-    copies: int | None = None
-    bytes: int | None = None          # values + indices + X + Y (dense: W + X + Y)
+    copies: int | None = None         # operand copies the timed calls rotated over
+    bytes: int | None = None          # one call's: values + indices + X read, Y written (dense: W + X + Y)
     gbps: float | None = None
     bw_fraction: float | None = None  # of the measured copy rate
     tflops: float | None = None       # useful FLOPs (2 * stored entries * N) per second
@@ -234,6 +263,8 @@ def check_versions(run: Run) -> None:
         "TRITON_INTERPRET": os.environ.get("TRITON_INTERPRET", ""),
         "allow_tf32": bool(torch.backends.cuda.matmul.allow_tf32),
         "host": platform.node(), "cpu_count": os.cpu_count(),
+        "rotation": {"l2_times": L2_TIMES, "free_fraction": FREE_FRACTION, "max_copies": run.scale.max_copies,
+                     "l2_stand_in": run.scale.l2_stand_in},
     }
     checks = {}
     for name, version in (("torch", tv), ("triton", trv)):
@@ -357,13 +388,14 @@ def time_calls(run: Run, fns: list) -> tuple[float, str]:
     calls do not read from L2). On CUDA: one CUDA graph over all copies, replayed and timed with
     events (no launch gaps); do_bench (events, L2 flushed between calls) if capture fails."""
     if run.device == "cpu":
-        fns[0]()
+        # Interpreted calls are slow (up to ~1 s each): by default one, on the last copy, so
+        # the rotation's copies are built and one runs; --cpu-reps k rotates k calls over all.
         times = []
         for i in range(max(1, run.args.cpu_reps)):
             t0 = time.perf_counter()
-            fns[i % len(fns)]()
+            fns[(len(fns) - 1 - i) % len(fns)]()
             times.append(time.perf_counter() - t0)
-        return 1e3 * statistics.median(times), "perf_counter"
+        return 1e3 * statistics.median(times), f"perf_counter, {len(times)} of {len(fns)} copies"
     for f in fns:
         f()
     torch.cuda.synchronize()
@@ -464,25 +496,34 @@ def make_weight(p: Point, device: str):
     return dense, W, stored
 
 
-def _clone_sparse(W):
-    return W.clone()
+@dataclass
+class Backend:
+    """How one backend runs a point: ``prepare(dense, W)`` -> its weight operand, ``call(A, X,
+    out)`` -> Y (``out`` may go unused), ``clone(A)`` -> another copy for the rotation."""
+    prepare: object
+    call: object
+    clone: object
 
 
-def _matmul_fn(backend: str, p: Point, run: Run):
-    """(prepare(dense, W) -> operand, call(operand, X, out) -> Y) for a backend, or a reason."""
+def _same(A):
+    return A.clone()
+
+
+def _backend(backend: str, p: Point, run: Run) -> Backend | str:
+    """The backend's way through a point, or a reason it is skipped."""
+    if p.op == "linear":
+        return _linear_backend(backend, p, run)
     from sparse_lth import kernels
 
     if backend == "ours":
         # The index check is a once-per-weight cost (SparseLinear pays it when built); per call it
         # cost ~100-135 us on an H200 (several small kernels and a host sync), more than the kernel.
         mm = kernels.triton_bsr_matmul if p.layout == "bsr" else kernels.triton_csr_matmul
-        return (lambda dense, W: W), (lambda A, X, out: mm(A, X, out=out, check_invariants=False))
+        return Backend(lambda dense, W: W, lambda A, X, out: mm(A, X, out=out, check_invariants=False), _same)
     if backend == "dense":
-        return (lambda dense, W: dense), (lambda A, X, out: torch.matmul(A, X, out=out))
+        return Backend(lambda dense, W: dense, lambda A, X, out: torch.matmul(A, X, out=out), _same)
     if backend == "cusparse":  # torch's CSR @ dense: cuSPARSE on CUDA (MKL on the CPU of a dry run)
-        def call(A, X, out):
-            return A @ X
-        return (lambda dense, W: W), call
+        return Backend(lambda dense, W: W, lambda A, X, out: A @ X, _same)
     if run.dry:
         return f"skipped: {backend} is CUDA-only (dry run)"
     if backend in ("torch_bsr", "torch_bsr_tuned"):
@@ -493,12 +534,36 @@ def _matmul_fn(backend: str, p: Point, run: Run):
             # (its A100 table, else defaults): the "untuned" peer.
             from torch.sparse._triton_ops import bsr_dense_mm
 
-            return (lambda dense, W: W), (lambda A, X, out: bsr_dense_mm(A, X, out=out))
+            return Backend(lambda dense, W: W, lambda A, X, out: bsr_dense_mm(A, X, out=out), _same)
         meta = run.tuned_meta.get((p.block, p.M, p.K, p.N))
         if not meta:
             return "skipped: no tuned parameters (tuner did not run or failed)"
-        return (lambda dense, W: W), (lambda A, X, out: bsr_dense_addmm(out, A, X, beta=0, alpha=1, out=out, meta=meta))
+        return Backend(lambda dense, W: W,
+                       lambda A, X, out: bsr_dense_addmm(out, A, X, beta=0, alpha=1, out=out, meta=meta), _same)
     return f"skipped: unknown backend {backend}"
+
+
+def _linear_backend(backend: str, p: Point, run: Run) -> Backend | str:
+    """The SparseLinear layout: x [N, K] row-major in, y [N, M] out, as a model's layer sees it."""
+    import copy
+
+    import torch.nn.functional as F
+
+    from sparse_lth import kernels
+    from sparse_lth.modules import SparseLinear
+
+    if backend == "ours":
+        lin = kernels.triton_bsr_linear if p.layout == "bsr" else kernels.triton_csr_linear
+        return Backend(lambda dense, W: W, lambda A, x, out: lin(A, x, out=out, check_invariants=False), _same)
+    if backend == "dense":  # what nn.Linear runs: cuBLAS on the dense weight
+        return Backend(lambda dense, W: dense, lambda A, x, out: F.linear(x, A), _same)
+    if backend == "module":
+        # The layer's forward on its sparse path (its checks, dispatch and output allocation
+        # included; no bias); "auto" may send small or dense-ish layers to cuBLAS instead, and
+        # run_point records which it would pick. deepcopy gives each copy its own buffers.
+        return Backend(lambda dense, W: SparseLinear(W, backend="triton"),
+                       lambda A, x, out: A(x), copy.deepcopy)
+    return f"skipped: {backend} has no linear-layout form here"
 
 
 def tune_torch_bsr(run: Run, p: Point, W, X) -> None:
@@ -545,15 +610,85 @@ def tune_torch_bsr(run: Run, p: Point, W, X) -> None:
         triton.testing.do_bench = real
     entry.update(seconds=round(time.monotonic() - t0, 1), trials=count["trials"],
                  cap_reached=count["over"] > 0)
+    entry["flag"] = tuner_flag(entry)
     run.tuned.append(entry)
     log(f"  tuner : bsr{p.block} {p.dtype} {p.M}x{p.K}x{p.N}: {entry['status']} {entry.get('meta', '')} "
-        f"({entry['trials']} trials, {entry['seconds']} s{', cap reached' if entry['cap_reached'] else ''})")
+        f"({entry['trials']} trials, {entry['seconds']} s{', ' + entry['flag'] if entry['flag'] else ''})")
 
 
-def _bytes_of(operand, X, p: Point) -> int:
-    from sparse_lth.formats import nbytes
+def tuner_flag(entry: dict) -> str:
+    """What a reader must know before taking a 'tuned' torch figure as tuned: "" when the tuner
+    ran to its end. Trials past the cap raise and minimize() keeps the best found so far, so a
+    capped run still returns parameters, only partly tuned ones."""
+    if entry.get("cap_reached"):
+        return "CAPPED"
+    if entry.get("status") == "ok" and not entry.get("trials"):
+        return "NOT TIMED (torch's stored parameters)"  # tune_bsr_dense_addmm returns its table's entry
+    return ""
 
-    return nbytes(operand) + X.numel() * X.element_size() + p.M * p.N * X.element_size()
+
+def copies_for(call_bytes: int, l2_bytes: int, free_bytes: int, max_copies: int) -> int:
+    """Operand copies the timed calls rotate over: enough that one round of them moves
+    ``L2_TIMES`` x the L2, so no call finds its operands left in L2 by the previous round, for a
+    1 MB sparse problem as for a 32 MB dense one; never more than ``FREE_FRACTION`` of the free
+    memory holds, nor ``max_copies`` (the CUDA graph's length); at least one."""
+    size = max(call_bytes, 1)
+    want = math.ceil(L2_TIMES * l2_bytes / size)
+    fit = int(FREE_FRACTION * free_bytes // size)
+    return max(1, min(want, fit, max_copies))
+
+
+def _l2_and_free(run: Run) -> tuple[int, int]:
+    """(L2 bytes to rotate past, free memory bytes) on the run's device."""
+    if run.scale.l2_stand_in:
+        return run.scale.l2_stand_in, 1 << 30
+    free, _ = torch.cuda.mem_get_info()
+    return run.info.get("l2_bytes") or 50 * 2**20, free
+
+
+def _operands(p: Point, dense, dt, dev):
+    """(X, fp32 reference, output shape) of a point: X [K, N] for W @ X, x [N, K] for x @ W.T."""
+    if p.op == "linear":
+        X = torch.randn(p.N, p.K, dtype=dt, device=dev)
+        return X, X.float() @ dense.float().T, (p.N, p.M)
+    X = torch.randn(p.K, p.N, dtype=dt, device=dev)
+    return X, dense.float() @ X.float(), (p.M, p.N)
+
+
+def _check_call(run: Run, p: Point, rec: Record, call, A, X, out_shape, ref, ref_norm: float) -> None:
+    """One call on a poisoned output, its error against the fp32 reference recorded."""
+    out = torch.full(out_shape, float("nan"), dtype=X.dtype, device=X.device)  # poison: unwritten shows
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        Y = call(A, X, out)
+    err = float((Y.float() - ref).norm()) / ref_norm
+    rec.rel_err = err
+    rec.verified = bool(math.isfinite(err) and err <= rec.tol)
+    if not rec.verified:
+        rec.status = f"wrong: rel err {err:.3g} > tol {rec.tol:g}"
+        if rec.backend in ("ours", "module"):
+            run.note(f"OUR KERNEL IS WRONG at {p.label()} ({rec.backend}): {rec.status}")
+
+
+def _time_rotated(run: Run, p: Point, rec: Record, be: Backend, A, X, out_shape, weight_bytes: int) -> None:
+    """Time the backend over R copies of its operands (see copies_for) and fill the rates."""
+    dt, dev = X.dtype, X.device
+    call_bytes = weight_bytes + X.numel() * X.element_size() + p.M * p.N * X.element_size()
+    l2, free = _l2_and_free(run)
+    copies = copies_for(call_bytes, l2, free, run.scale.max_copies)
+    ops = [(A, X, torch.empty(out_shape, dtype=dt, device=dev))]
+    for _ in range(copies - 1):
+        ops.append((be.clone(A), X.clone(), torch.empty(out_shape, dtype=dt, device=dev)))
+    fns = [(lambda a=a, x=x, o=o: be.call(a, x, o)) for a, x, o in ops]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ms, method = time_calls(run, fns)
+    rec.ms, rec.timing, rec.copies, rec.bytes = ms, method, copies, call_bytes
+    rec.meta["rotated_bytes"] = copies * call_bytes
+    rec.meta["rotated_x_l2"] = round(copies * call_bytes / l2, 2)
+    rec.gbps = call_bytes / (ms * 1e-3) / 1e9
+    copy = run.ceilings.get("copy_GBps")
+    rec.bw_fraction = rec.gbps / copy if copy else None
 
 
 def run_point(run: Run, p: Point) -> None:
@@ -563,87 +698,73 @@ def run_point(run: Run, p: Point) -> None:
     dev = run.device
     dt = dtype_of(p.dtype)
     dense, W, stored = make_weight(p, dev)
-    X = torch.randn(p.K, p.N, dtype=dt, device=dev)
-    ref = dense.float() @ X.float()
+    X, ref, out_shape = _operands(p, dense, dt, dev)
     ref_norm = float(ref.norm()) or 1.0
     tol = tolerance(p.dtype)
-    l2 = run.info.get("l2_bytes") or 50 * 2**20
     tune_key = (p.block, p.M, p.K, p.N)
     if "torch_bsr_tuned" in p.backends and not run.dry and tune_key not in run.tune_tried:
         run.tune_tried.add(tune_key)
         tune_torch_bsr(run, p, W, X)
+    dense_key = (p.op, p.dtype, p.M, p.K, p.N)
     mine: list[Record] = []
     for backend in p.backends:
-        dense_key = (p.dtype, p.M, p.K, p.N)
         if backend == "dense" and dense_key in run.dense_cache:
             continue
-        rec = Record(phase=p.phase, layout="dense" if backend == "dense" else p.layout,
-                     block=None if backend == "dense" else p.block, dtype=p.dtype, M=p.M, K=p.K, N=p.N,
-                     density=1.0 if backend == "dense" else p.density,
-                     density_actual=1.0 if backend == "dense" else stored, backend=backend, status="ok", tol=tol)
-        fn = _matmul_fn(backend, p, run)
-        if isinstance(fn, str):
-            rec.status = fn
-            run.records.append(rec)
-            mine.append(rec)
-            continue
-        prepare, call = fn
-        try:
-            A = prepare(dense, W)
-            out = torch.full((p.M, p.N), float("nan"), dtype=dt, device=dev)  # poison: unwritten shows
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                t_check = time.perf_counter()
-                Y = call(A, X, out)
-                t_check = time.perf_counter() - t_check
-            if dev == "cuda":
-                torch.cuda.synchronize()
-            err = float((Y.float() - ref).norm()) / ref_norm
-            rec.rel_err = err
-            rec.verified = bool(math.isfinite(err) and err <= tol)
-            if not rec.verified:
-                rec.status = f"wrong: rel err {err:.3g} > tol {tol:g}"
-                if backend == "ours":
-                    run.note(f"OUR KERNEL IS WRONG at {p.label()}: {rec.status}")
-            if backend == "torch_bsr_tuned":
-                rec.meta = {"params": run.tuned_meta.get(tune_key),
-                            "tuned_on": next((t["dtype"] for t in run.tuned if (t["block"], t["M"], t["K"], t["N"])
-                                              == tune_key), None)}
-        except Exception as e:  # noqa: BLE001 -- peers refuse shapes (e.g. N % 16); ours must not
-            rec.status = f"refused: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
-            if backend == "ours":
-                rec.status = "error: " + rec.status
-                run.note(f"OUR KERNEL FAILED at {p.label()}: {rec.status}\n{traceback.format_exc()[-1500:]}")
-        if rec.status == "ok":
-            nbytes_call = _bytes_of(A, X, p)
-            copies = 1 if dev == "cpu" else max(1, min(32, math.ceil(3 * l2 / max(nbytes_call, 1))))
-            ops = [(A, X, torch.empty(p.M, p.N, dtype=dt, device=dev))]
-            for _ in range(copies - 1):
-                ops.append((_clone_sparse(A) if A.layout != torch.strided else A.clone(), X.clone(),
-                            torch.empty(p.M, p.N, dtype=dt, device=dev)))
-            fns = [(lambda a=a, x=x, o=o: call(a, x, o)) for a, x, o in ops]
-            try:
-                if dev == "cpu" and run.args.cpu_reps == 0:
-                    ms, method = 1e3 * t_check, "perf_counter (the checked call)"
-                else:
-                    with warnings.catch_warnings():
-                        warnings.simplefilter("ignore")
-                        ms, method = time_calls(run, fns)
-                rec.ms, rec.timing, rec.copies, rec.bytes = ms, method, copies, nbytes_call
-                rec.gbps = nbytes_call / (ms * 1e-3) / 1e9
-                copy = run.ceilings.get("copy_GBps")
-                rec.bw_fraction = rec.gbps / copy if copy else None
-                useful = 2 * p.N * (p.M * p.K if backend == "dense" else W.values().numel())
-                rec.tflops = useful / (ms * 1e-3) / 1e12
-            except Exception as e:  # noqa: BLE001
-                rec.status = f"timing failed: {type(e).__name__}: {e}"[:300]
-            del ops, fns
-        if backend == "dense":
+        is_dense = backend == "dense"
+        rec = Record(phase=p.phase, layout="dense" if is_dense else p.layout, block=None if is_dense else p.block,
+                     dtype=p.dtype, M=p.M, K=p.K, N=p.N, density=1.0 if is_dense else p.density,
+                     density_actual=1.0 if is_dense else stored, backend=backend, status="ok", tol=tol, op=p.op)
+        be = _backend(backend, p, run)
+        if isinstance(be, str):
+            rec.status = be
+        else:
+            _run_backend(run, p, rec, be, dense, W, X, out_shape, ref, ref_norm, tune_key)
+        if is_dense:
             run.dense_cache[dense_key] = rec
         run.records.append(rec)
         mine.append(rec)
-    base = run.dense_cache.get((p.dtype, p.M, p.K, p.N))
-    line = [f"dense {base.ms * 1e3:.1f}us"] if base and base.ms else []
+    _log_point(run, p, mine, run.dense_cache.get(dense_key))
+    del dense, W, X, ref
+
+
+def _run_backend(run, p, rec, be, dense, W, X, out_shape, ref, ref_norm, tune_key) -> None:
+    """Check one backend's output, then time it; a refusal or failure is recorded, not raised."""
+    from sparse_lth.formats import nbytes
+
+    ours = rec.backend in ("ours", "module")
+    try:
+        A = be.prepare(dense, W)
+        _check_call(run, p, rec, be.call, A, X, out_shape, ref, ref_norm)
+        if rec.backend == "torch_bsr_tuned":
+            entry = next((t for t in run.tuned if (t["block"], t["M"], t["K"], t["N"]) == tune_key), {})
+            rec.meta = {"params": run.tuned_meta.get(tune_key), "tuned_on": entry.get("dtype"),
+                        "tuner_flag": entry.get("flag", "")}
+        if rec.backend == "module" and not run.dry:
+            from sparse_lth.kernels.cuda_rule import auto_cuda_backend
+
+            # what backend="auto" would run for this layer at this N (kernels/cuda_rule.py)
+            rec.meta["auto_would_pick"] = auto_cuda_backend(
+                p.layout, p.N, rec.density_actual, (p.block, p.block) if p.block else None)
+    except Exception as e:  # noqa: BLE001 -- peers refuse shapes (e.g. N % 16); ours must not
+        rec.status = f"refused: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
+        if ours:
+            rec.status = "error: " + rec.status
+            run.note(f"OUR KERNEL FAILED at {p.label()} ({rec.backend}): {rec.status}\n"
+                     f"{traceback.format_exc()[-1500:]}")
+        return
+    if rec.status != "ok":
+        return
+    try:
+        _time_rotated(run, p, rec, be, A, X, out_shape, nbytes(dense if rec.backend == "dense" else W))
+        useful = 2 * p.N * (p.M * p.K if rec.backend == "dense" else W.values().numel())
+        if rec.ms:
+            rec.tflops = useful / (rec.ms * 1e-3) / 1e12
+    except Exception as e:  # noqa: BLE001
+        rec.status = f"timing failed: {type(e).__name__}: {e}"[:300]
+
+
+def _log_point(run: Run, p: Point, mine: list[Record], base: Record | None) -> None:
+    line = [f"dense {base.ms * 1e3:.1f}us R{base.copies}"] if base and base.ms else []
     for rec in mine:
         if rec.backend == "dense":
             continue
@@ -652,15 +773,17 @@ def run_point(run: Run, p: Point) -> None:
         if rec.ms:
             sp = f" {rec.speedup_vs_dense:.2f}x" if rec.speedup_vs_dense else ""
             bw = f" {rec.bw_fraction:.0%}bw" if rec.bw_fraction and p.N <= 16 else ""
-            line.append(f"{rec.backend} {rec.ms * 1e3:.1f}us{sp}{bw}")
+            flag = rec.meta.get("tuner_flag") if rec.backend == "torch_bsr_tuned" else ""
+            line.append(f"{rec.backend} {rec.ms * 1e3:.1f}us{sp}{bw} R{rec.copies}" + (f" [{flag}]" if flag else ""))
         elif not rec.status.startswith("skipped"):
             line.append(f"{rec.backend} {rec.status[:70]}")
-    log(f"  {p.label():42s} " + " | ".join(line))
-    del dense, W, X, ref
+    log(f"  {p.label():48s} " + " | ".join(line))
 
 
 # --- 4. the plan ---------------------------------------------------------------------------------
 def build_plan(s: Scale, quick: bool, dry: bool) -> list[Point]:
+    """The goal points (headline_*: every row of the goal table), then the SparseLinear layout
+    (linear), then the sweep (sweep, sweep_decode), each in priority order."""
     sq, plan = s.square, []
     bsr_peers = ("ours", "dense", "torch_bsr")
     # Headline 1: BSR 90 % at sq^3 vs cuBLAS and torch's BSR (untuned, tuned for 64 and 32).
@@ -684,6 +807,7 @@ def build_plan(s: Scale, quick: bool, dry: bool) -> list[Point]:
                 plan.append(Point("headline_decode", lay, block, "fp16", *shape, n, HEADLINE_DENSITY, peers))
     if quick:
         return _fits(plan)
+    plan += linear_points(s)
     # Sweep: every dtype x N x layout x density, by priority: the compute-bound and decode
     # batches at sq x sq, then the decode shapes, then the other batches.
     layouts = [("bsr", b) for b in s.blocks] + [("csr", None)]
@@ -699,6 +823,21 @@ def build_plan(s: Scale, quick: bool, dry: bool) -> list[Point]:
     return _fits(plan)
 
 
+def linear_points(s: Scale) -> list[Point]:
+    """x @ W.T with x [N, K] row-major, as SparseLinear calls it, at 90 %: decode N on the decode
+    shapes, then wide N on the square one (the compute-bound BSR batch, CSR's widest goal N)."""
+    sq, pts = s.square, []
+    peers = ("ours", "dense", "module")
+    for shape in s.decode_shapes:
+        for n in s.decode_ns:
+            for lay, block in (("bsr", 64), ("csr", None)):
+                pts.append(Point("linear", lay, block, "fp16", *shape, n, HEADLINE_DENSITY, peers, op="linear"))
+    for block in (64, 32):
+        pts.append(Point("linear", "bsr", block, "fp16", sq, sq, s.big_n, HEADLINE_DENSITY, peers, op="linear"))
+    pts.append(Point("linear", "csr", None, "fp16", sq, sq, s.csr_headline_ns[-1], 0.05, peers, op="linear"))
+    return pts
+
+
 def _fits(plan: list[Point]) -> list[Point]:
     return [p for p in plan if p.block is None or (p.M % p.block == 0 and p.K % p.block == 0)]
 
@@ -711,7 +850,7 @@ def run_plan(run: Run, plan: list[Point]) -> None:
         if p.phase != phase:
             phase = p.phase
             log(f"-- {phase}")
-        need = 1.0 if run.dry else (10.0 if p.phase.startswith("headline") else 5.0)
+        need = 1.0 if run.dry else (6.0 if p.phase.startswith("sweep") else 10.0)
         if not run.budget.fits(need):
             for q in plan[i:]:
                 if q.key not in run.done:
@@ -731,20 +870,46 @@ def run_plan(run: Run, plan: list[Point]) -> None:
 
 
 # --- 6. compiler resource report -----------------------------------------------------------------
+def kernel_modules() -> list:
+    """The kernel modules W @ X and x @ W.T reach; the TMA and split-K decode ones are newer, and
+    a tree without them reports the others."""
+    import importlib
+
+    mods = []
+    for name in ("bsr", "csr", "bsr_tma", "bsr_decode"):
+        with contextlib.suppress(ImportError):
+            mods.append(importlib.import_module(f"sparse_lth.kernels.{name}"))
+    return mods
+
+
+def untimed_autotuners() -> list[str]:
+    """Dry run: every autotuner in the kernel modules set not to time under the interpreter
+    (kernels/_triton.py: untimed_under_interpreter). TunedLaunch does it for the kernels it
+    launches; this covers one that calls its autotuner directly, which on triton 3.6 would ask
+    for a GPU driver. Returns the names set here."""
+    from triton.runtime.autotuner import Autotuner
+
+    from sparse_lth.kernels._triton import untimed_under_interpreter
+
+    done = []
+    for mod in kernel_modules():
+        for name, tuner in vars(mod).items():
+            if isinstance(tuner, Autotuner) and "do_bench" not in vars(tuner):
+                untimed_under_interpreter(tuner)
+                done.append(f"{mod.__name__.rsplit('.', 1)[-1]}.{name}")
+    return done
+
 def resource_report(run: Run) -> None:
     """Registers, spills and shared memory of the compiled variants the autotuners chose
     (CompiledKernel metadata; n_regs / n_spills come from loading the binary)."""
     try:
         from triton.runtime.autotuner import Autotuner
         from triton.runtime.jit import JITFunction
-
-        from sparse_lth.kernels import bsr as bsr_mod
-        from sparse_lth.kernels import csr as csr_mod
     except Exception as e:  # noqa: BLE001
         run.resources = {"status": f"unavailable: {e}"}
         return
     report: dict = {}
-    for mod in (bsr_mod, csr_mod):
+    for mod in kernel_modules():
         for name, tuner in vars(mod).items():
             if not isinstance(tuner, Autotuner):
                 continue
@@ -761,6 +926,7 @@ def resource_report(run: Run) -> None:
                 entry["compiled_status"] = "no compiled kernels (interpreter)" if run.dry else "no device cache found"
             else:
                 wanted = {(json.dumps(c["kwargs"], sort_keys=True), c["num_warps"], c["num_stages"]) for c in chosen}
+                knobs = {n for c in chosen for n in c["kwargs"]}  # each kernel tunes its own constexprs
                 compiled = []
                 for cache in caches.values():
                     try:  # (kernel_cache, ...) in triton 3.x; anything else is reported, not fatal
@@ -775,7 +941,7 @@ def resource_report(run: Run) -> None:
                             if isinstance(v, (int, float, str, bool)):
                                 consts[nm] = v
                         md = k.metadata
-                        tunable = {n: consts[n] for n in ("BLOCK_N", "BLOCK_NNZ") if n in consts}
+                        tunable = {n: consts[n] for n in knobs if n in consts}
                         if wanted and (json.dumps(tunable, sort_keys=True), md.num_warps, md.num_stages) not in wanted:
                             continue
                         with contextlib.suppress(Exception):
@@ -809,11 +975,12 @@ def _ratio_points(run: Run, peer: str, pred) -> list[tuple[float, str]]:
         if r.backend != "ours" or not r.ms or not r.verified or not pred(r):
             continue
         if peer == "dense":
-            base = run.dense_cache.get((r.dtype, r.M, r.K, r.N))
+            base = run.dense_cache.get((r.op, r.dtype, r.M, r.K, r.N))
             pm = base.ms if base and base.ms and base.verified else None
         else:
             same = [q for q in run.records if q.backend == peer and q.ms and q.verified and q.layout == r.layout
-                    and q.block == r.block and q.dtype == r.dtype and (q.M, q.K, q.N) == (r.M, r.K, r.N)
+                    and q.op == r.op and q.block == r.block and q.dtype == r.dtype
+                    and (q.M, q.K, q.N) == (r.M, r.K, r.N)
                     and q.density == r.density]
             pm = same[0].ms if same else None
         if pm:
@@ -828,14 +995,15 @@ def compute_goals(run: Run) -> None:
     big = lambda r: r.M == sq and r.K == sq and r.N == s.big_n  # noqa: E731
     goals = []
 
-    def goal(name: str, target: float, pts: list[tuple[float, str]], fmt: str = "{:.2f}x", how: str = "min"):
+    def goal(name: str, target: float, pts: list[tuple[float, str]], fmt: str = "{:.2f}x", how: str = "min",
+             flag: str = ""):
         if not pts:
             goals.append({"goal": name, "target": target, "value": None, "where": "no data", "result": "n/a",
-                          "fmt": fmt})
+                          "fmt": fmt, "flag": ""})
             return
         v, where = min(pts) if how == "min" else max(pts)
         goals.append({"goal": name, "target": target, "value": v, "where": where, "n_points": len(pts),
-                      "result": "PASS" if v >= target else "MISS", "fmt": fmt})
+                      "result": "PASS" if v >= target else "MISS", "fmt": fmt, "flag": flag})
 
     goal("BSR 90%, blocks >= 64: >= 5x cuBLAS", 5.0,
          _ratio_points(run, "dense", lambda r: big(r) and r.layout == "bsr" and r.block in BIG_BLOCKS
@@ -846,8 +1014,14 @@ def compute_goals(run: Run) -> None:
     goal("BSR 50%, blocks 64: faster than cuBLAS", 1.0,
          _ratio_points(run, "dense", lambda r: big(r) and r.layout == "bsr" and r.block == 64
                        and r.density == 0.5 and r.dtype in ("fp16", "bf16")))
+    # A capped tuner returned partly tuned parameters: the row says so, so the ratio is not
+    # read as one against a fully tuned torch.
+    flags = sorted({t["flag"] + (": partly tuned" if t.get("cap_reached") else "")
+                    for t in run.tuned if t.get("flag")})
     goal("BSR 90% (32, 64): >= 1.2x torch BSR tuned", 1.2,
-         _ratio_points(run, "torch_bsr_tuned", lambda r: big(r) and r.layout == "bsr" and r.density == HEADLINE_DENSITY))
+         _ratio_points(run, "torch_bsr_tuned",
+                       lambda r: big(r) and r.layout == "bsr" and r.density == HEADLINE_DENSITY),
+         flag=("torch tuner " + " / ".join(flags)) if flags else "")
     goal("BSR 90% (32, 64): vs torch BSR untuned (info)", 1.2,
          _ratio_points(run, "torch_bsr", lambda r: big(r) and r.layout == "bsr" and r.block in HEADLINE_BLOCKS
                        and r.density == HEADLINE_DENSITY))
@@ -865,6 +1039,10 @@ def compute_goals(run: Run) -> None:
     goal("decode CSR 90% (N <= 16): >= 70% of copy bandwidth", 0.70,
          [(r.bw_fraction, f"csr {r.dtype} {r.M}x{r.K} N={r.N}") for r in run.records
           if r.backend == "ours" and r.verified and decode(r, "csr")], fmt="{:.0%}")
+    goal("decode 90%, SparseLinear layout x @ W.T (info)", 0.70,
+         [(r.bw_fraction, f"{r.layout}{r.block or ''} {r.dtype} {r.M}x{r.K} N={r.N}") for r in run.records
+          if r.backend == "ours" and r.verified and r.op == "linear" and r.N <= 16 and r.bw_fraction
+          and (r.M, r.K) in s.decode_shapes], fmt="{:.0%}")
     run.goals = goals
     run.save()
 
@@ -881,7 +1059,8 @@ def make_plots(run: Run) -> None:
     s = run.scale
     sq = s.square
     dev = run.info.get("device", "?")
-    ours = [r for r in run.records if r.backend == "ours" and r.speedup_vs_dense and r.M == sq and r.K == sq]
+    ours = [r for r in run.records if r.backend == "ours" and r.op == "matmul" and r.speedup_vs_dense
+            and r.M == sq and r.K == sq]
     dtypes = [d for d in ("fp16", "bf16", "fp32") if any(r.dtype == d for r in ours)]
     layouts = [("bsr", b) for b in sorted({r.block for r in run.records if r.layout == "bsr"})] + [("csr", None)]
     color = {lb: f"C{i}" for i, lb in enumerate(layouts)}
@@ -914,7 +1093,7 @@ def make_plots(run: Run) -> None:
         fig.savefig(run.out / "speedup.png", dpi=110)
         plt.close(fig)
     dec = [r for r in run.records if r.backend in ("ours", "dense", "cusparse", "torch_bsr") and r.bw_fraction
-           and r.N <= 16 and r.verified and r.dtype == "fp16"]
+           and r.N <= 16 and r.verified and r.dtype == "fp16" and r.op == "matmul"]
     shapes = sorted({(r.M, r.K) for r in dec if r.backend == "ours"}, reverse=True)
     if dec and shapes:
         fig, axes = plt.subplots(1, len(shapes), figsize=(4.2 * len(shapes), 3.3), squeeze=False)
@@ -973,18 +1152,95 @@ def print_table(run: Run) -> None:
         log(f"torch BSR tuner (tuned on {run.tuned[0]['dtype']}, reused for the other half type): "
             f"{len(tuned)}/{len(run.tuned)} ok, " + ", ".join(
                 f"bsr{t['block']} {t.get('trials', 0)} trials {t.get('seconds', 0)} s"
-                + (" CAP REACHED (partly tuned)" if t.get("cap_reached") else "") for t in run.tuned))
+                + (f" {t['flag']}" + (" (partly tuned)" if t.get("cap_reached") else "") if t.get("flag") else "")
+                for t in run.tuned))
+    copies = [r.copies for r in recs if r.copies]
+    if copies:
+        log(f"operand copies rotated per point: {min(copies)}-{max(copies)} "
+            f"(>= {L2_TIMES:g}x L2 of {_l2_label(run)} unless memory-capped)")
+    print_linear_rows(run)
     log("-" * 100)
     log(f"{'goal':55s} {'target':>8s} {'measured':>9s}  {'result':6s} worst point")
     for g in run.goals:
         fmt = g.get("fmt", "{:.2f}x")
         val = fmt.format(g["value"]) if g["value"] is not None else "-"
         tgt = fmt.format(g["target"])
-        log(f"{g['goal']:55s} {tgt:>8s} {val:>9s}  {g['result']:6s} {g['where']}")
+        flag = f"  [{g['flag']}]" if g.get("flag") else ""
+        log(f"{g['goal']:55s} {tgt:>8s} {val:>9s}  {g['result']:6s} {g['where']}{flag}")
     log("=" * 100)
 
 
+def _l2_label(run: Run) -> str:
+    if run.scale.l2_stand_in:
+        return f"{run.scale.l2_stand_in >> 10} KiB (CPU stand-in)"
+    return f"{(run.info.get('l2_bytes') or 0) >> 20} MiB"
+
+
+def print_linear_rows(run: Run) -> None:
+    """The SparseLinear layout, one row per point: ours (triton_*_linear) and the layer's forward
+    against F.linear on the dense weight."""
+    rows = [r for r in run.records if r.op == "linear" and r.backend == "ours"]
+    if not rows:
+        return
+    log("-" * 100)
+    log(f"{'SparseLinear layout, x @ W.T (x [N, K] row-major)':50s} {'F.linear':>9s} {'ours':>9s} {'vs dense':>8s} "
+        f"{'copy bw':>7s} {'layer':>9s} {'vs dense':>8s}  auto")
+    for r in rows:
+        base = run.dense_cache.get(("linear", r.dtype, r.M, r.K, r.N))
+        mod = next((q for q in run.records if q.op == "linear" and q.backend == "module" and q.layout == r.layout
+                    and q.block == r.block and q.dtype == r.dtype and (q.M, q.K, q.N) == (r.M, r.K, r.N)
+                    and q.density == r.density), None)
+        us = lambda q: f"{q.ms * 1e3:.1f}us" if q and q.ms and q.verified else "-"  # noqa: E731
+        ratio = lambda q: (f"{base.ms / q.ms:.2f}x" if q and q.ms and q.verified and base and base.ms  # noqa: E731
+                           and base.verified else "-")
+        bw = f"{r.bw_fraction:.0%}" if r.bw_fraction and r.N <= 16 else "-"
+        where = f"{r.layout}{r.block or ''} {r.dtype} {r.M}x{r.K} N={r.N} d={r.density:g}"
+        log(f"{where:50s} {us(base):>9s} {us(r):>9s} {ratio(r):>8s} {bw:>7s} {us(mod):>9s} {ratio(mod):>8s}  "
+            f"{(mod.meta.get('auto_would_pick', '-') if mod else '-')}")
+
+
 # --- package import ------------------------------------------------------------------------------
+def fix_interpreter_index() -> str:
+    """Make triton 3.6's interpreter run under NumPy >= 2.4 (dry run only); a note, or "".
+
+    The interpreter turns a scalar tensor into a Python int (``range(start, end)`` over loaded
+    row bounds, as the CSR kernel does) with ``int(handle.data)`` on a one-element 1-D array,
+    which NumPy 2.4 refuses ("only 0-dimensional arrays can be converted to Python scalars").
+    Triton 3.9 squeezes the array first; this wraps 3.6's patch of ``tl.tensor`` to do the same.
+    """
+    import inspect
+
+    import numpy as np
+
+    try:
+        int(np.ones(1))
+        return ""  # this NumPy still converts: nothing to fix
+    except TypeError:
+        pass
+    try:
+        from triton.runtime import interpreter
+    except Exception:  # noqa: BLE001 -- no triton: the kernels will say so themselves
+        return ""
+    patch = getattr(interpreter, "_patch_lang_tensor", None)
+    if patch is None or getattr(patch, "gpu_check_fix", False):
+        return ""
+    try:
+        if "int(self.handle.data)" not in inspect.getsource(patch):
+            return ""  # this triton converts its own way (3.9: squeezed)
+    except OSError:
+        return ""
+
+    def patched(tensor, scope):
+        patch(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.squeeze()))
+
+    patched.gpu_check_fix = True
+    interpreter._patch_lang_tensor = patched  # _patch_lang looks it up by name on every launch
+    return (f"dry run: triton {getattr(sys.modules.get('triton'), '__version__', '?')}'s interpreter converts "
+            f"scalar tensors with int(1-element array), which NumPy {np.__version__} refuses: patched to squeeze first "
+            "(as triton 3.9 does)")
+
+
 def ensure_package() -> bool:
     """Import sparse_lth.kernels; if the package is not installed, alias kernels/ (True)."""
     try:
@@ -1008,16 +1264,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--quick", action="store_true", help="headline points only (no sweep)")
     ap.add_argument("--dry-run", action="store_true", help="CPU, tiny shapes, Triton interpreter")
     ap.add_argument("--budget", type=float, default=None,
-                    help="seconds this script may take in all (default 520 on GPU, 100 dry)")
-    ap.add_argument("--tests-s", type=float, default=150.0, help="cap for the pytest step (s)")
-    ap.add_argument("--tune-s", type=float, default=45.0,
+                    help="seconds this script may take in all, tests included (default 380 on GPU, 100 dry)")
+    ap.add_argument("--tests-s", type=float, default=80.0, help="cap for the pytest step (s)")
+    ap.add_argument("--tune-s", type=float, default=25.0,
                     help="cap per torch BSR tuner run (s); one run per headline block, shared by fp16 and bf16")
     ap.add_argument("--skip-tests", action="store_true", help="do not run the pytest step")
     ap.add_argument("--cpu-reps", type=int, default=0,
-                    help="dry run: timed calls per point (0: time the checked call itself)")
+                    help="dry run: timed calls per point (at least one per operand copy)")
     args = ap.parse_args(argv)
     if args.budget is None:
-        args.budget = 100.0 if args.dry_run else 520.0
+        args.budget = 100.0 if args.dry_run else DEFAULT_BUDGET_S
     return args
 
 
@@ -1033,8 +1289,13 @@ def main(argv=None) -> int:
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # quiet triton 3.9's default-change warning
     import torch as _torch
 
+    if args.dry_run:
+        fixed = fix_interpreter_index()
+
     torch = _torch
-    budget = Budget(args.budget, reserve_s=8.0 if args.dry_run else 25.0)
+    # The reserve covers the files, plots and table, and a point that overruns its estimate
+    # (a new autotuner key compiles every config).
+    budget = Budget(args.budget, reserve_s=8.0 if args.dry_run else 30.0)
     budget.t0 = t_start  # the import of torch counts too
     args.out.mkdir(parents=True, exist_ok=True)
     if not args.dry_run and not torch.cuda.is_available():
@@ -1047,6 +1308,14 @@ def main(argv=None) -> int:
     run.tune_tried = set()
     if aliased:
         run.note("sparse_lth is not installed: kernels/ aliased as sparse_lth.kernels")
+    if args.dry_run and fixed:
+        run.note(fixed)
+    if args.dry_run:
+        with contextlib.suppress(ImportError):  # no triton: the kernels say so themselves
+            direct = untimed_autotuners()
+            if direct:
+                run.note("dry run: autotuners called without TunedLaunch told not to time (triton 3.6 "
+                         f"would ask for a GPU driver): {direct}")
     log(f"== gpu_check {'(DRY RUN) ' if args.dry_run else ''}-> {args.out}  budget {args.budget:.0f} s")
     try:
         check_versions(run)

@@ -176,6 +176,25 @@ def on_device(t: torch.Tensor) -> contextlib.AbstractContextManager:
     return torch.cuda.device(t.device)
 
 
+def _untimed(kernel_call, quantiles=None, **kw) -> list[float]:
+    """A benchmarker for the interpreter: every config costs the same and none is run here
+    (the autotuner runs the one it picks right after)."""
+    return [0.0] * (len(quantiles) if quantiles else 1)
+
+
+def untimed_under_interpreter(tuned):
+    """Let a ``triton.autotune``-d kernel run under the interpreter on triton 3.6 too; returns it.
+
+    The kernels' prune hooks keep one config under the interpreter (it cannot time). Triton
+    3.9's autotuner then launches it untimed; 3.6's still "benchmarks" it, and its default
+    benchmarker asks for the GPU driver ("0 active drivers"). Autotuner.do_bench is a
+    cached_property, so an instance attribute replaces it. A no-op on a GPU.
+    """
+    if is_interpreting():
+        tuned.do_bench = _untimed
+    return tuned
+
+
 class TunedLaunch:
     """Launch a ``triton.autotune``-d kernel, skipping the autotuner once it has chosen.
 
@@ -189,6 +208,7 @@ class TunedLaunch:
     def __init__(self, tuned) -> None:
         self.tuned = tuned
         self.chosen: dict[tuple, dict] = {}
+        untimed_under_interpreter(tuned)  # triton 3.6 under TRITON_INTERPRET=1
 
     def __call__(self, key: tuple, grid, args: tuple, constants: dict) -> None:
         config = self.chosen.get(key)

@@ -28,7 +28,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._triton import is_interpreting, next_pow2, on_device, shared_memory_limit
+from ._triton import (is_interpreting, next_pow2, on_device, shared_memory_limit,
+                      untimed_under_interpreter)
 
 __all__ = ["tma_fits", "launch_bsr_tma", "TMA_CONFIGS", "tma_shared_bytes"]
 
@@ -134,11 +135,11 @@ def _prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[tri
     return kept[:1] if is_interpreting() else kept
 
 
-bsr_tma_kernel = triton.autotune(
+bsr_tma_kernel = untimed_under_interpreter(triton.autotune(
     configs=TMA_CONFIGS,
     key=["M", "K", "N_BUCKET", "BR", "BC", "X_T", "Y_T", "DOT_PRECISION"],
     prune_configs_by={"early_config_prune": _prune},
-)(_bsr_tma_kernel)
+)(_bsr_tma_kernel))
 # key -> the autotuner's choice, so later calls skip it (as TunedLaunch does; here the launch
 # also sets the descriptor's box, which a pre-hook does inside the autotuner).
 _chosen: dict[tuple, dict] = {}
