@@ -12,7 +12,8 @@ prefetches it with the tiles ``num_stages`` deep.
   through strides with the unit stride known at compile time (constexpr ``X_T`` / ``Y_T``).
 - Blocks: BR, BC powers of two from 16 to 128, square or not (tl.dot needs every side >= 16).
 
-Which kernel runs: N > 16 with 16-byte aligned operands on Hopper goes to ``bsr_tma.py``
+Which kernel runs: decode (N <= 16) goes to ``bsr_decode.py`` (programs split the stored blocks
+evenly, a register GEMV body); N > 16 with 16-byte aligned operands on Hopper to ``bsr_tma.py``
 (tensor-descriptor copies into wgmma, a persistent grid); everything else runs the kernel here,
 whose loads are ``cp.async`` copies (sm_80, and rows TMA cannot take).
 
@@ -36,6 +37,8 @@ from ._triton import (
     on_device,
     shared_memory_limit,
 )
+from .bsr_decode import DECODE_MAX_N
+from .bsr_decode import _launch as launch_bsr_decode
 from .bsr_tma import launch_bsr_tma, tma_fits
 
 __all__ = ["triton_bsr_matmul", "triton_bsr_linear"]
@@ -166,7 +169,12 @@ tuned_bsr = TunedLaunch(bsr_kernel)
 def _launch(W: torch.Tensor, X: torch.Tensor, Y: torch.Tensor, *, N: int, x_t: bool,
             stride_x: int, y_t: bool, stride_y: int, kernel=None, **meta) -> None:
     """Launch over an already checked problem: autotuned, or with ``kernel=_bsr_kernel`` and an
-    explicit BLOCK_N (and num_warps / num_stages) one config: tests use it to cover each tile."""
+    explicit BLOCK_N (and num_warps / num_stages) one config: tests use it to cover each tile.
+    Autotuned launches go by N: decode (N <= 16) to bsr_decode.py's split over the stored
+    blocks, wide aligned ones on Hopper to bsr_tma.py, the rest to the kernel here."""
+    if kernel is None and N <= DECODE_MAX_N:
+        launch_bsr_decode(W, X, Y, N=N, x_t=x_t, stride_x=stride_x, y_t=y_t, stride_y=stride_y)
+        return
     if is_interpreting() and Y.dtype == torch.bfloat16:
         # The interpreter's fp32 -> bf16 cast truncates; the GPU's rounds to nearest even.
         # Write fp32 and let torch round, so interpreter runs test the GPU's numerics.

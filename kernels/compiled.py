@@ -41,6 +41,7 @@ KERNELS: dict[str, tuple[str, str]] = {
     "csr": ("csr", "_csr_kernel"),
     "bsr": ("bsr", "_bsr_kernel"),
     "bsr_tma": ("bsr_tma", "_bsr_tma_kernel"),
+    "bsr_decode": ("bsr_decode", "_bsr_decode_kernel"),
     "csr_sddmm": ("sddmm", "_csr_sddmm_kernel"),
     "bsr_sddmm": ("sddmm", "_bsr_sddmm_kernel"),
     "bsr_conv2d": ("conv", "_bsr_conv2d_kernel"),
@@ -80,8 +81,10 @@ def _signature(fn, job: dict) -> tuple[dict, dict]:
             signature[name] = "constexpr"
         elif name in ("crow_ptr", "col_ptr", "row_ptr"):
             signature[name] = "*" + job["index"]
-        elif name == "order_ptr":
+        elif name in ("order_ptr", "count_ptr"):
             signature[name] = "*i32"
+        elif name == "part_ptr":  # bsr_decode: fp32 partial rows
+            signature[name] = "*fp32"
         elif name == "a_desc":  # bsr_tma: the stored blocks, one [BR, BC] box at a time
             signature[name] = f"tensordesc<{job['dtype']}[{consts['BR']}, {consts['BC']}]>"
         elif name == "x_desc":  # bsr_tma: X's [BC, BLOCK_N] boxes ([BLOCK_N, BC] for x rows)
@@ -89,11 +92,14 @@ def _signature(fn, job: dict) -> tuple[dict, dict]:
                    else (consts["BC"], consts["BLOCK_N"]))
             signature[name] = f"tensordesc<{job['dtype']}[{box[0]}, {box[1]}]>"
         elif name.endswith("_ptr"):
-            signature[name] = "*" + job.get("ptr_types", {}).get(name, job["dtype"])
+            signature[name] = "*" + job["dtype"]
         else:
             signature[name] = "i32"
         # What a launch sees with torch allocations and layer-sized M, K, N: aligned pointers,
-        # sizes and strides divisible by 16 (the case that vectorizes and pipelines most).
+        # sizes and strides divisible by 16 (the case that vectorizes and pipelines most); a
+        # job lists what it cannot assume (decode's N is 1 .. 16) in "unaligned".
+        if name in job.get("unaligned", ()):
+            continue
         if name.endswith("_ptr") or name in ("M", "N", "K", "stride_x", "stride_y"):
             attrs[(i,)] = [["tt.divisibility", 16]]
     return signature, attrs

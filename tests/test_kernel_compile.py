@@ -237,6 +237,47 @@ def test_exhaustive_compile():
     _check(_run(jobs))
 
 
+def _decode_jobs() -> list[dict]:
+    """bsr_decode for both targets and dtypes: 64 x 64 and 16 x 128 blocks, N = 1 and 16, both
+    layouts, the first config its pruning keeps; every kept config for 64 x 64 blocks where some
+    spilled (fp16 at N = 16, fp32 at N = 4)."""
+    from sparse_lth.kernels.bsr_decode import DECODE_CONFIGS, SEARCH, decode_configs
+
+    def job(arch, dtype, br, bc, np_, x_t, c):
+        return {"kernel": "bsr_decode", "arch": arch, "dtype": dtype, "index": "i32",
+                "num_warps": c.num_warps, "num_stages": c.num_stages, "sass": True,
+                "unaligned": ["N"],  # decode's N is 1 .. 16
+                "constexprs": {"BR": br, "BC": bc, "NP": np_, "VEC": 16 // ELEM_BYTES[dtype],
+                               "X_T": x_t, "Y_T": x_t, "SEARCH": SEARCH, **c.kwargs}}
+
+    jobs = [job(arch, dtype, br, bc, np_, x_t,
+                decode_configs(DECODE_CONFIGS, np_, br, bc, ELEM_BYTES[dtype])[0])
+            for arch in ARCHS for dtype in ("fp16", "bf16")
+            for br, bc in ((64, 64), (16, 128)) for np_, x_t in ((1, False), (16, True))]
+    jobs += [job(90, "fp32", 64, 64, 1, False,
+                 decode_configs(DECODE_CONFIGS, 1, 64, 64, 4)[0])]
+    jobs += [job(90, dtype, 64, 64, np_, x_t, c)
+             for dtype, np_ in (("fp16", 16), ("fp32", 4)) for x_t in (False, True)
+             for c in decode_configs(DECODE_CONFIGS, np_, 64, 64, ELEM_BYTES[dtype])]
+    return jobs
+
+
+def test_bsr_decode_streams_values_in_16_byte_loads():
+    """The decode kernel (N <= 16): 16-byte loads of the stored values, split rows joined
+    through one integer counter atomic (no float atomics), no matrix unit, no spills on sm_90."""
+    results = _run(_decode_jobs())
+    for r in results:
+        k = r["constexprs"]
+        what = f"bsr_decode sm_{r['arch']} {r['dtype']} {k} warps={r['num_warps']}"
+        assert r["ld16"] > 0, f"{what}: no 16-byte loads"
+        assert r["atomics"] > 0, f"{what}: no arrival counter"
+        assert not (r["wgmma"] or r["mma_sync"]), f"{what}: a matrix unit for a GEMV"
+        if r["arch"] == 90:  # the target this is tuned for (sm_80 spills a few words at N = 16)
+            assert r["spills"] == 0, f"{what}: {r['spills']} local-memory accesses"
+        assert r["shared"] <= SMEM_LIMIT[r["arch"]], what
+
+
+
 # --- the Hopper evidence (issue 10): buffers, bulk copies, no duplicate configs, no spills -------
 
 TMA_SHAPES = ((64, 64), (128, 128), (128, 32), (32, 32))
