@@ -34,6 +34,15 @@ def triton_csr_linear(W, x, *, out=None, check_invariants=True):
     return impl(W, x, out=out, check_invariants=check_invariants)
 
 
+def pad_csr(W, multiple=8, *, index_dtype=None, check_invariants=True):
+    """A CSR weight with every row padded to ``multiple`` entries (a ``csr.PaddedCSR``), which the
+    Triton CSR kernels stream with 16-byte loads; build once per weight (see ``csr.py``)."""
+    require_triton()
+    from .csr import pad_csr as impl
+
+    return impl(W, multiple, index_dtype=index_dtype, check_invariants=check_invariants)
+
+
 def triton_bsr_matmul(W, X, *, out=None, check_invariants=True):
     """``W @ X`` for a sparse BSR ``W`` [M, K] and dense ``X`` [K, N] (see ``bsr.py``)."""
     require_triton()
@@ -84,7 +93,7 @@ def conv_weight_to_bsr(weight, mask, blocksize):
     return impl(weight, mask, blocksize)
 
 
-__all__ += ["has_triton", "triton_csr_matmul", "triton_csr_linear", "triton_bsr_matmul",
+__all__ += ["has_triton", "triton_csr_matmul", "triton_csr_linear", "pad_csr", "triton_bsr_matmul",
             "triton_bsr_linear", "triton_csr_sddmm", "triton_bsr_sddmm", "triton_bsr_conv2d", "conv_weight_to_bsr"]
 
 # --- CPU kernels (scipy.sparse, row blocks on a thread pool) -----------------------------------

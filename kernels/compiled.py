@@ -7,7 +7,9 @@ bulk tensor copies (TMA) or ``cp.async``, how wide the global loads are, how muc
 the pipeline takes, and whether registers spill to local memory.
 
 A job names a kernel (:data:`KERNELS`), the target, the element and index types, the
-constexprs and the launch options; :func:`compile_jobs` builds a list of them in a subprocess
+constexprs and the launch options (``num_warps``, ``num_stages``, ``maxnreg``), and may ask for
+the SASS facts (``"sass": True``) or the PTX itself and the runtime argument names
+(``"keep_ptx": True``); :func:`compile_jobs` builds a list of them in a subprocess
 with ``TRITON_INTERPRET`` off (under the interpreter Triton's code generator fails) and an empty
 cache, and returns one dict per job: the job, ``shared`` bytes and :func:`code_facts`.
 
@@ -121,11 +123,15 @@ def _compile(job: dict) -> dict:
     compiled = triton.compile(
         ASTSource(fn=fn, signature=signature, constexprs=job["constexprs"], attrs=attrs),
         target=GPUTarget("cuda", job["arch"], 32),
-        options={"num_warps": job["num_warps"], "num_stages": job["num_stages"]},
+        options={"num_warps": job["num_warps"], "num_stages": job["num_stages"],
+                 **({"maxnreg": job["maxnreg"]} if job.get("maxnreg") else {})},
     )
+    ptx = compiled.asm["ptx"]
     sass = compiled.asm["sass"] if job.get("sass") else None
-    return {**job, "shared": int(compiled.metadata.shared),
-            **code_facts(compiled.asm["ptx"], sass), "seconds": time.perf_counter() - start}
+    kept = {"ptx": ptx, "args": [n for n, t in signature.items() if t != "constexpr"]
+            } if job.get("keep_ptx") else {}
+    return {**job, "shared": int(compiled.metadata.shared), **code_facts(ptx, sass), **kept,
+            "seconds": time.perf_counter() - start}
 
 
 def compile_jobs(jobs: list[dict], workers: int = 2, timeout_s: float = 1800) -> list[dict]:

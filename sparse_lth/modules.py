@@ -45,6 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sparse_lth import kernels
 from sparse_lth.attention import SparseMultiheadAttention, keep_out_of_fused_paths
 from sparse_lth.backends import BACKENDS, choose_backend, sparse_linear
 from sparse_lth.formats import SparseWeight, _make, to_sparse_weight
@@ -329,6 +330,8 @@ class SparseLinear(nn.Module):
             return F.linear(x, W, bias)
         if rows is None and x.device.type == "cpu" and self._scipy_here(x):
             return self._scipy_linear(x, bias)
+        if rows is None and self.format == "csr" and self._triton_here(x):
+            return self._padded_triton_linear(x, bias)
         if rows is None:
             W, offset = self.weight, 0
         else:
@@ -352,6 +355,22 @@ class SparseLinear(nn.Module):
         if self.backend == "scipy":
             return True
         return choose_backend(self.format, x.device, x.dtype, _batch(x), "auto", self.nnz, self.blocksize) == "scipy"
+
+    def _triton_here(self, x: torch.Tensor) -> bool:
+        """Whether this call takes the Triton path (with the weight's dtype; others go the
+        checked way, to its error)."""
+        return x.dtype == self.values.dtype and choose_backend(
+            self.format, x.device, x.dtype, _batch(x), self.backend, self.nnz, self.blocksize) == "triton"
+
+    def _padded_triton_linear(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """The Triton CSR product over rows padded to 8 entries (``kernels.pad_csr``, built once
+        and kept with the views): its index and value streams are 16-byte loads."""
+        views = self._views()
+        padded = views.get("padded")
+        if padded is None:
+            padded = views["padded"] = kernels.pad_csr(self.weight, check_invariants=False)
+        y = kernels.triton_csr_linear(padded, x.contiguous(), check_invariants=False)
+        return y if bias is None else y.add_(bias)
 
     def _scipy_linear(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """The scipy path without per-call preparation: the product over the weight's arrays is

@@ -52,10 +52,11 @@ def _bsr_tma_job(arch, dtype, br, bc, config, x_t=False, precision="ieee", sass=
                            "DOT_PRECISION": precision, "UPCAST": False, **config.kwargs}}
 
 
-def _csr_job(arch, dtype, config, index="i32", x_t=False) -> dict:
+def _csr_job(arch, dtype, config, index="i32", x_t=False, aligned=False, **extra) -> dict:
     return {"kernel": "csr", "arch": arch, "dtype": dtype, "index": index,
             "num_warps": config.num_warps, "num_stages": config.num_stages,
-            "constexprs": {"X_T": x_t, "Y_T": x_t, **config.kwargs}}
+            "maxnreg": getattr(config, "maxnreg", None),
+            "constexprs": {"X_T": x_t, "Y_T": x_t, "ALIGNED": aligned, **config.kwargs}, **extra}
 
 
 def _bsr_sddmm_job(arch, dtype, br, bc, config, index="i32", precision="ieee") -> dict:
@@ -276,6 +277,39 @@ def test_bsr_decode_streams_values_in_16_byte_loads():
             assert r["spills"] == 0, f"{what}: {r['spills']} local-memory accesses"
         assert r["shared"] <= SMEM_LIMIT[r["arch"]], what
 
+
+
+def test_padded_csr_streams_indices_and_values_in_16_byte_loads_pipelined():
+    """kernels/csr.py on a PaddedCSR (rows padded to 8, ALIGNED): in the decode configs
+    (BLOCK_N 1 and 4) the column-index and value streams are 16-byte vector loads (8-byte for
+    fp16 values at BLOCK_N 4: 2 values x 4 rows a thread), loaded one iteration ahead of their
+    use (software-pipelined), with no spills; the same kernel on an unpadded CSR keeps scalar
+    loads (what the padding buys)."""
+    from collections import Counter
+
+    from ptx_streams import loop_carried, stream_loads
+    from sparse_lth.kernels.csr import CSR_CONFIGS
+
+    decode = [c for c in CSR_CONFIGS if c.kwargs["BLOCK_N"] in (1, 4)]
+    jobs = [_csr_job(90, dtype, c, index=index, x_t=x_t, aligned=True, keep_ptx=True, sass=True)
+            for c in decode for dtype in DTYPES for index in ("i32", "i64")
+            for x_t in (False, True) if x_t or dtype != "bf16"]
+    jobs += [_csr_job(90, "fp16", c, keep_ptx=True) for c in decode if c.kwargs["BLOCK_N"] == 1]
+    for r in _run(jobs):
+        k = r["constexprs"]
+        what = f"csr sm_90 {r['dtype']} {r['index']} {k} warps={r['num_warps']}"
+        streams = Counter(stream_loads(r["ptx"], r["args"]))
+        widths = {s: {w for (s2, w) in streams if s2 == s} for s in ("col", "val")}
+        if not k["ALIGNED"]:
+            assert all(w.startswith("v1.") for s in ("col", "val") for w in widths[s]), what
+            continue
+        wide = "v2.b64" if r["index"] == "i64" else "v4.b32"
+        assert widths["col"] == {wide}, f"{what}: col loads {widths['col']}"
+        values = ({"v2.b32"} if k["BLOCK_N"] == 4 and r["dtype"] != "fp32" else {"v4.b32"})
+        assert widths["val"] == values, f"{what}: value loads {widths['val']}"
+        carried = loop_carried(r["ptx"], r["args"])
+        assert carried.get("col") and carried.get("val"), f"{what}: not pipelined {carried}"
+        assert r["spills"] == 0, f"{what}: {r['spills']} local-memory accesses"
 
 
 # --- the Hopper evidence (issue 10): buffers, bulk copies, no duplicate configs, no spills -------

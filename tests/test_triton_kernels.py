@@ -164,10 +164,11 @@ def test_csr_every_tile_config(config):
                     kernel=csr_mod._csr_kernel, **config.kwargs)
     assert_three_way(out, W, X)
     x = rand_dense(N, K, dtype=torch.float16, gen=gen)
-    y = nan_like((N, M), torch.float16)
-    csr_mod._launch(W, x, y, N=N, x_t=True, stride_x=K, y_t=True, stride_y=M,
-                    kernel=csr_mod._csr_kernel, **config.kwargs)
-    assert_three_way(y, W, x, linear=True)
+    for transpose in (False, True):  # x gathered in place, and through the [K, N] workspace
+        y = nan_like((N, M), torch.float16)
+        csr_mod._launch(W, x, y, N=N, x_t=True, stride_x=K, y_t=True, stride_y=M,
+                        kernel=csr_mod._csr_kernel, transpose=transpose, **config.kwargs)
+        assert_three_way(y, W, x, linear=True)
 
 
 class _FakeAutotuner:
