@@ -16,7 +16,9 @@ import sys
 
 import triton
 
+from sparse_lth.kernels.bsr_decode import DECODE_CONFIGS, SEARCH, decode_configs
 from sparse_lth.kernels.compiled import compile_jobs
+from sparse_lth.kernels.csr import CSR_CONFIGS
 
 ELEM = {"fp16": 2, "bf16": 2, "fp32": 4}
 
@@ -39,6 +41,12 @@ def _bsr(br: int, block_n: int, warps: int, stages: int, *, x_t=False, dtype="fp
                 stage_bytes=(br * br + br * block_n) * ELEM[dtype])
 
 
+def _csr_configs() -> list[tuple[str, triton.Config]]:
+    """The CSR kernel's decode config (one input, 8 entries a thread) and a wide one."""
+    first = {c.kwargs["BLOCK_N"]: c for c in reversed(CSR_CONFIGS)}
+    return [("decode, N 1", first[1]), ("wide, BLOCK_N 64", first[64])]
+
+
 def jobs() -> list[dict]:
     """The table's rows: the configs the launchers favour for each kernel on Hopper."""
     rows = [
@@ -46,10 +54,15 @@ def jobs() -> list[dict]:
         _bsr(64, 256, 8, 3, tma=True), _bsr(64, 128, 8, 5, tma=True, x_t=True, dtype="bf16"),
         _bsr(32, 128, 8, 5, tma=True),
         _bsr(64, 128, 8, 5), _bsr(64, 128, 8, 3), _bsr(32, 64, 4, 5), _bsr(128, 64, 8, 5),
-        _job("csr", "decode, BLOCK_NNZ 256", {"X_T": False, "Y_T": False, "BLOCK_N": 1,
-                                              "BLOCK_NNZ": 256}, 4, 2),
-        _job("csr", "wide, BLOCK_N 64", {"X_T": False, "Y_T": False, "BLOCK_N": 64,
-                                         "BLOCK_NNZ": 32}, 4, 2),
+        *[_job("csr", f"{what}{', padded rows' if aligned else ''}",
+               {"X_T": False, "Y_T": False, "ALIGNED": aligned, **c.kwargs}, c.num_warps,
+               c.num_stages, maxnreg=c.maxnreg)
+          for what, c in _csr_configs() for aligned in (False, True)],
+        *[_job("bsr_decode", f"{br}x{bc} blocks, N {np_}{', x rows' if x_t else ''}",
+               {"BR": br, "BC": bc, "NP": np_, "VEC": 8, "X_T": x_t, "Y_T": x_t,
+                "SEARCH": SEARCH, **c.kwargs}, c.num_warps, c.num_stages, unaligned=["N"])
+          for br, bc, np_, x_t in ((64, 64, 1, False), (64, 64, 16, True), (16, 128, 1, False))
+          for c in decode_configs(DECODE_CONFIGS, np_, br, bc, 2)[:1]],
         _job("bsr_sddmm", "64x64 blocks", {"BR": 64, "BC": 64, "DOT_PRECISION": "ieee",
                                            "UPCAST": False, "BLOCK_N": 64}, 4, 3),
         _job("bsr_conv2d", "3x3, 64x64 blocks", {"HAS_BIAS": True, "BR": 64, "BC": 64,

@@ -16,7 +16,7 @@ gathers coalesce. fp16 / bf16 run on tensor cores; fp32 follows cuDNN's convolut
 while ``torch.backends.cudnn.allow_tf32`` is on (torch's default), else IEEE. Blocks BR, BC: powers of two from 16 to 128.
 
 Written and tested under ``TRITON_INTERPRET=1`` against ``F.conv2d`` and compiled for sm_90 and
-sm_80; not yet timed on a GPU (no tuning table: BLOCK_P 64, 4 warps).
+sm_80; not yet timed on a GPU (no tuning table: one launch shape, LAUNCH below).
 """
 
 from __future__ import annotations
@@ -72,6 +72,13 @@ def _bsr_conv2d_kernel(
         acc += tl.load(bias_ptr + o, mask=o_ok, other=0.0).to(tl.float32)[:, None]
     out = out_ptr + ((n * O)[None, :] + o[:, None]) * (OH * OW) + rest[None, :]
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=o_ok[:, None] & p_ok[None, :])
+
+
+# 32 pixels a program over 8 warps: the gathered X slice's addresses and masks ([BC, BLOCK_P]
+# of them) fit in registers. With 64 pixels over 4 warps, triton 3.6's ptxas (the GPU image's)
+# spilled 485 words and dropped wgmma for 64 x 64 blocks; 32 over 8 compiles without spills and
+# on tensor cores with triton 3.6 and 3.9 alike (tests/test_kernel_compile.py).
+LAUNCH = {"BLOCK_P": 32, "num_warps": 8, "num_stages": 3}
 
 
 def conv_weight_to_bsr(weight: torch.Tensor, mask: torch.Tensor | None, blocksize: tuple[int, int]
@@ -153,13 +160,12 @@ def triton_bsr_conv2d(x: torch.Tensor, crow: torch.Tensor, col: torch.Tensor, va
         return out
     if bias is not None and bias.shape != (out_channels,):
         raise ValueError(f"triton_bsr_conv2d: bias must be [{out_channels}], got {tuple(bias.shape)}")
-    BLOCK_P = 64
     precision = "tf32" if x.dtype == torch.float32 and x.is_cuda and torch.backends.cudnn.allow_tf32 else "ieee"
-    grid = (crow.numel() - 1, triton.cdiv(P, BLOCK_P))
+    grid = (crow.numel() - 1, triton.cdiv(P, LAUNCH["BLOCK_P"]))
     with on_device(x):
         _bsr_conv2d_kernel[grid](
             x.contiguous(), crow, col, values.contiguous(), bias if bias is not None else values, out,
             C, H, W, out_channels, OH, OW, P, cp, KW, SH, SW, PH, PW, DH, DW,
-            HAS_BIAS=bias is not None, BR=BR, BC=BC, BLOCK_P=BLOCK_P, DOT_PRECISION=precision, num_warps=4,
+            HAS_BIAS=bias is not None, BR=BR, BC=BC, DOT_PRECISION=precision, **LAUNCH,
         )
     return out

@@ -200,17 +200,24 @@ def test_every_bsr_block_shape_keeps_a_config():
 
 def test_block_sparse_conv_compiles_for_sm90_and_sm80_on_tensor_cores():
     """kernels/conv.py: every dtype and block shape it takes builds for both targets, within
-    shared memory, on tensor cores for 16-bit operands (wgmma on sm_90 with 64-row blocks) and
-    FMA for IEEE fp32."""
+    shared memory, on tensor cores for 16-bit operands (wgmma on sm_90 with 64-row blocks, and
+    HGMMA in its SASS) and FMA for IEEE fp32, with no spills on sm_90."""
     pytest.importorskip("triton")
-    jobs = [{"kernel": "bsr_conv2d", "arch": arch, "dtype": dtype, "index": "i32", "num_warps": 4, "num_stages": 3,
-             "constexprs": {"HAS_BIAS": True, "BR": br, "BC": bc, "BLOCK_P": 64, "DOT_PRECISION": "ieee"}}
+    from sparse_lth.kernels.conv import LAUNCH
+
+    jobs = [{"kernel": "bsr_conv2d", "arch": arch, "dtype": dtype, "index": "i32", "sass": arch == 90,
+             "num_warps": LAUNCH["num_warps"], "num_stages": LAUNCH["num_stages"],
+             "constexprs": {"HAS_BIAS": True, "BR": br, "BC": bc, "BLOCK_P": LAUNCH["BLOCK_P"],
+                            "DOT_PRECISION": "ieee"}}
             for arch in ARCHS for dtype in DTYPES for br, bc in ((16, 16), (32, 32), (64, 64), (128, 32))]
     results = _run(jobs)
     assert len(results) == len(jobs)
     for r in results:
         what = f"bsr_conv2d sm_{r['arch']} {r['dtype']} {r['constexprs']}"
         assert r["shared"] <= SMEM_LIMIT[r["arch"]], what
+        if r["arch"] == 90:
+            assert r["spills"] == 0, f"{what}: {r['spills']} local-memory accesses"
+            assert r["hgmma"] == r["wgmma"], f"{what}: wgmma in the PTX but not in the SASS"
         if r["dtype"] == "fp32":
             assert not (r["mma_sync"] or r["wgmma"]), f"{what}: IEEE fp32 used tensor cores"
         elif r["arch"] == 90 and r["constexprs"]["BR"] >= 64:
