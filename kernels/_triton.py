@@ -221,6 +221,47 @@ class TunedLaunch:
             self.chosen[key] = best.all_kwargs()
 
 
+# --- Pipelined tile kernels (bsr.py, bsr_tma.py): shared memory and the configs worth timing ---
+
+#: An H100's per-program shared memory, the stand-in under the interpreter (no device to ask).
+HOPPER_SHARED_BYTES = 232448
+
+
+def pipeline_buffers(num_stages: int) -> int:
+    """Shared-memory copies of a BSR kernel's block and X tiles that ``num_stages`` compiles to:
+    the block's column index is a load the X copy depends on, so Triton's pipeliner spends a
+    stage on it, and wgmma holds one buffer more: 2 / 3 / 5 / 7 stages give 2 / 2 / 3 / 4
+    (mma.sync and FMA kernels one fewer), read off the compiled kernels."""
+    return max(2, (num_stages + 1) // 2)
+
+
+def tile_shared_bytes(config, br: int, bc: int, elem_bytes: int) -> int:
+    """Shared memory a BSR kernel config takes at most: its buffers of a [br, bc] block and a
+    [bc, BLOCK_N] X tile with an 8-byte barrier each, and a few spare bytes; within those bytes
+    of the compiled figure for wgmma kernels (tests/test_kernel_compile.py checks both ways)."""
+    stage = (br * bc + bc * config.kwargs["BLOCK_N"]) * elem_bytes + 8
+    return pipeline_buffers(config.num_stages) * stage + 64
+
+
+def prune_tiles(configs: list, n: int, br: int, bc: int, elem_bytes: int, smem_limit: int, *,
+                narrowest: int, widest: int) -> list:
+    """The configs worth timing for N columns and [br, bc] blocks: BLOCK_N at most
+    next_pow2(N) (``narrowest`` at least) and at least a quarter of it (or of ``widest``), and
+    shared memory under the limit. Never empty: the smallest config stays."""
+    n = max(narrowest, next_pow2(n))
+    fit = [c for c in configs
+           if c.kwargs["BLOCK_N"] <= n and 4 * c.kwargs["BLOCK_N"] >= min(n, widest)]
+    kept = [c for c in fit if tile_shared_bytes(c, br, bc, elem_bytes) <= smem_limit]
+    if not kept:  # very large blocks in fp32: shallowest pipeline, narrowest tile
+        kept = [min(configs, key=lambda c: tile_shared_bytes(c, br, bc, elem_bytes))]
+    return kept
+
+
+def shared_limit_of(t: torch.Tensor) -> int:
+    """Per-program shared memory on t's device (an H100's under the interpreter)."""
+    return HOPPER_SHARED_BYTES if t.device.type != "cuda" else shared_memory_limit(t.device.index or 0)
+
+
 @functools.lru_cache(maxsize=None)
 def shared_memory_limit(device_index: int) -> int:
     """Bytes of shared memory one program may use on a CUDA device (the opt-in limit)."""

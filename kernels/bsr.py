@@ -23,6 +23,8 @@ columns), values [nnzb, BR, BC] row-major; indices int32 or int64.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -35,10 +37,11 @@ from ._triton import (
     matmul_problem,
     next_pow2,
     on_device,
-    shared_memory_limit,
+    prune_tiles,
+    shared_limit_of,
+    tile_shared_bytes,
 )
-from .bsr_decode import DECODE_MAX_N
-from .bsr_decode import _launch as launch_bsr_decode
+from .bsr_decode import DECODE_MAX_N, launch_bsr_decode
 from .bsr_tma import launch_bsr_tma, tma_fits
 
 __all__ = ["triton_bsr_matmul", "triton_bsr_linear"]
@@ -110,39 +113,16 @@ BSR_CONFIGS: list[triton.Config] = [
 ]
 
 
-def pipeline_buffers(num_stages: int) -> int:
-    """The most shared-memory copies of the block and X tiles ``num_stages`` compiles to (the
-    wgmma count; mma.sync and FMA kernels get one fewer)."""
-    return max(2, (num_stages + 1) // 2)
-
-
-def bsr_shared_bytes(config: triton.Config, br: int, bc: int, elem_bytes: int) -> int:
-    """Shared memory one config takes at most: its pipeline buffers of a [br, bc] block and a
-    [bc, BLOCK_N] X tile, plus a few bytes of barriers; equal to the compiled figure within
-    those bytes for wgmma kernels (tests/test_kernel_compile.py checks both ways)."""
-    stage = (br * bc + bc * config.kwargs["BLOCK_N"]) * elem_bytes
-    return pipeline_buffers(config.num_stages) * stage + 64
-
-
-def prune_bsr_configs(configs: list[triton.Config], n: int, br: int, bc: int, elem_bytes: int,
-                      smem_limit: int) -> list[triton.Config]:
-    """Configs worth timing for N columns and [br, bc] blocks: BLOCK_N at most next_pow2(N)
-    (16 at least, tl.dot's floor) and at least a quarter of it, shared memory under the limit."""
-    n = max(16, next_pow2(n))
-    fit = [c for c in configs
-           if c.kwargs["BLOCK_N"] <= n and 4 * c.kwargs["BLOCK_N"] >= min(n, 128)]
-    kept = [c for c in fit if bsr_shared_bytes(c, br, bc, elem_bytes) <= smem_limit]
-    if not kept:  # very large blocks in fp32: shallowest pipeline, narrowest tile
-        kept = [min(configs, key=lambda c: bsr_shared_bytes(c, br, bc, elem_bytes))]
-    return kept
+# The estimate pruning relies on, and the pruning (kernels/_triton.py, shared with bsr_tma.py).
+bsr_shared_bytes = tile_shared_bytes
+prune_bsr_configs = functools.partial(prune_tiles, narrowest=16, widest=128)  # tl.dot's floor
 
 
 def _prune_bsr(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
     x = named_args["x_ptr"]
     elem = 4 if kwargs.get("UPCAST") else x.element_size()
-    limit = 232448 if x.device.type != "cuda" else shared_memory_limit(x.device.index or 0)
     kept = prune_bsr_configs(configs, named_args["N_BUCKET"], kwargs["BR"], kwargs["BC"], elem,
-                             limit)
+                             shared_limit_of(x))
     return kept[:1] if is_interpreting() else kept  # the interpreter cannot time configs
 
 
@@ -172,7 +152,7 @@ def _launch(W: torch.Tensor, X: torch.Tensor, Y: torch.Tensor, *, N: int, x_t: b
     explicit BLOCK_N (and num_warps / num_stages) one config: tests use it to cover each tile.
     Autotuned launches go by N: decode (N <= 16) to bsr_decode.py's split over the stored
     blocks, wide aligned ones on Hopper to bsr_tma.py, the rest to the kernel here."""
-    if kernel is None and N <= DECODE_MAX_N:
+    if kernel is None and N <= DECODE_MAX_N and W.values().shape[0] < 2**31:  # int32 block ids
         launch_bsr_decode(W, X, Y, N=N, x_t=x_t, stride_x=stride_x, y_t=y_t, stride_y=stride_y)
         return
     if is_interpreting() and Y.dtype == torch.bfloat16:

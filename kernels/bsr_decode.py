@@ -37,8 +37,9 @@ nonzeros fall over the rows, and the grid is a few programs per SM.
   one is done per row, at its end. ``U * BR * BC`` of 1-8 K elements keeps 2-16 KB of values
   in flight per program, several programs per SM.
 
-Layouts, like bsr.py: X [K, N] row-major (``triton_bsr_decode_matmul``) or a linear layer's
-x [N, K] row-major read as X^T, with y written as [N, M] (``triton_bsr_decode_linear``). Blocks:
+Reached through ``triton_bsr_matmul`` / ``triton_bsr_linear`` (bsr.py), which check the
+operands and send N <= 16 here (:func:`launch_bsr_decode`). Layouts as there: X [K, N]
+row-major, or a linear layer's x [N, K] row-major read as X^T, with y written as [N, M]. Blocks:
 BR, BC powers of two from 16 to 128, square or not; values fp32 / fp16 / bf16, accumulated in
 fp32; indices int32 or int64.
 """
@@ -51,17 +52,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._triton import (
-    TunedLaunch,
-    check_sparse,
-    is_interpreting,
-    linear_problem,
-    matmul_problem,
-    next_pow2,
-    on_device,
-)
+from ._triton import TunedLaunch, is_interpreting, next_pow2, on_device
 
-__all__ = ["triton_bsr_decode_matmul", "triton_bsr_decode_linear", "DECODE_MAX_N"]
+__all__ = ["DECODE_MAX_N", "launch_bsr_decode"]
 
 #: The widest N this kernel takes; the row kernel's tl.dot tiles serve wider ones.
 DECODE_MAX_N = 16
@@ -302,26 +295,7 @@ def _counters_for(device: torch.device, rows: int) -> torch.Tensor:
     return buf
 
 
-def _check_bsr(W: torch.Tensor, check_invariants: bool) -> tuple[int, int]:
-    check_sparse(W, torch.sparse_bsr, check_invariants)
-    br, bc = W.values().shape[-2:]
-    for side, v in (("rows", br), ("columns", bc)):
-        if v < 16 or v > 128 or v & (v - 1):
-            raise ValueError(f"W's block {side} must be a power of two from 16 to 128, "
-                             f"got blocksize {(br, bc)}")
-    if W.values().shape[0] >= 2**31:
-        raise ValueError(f"W holds {W.values().shape[0]} blocks; this kernel indexes them "
-                         f"with int32 (at most 2**31 - 1)")
-    return br, bc
-
-
-def _check_n(N: int) -> None:
-    if N > DECODE_MAX_N:
-        raise ValueError(f"the decode kernel takes N <= {DECODE_MAX_N} columns, got N = {N} "
-                         f"(use triton_bsr_matmul / triton_bsr_linear)")
-
-
-def _launch(W: torch.Tensor, X: torch.Tensor, Y: torch.Tensor, *, N: int, x_t: bool,
+def launch_bsr_decode(W: torch.Tensor, X: torch.Tensor, Y: torch.Tensor, *, N: int, x_t: bool,
             stride_x: int, y_t: bool, stride_y: int, config: dict | None = None,
             n_sm: int | None = None) -> None:
     """Launch over an already checked problem: autotuned, or with ``config`` (PPS, U,
@@ -331,8 +305,8 @@ def _launch(W: torch.Tensor, X: torch.Tensor, Y: torch.Tensor, *, N: int, x_t: b
         # The interpreter's fp32 -> bf16 cast truncates; the GPU's rounds to nearest even.
         # Write fp32 and let torch round, so interpreter runs test the GPU's numerics.
         Y32 = torch.empty(Y.shape, dtype=torch.float32, device=Y.device)
-        _launch(W, X, Y32, N=N, x_t=x_t, stride_x=stride_x, y_t=y_t, stride_y=stride_y,
-                config=config, n_sm=n_sm)
+        launch_bsr_decode(W, X, Y32, N=N, x_t=x_t, stride_x=stride_x, y_t=y_t,
+                          stride_y=stride_y, config=config, n_sm=n_sm)
         Y.copy_(Y32)
         return
     M, K = W.shape
@@ -357,62 +331,3 @@ def _launch(W: torch.Tensor, X: torch.Tensor, Y: torch.Tensor, *, N: int, x_t: b
             key = (rows, n_sm, args[-1], br, bc, np_, x_t, y_t, crow.dtype, col.dtype,
                    val.dtype, X.device)
             tuned_decode(key, grid, args, constants)
-
-
-def triton_bsr_decode_matmul(W: torch.Tensor, X: torch.Tensor, *,
-                             out: torch.Tensor | None = None,
-                             check_invariants: bool = True) -> torch.Tensor:
-    """``W @ X`` for a sparse BSR ``W`` [M, K] (blocks 16 .. 128, powers of two) and a dense
-    ``X`` [K, N] with N <= 16 (decode), as dense [M, N]: the work split evenly over W's stored
-    blocks rather than its block rows (see the module's notes).
-
-    ``X`` is row-major contiguous or the transpose of a contiguous [N, K] tensor. Values fp32 /
-    fp16 / bf16 (W and X alike), accumulated in fp32, returned in X's dtype; indices int32 or
-    int64. ``out``, if given, is a contiguous [M, N] tensor to write into. W's block indices are
-    checked before the launch unless ``check_invariants=False``. Summation order differs from
-    :func:`triton_bsr_matmul`'s (results agree to rounding, not bitwise).
-
-    Example (on a GPU, or anywhere with ``TRITON_INTERPRET=1`` set before triton is imported,
-    using CPU tensors)::
-
-        >>> import torch
-        >>> from sparse_lth.kernels.bsr_decode import triton_bsr_decode_matmul
-        >>> dev = "cuda" if torch.cuda.is_available() else "cpu"
-        >>> keep = torch.rand(4, 2) < 0.5  # which 16 x 32 blocks survive
-        >>> dense = torch.randn(64, 64) * keep.repeat_interleave(16, 0).repeat_interleave(32, 1)
-        >>> W = dense.to(dev).to_sparse_bsr((16, 32))
-        >>> X = torch.randn(64, 3, device=dev)
-        >>> torch.allclose(triton_bsr_decode_matmul(W, X), W.to_dense() @ X, atol=1e-4)
-        True
-    """
-    _check_bsr(W, check_invariants)
-    out, layout = matmul_problem(W, X, out)
-    _check_n(layout["N"])
-    if out.numel():
-        _launch(W, X, out, **layout)
-    return out
-
-
-def triton_bsr_decode_linear(W: torch.Tensor, x: torch.Tensor, *,
-                             out: torch.Tensor | None = None,
-                             check_invariants: bool = True) -> torch.Tensor:
-    """A linear layer's ``x @ W.T`` (no bias) for a sparse BSR weight ``W`` [M, K] (out x in)
-    and a contiguous ``x`` [..., K] holding at most 16 rows (decode); returns [..., M] without
-    transposing anything in memory.
-
-    Example::
-
-        >>> import torch
-        >>> from sparse_lth.kernels.bsr_decode import triton_bsr_decode_linear
-        >>> dev = "cuda" if torch.cuda.is_available() else "cpu"
-        >>> W = torch.randn(32, 64, device=dev).to_sparse_bsr((16, 16))
-        >>> x = torch.randn(2, 64, device=dev)
-        >>> torch.allclose(triton_bsr_decode_linear(W, x), x @ W.to_dense().T, atol=1e-4)
-        True
-    """
-    _check_bsr(W, check_invariants)
-    out, layout = linear_problem(W, x, out)
-    _check_n(layout["N"])
-    if out.numel():
-        _launch(W, x, out, **layout)
-    return out

@@ -24,12 +24,22 @@ otherwise (and on sm_80).
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
 
-from ._triton import (is_interpreting, next_pow2, on_device, shared_memory_limit,
-                      untimed_under_interpreter)
+from ._triton import (
+    is_interpreting,
+    next_pow2,
+    on_device,
+    pipeline_buffers,
+    prune_tiles,
+    shared_limit_of,
+    tile_shared_bytes,
+    untimed_under_interpreter,
+)
 
 __all__ = ["tma_fits", "launch_bsr_tma", "TMA_CONFIGS", "tma_shared_bytes"]
 
@@ -100,38 +110,18 @@ TMA_CONFIGS: list[triton.Config] = [
 ]
 
 
-def tma_buffers(num_stages: int) -> int:
-    """Shared-memory copies of the block and X tiles that ``num_stages`` compiles to (wgmma,
-    one stage spent on the column index): 3 -> 2, 5 -> 3, 7 -> 4."""
-    return max(2, (num_stages + 1) // 2)
-
-
-def tma_shared_bytes(config: triton.Config, br: int, bc: int, elem_bytes: int) -> int:
-    """Shared memory of one config: its buffers of a [br, bc] block and a [bc, BLOCK_N] X
-    tile, plus the mbarriers (8 bytes per buffer and a few spare)."""
-    buffers = tma_buffers(config.num_stages)
-    return buffers * ((br * bc + bc * config.kwargs["BLOCK_N"]) * elem_bytes + 8) + 64
-
-
-def prune_tma_configs(configs: list[triton.Config], n: int, br: int, bc: int, elem_bytes: int,
-                      smem_limit: int) -> list[triton.Config]:
-    """Configs worth timing: BLOCK_N within [next_pow2(N) / 4, next_pow2(N)] (64 at least) and
-    shared memory under the limit; never empty (the smallest config stays)."""
-    n = max(64, next_pow2(n))
-    fit = [c for c in configs
-           if c.kwargs["BLOCK_N"] <= n and 4 * c.kwargs["BLOCK_N"] >= min(n, 256)]
-    kept = [c for c in fit if tma_shared_bytes(c, br, bc, elem_bytes) <= smem_limit]
-    if not kept:
-        kept = [min(configs, key=lambda c: tma_shared_bytes(c, br, bc, elem_bytes))]
-    return kept
+# Shared memory and pruning as the cp.async kernel's (kernels/_triton.py): the same buffers
+# per stage; BLOCK_N from 64 (narrower tiles leave wgmma idle).
+tma_buffers = pipeline_buffers
+tma_shared_bytes = tile_shared_bytes
+prune_tma_configs = functools.partial(prune_tiles, narrowest=64, widest=256)
 
 
 def _prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
     y = named_args["y_ptr"]
     elem = 4 if kwargs.get("UPCAST") else y.element_size()
-    limit = 232448 if y.device.type != "cuda" else shared_memory_limit(y.device.index or 0)
     kept = prune_tma_configs(configs, named_args["N_BUCKET"], kwargs["BR"], kwargs["BC"], elem,
-                             limit)
+                             shared_limit_of(y))
     return kept[:1] if is_interpreting() else kept
 
 

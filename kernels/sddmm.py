@@ -43,7 +43,7 @@ from ._triton import (
     is_interpreting,
     next_pow2,
     on_device,
-    shared_memory_limit,
+    shared_limit_of,
 )
 
 __all__ = ["triton_csr_sddmm", "triton_bsr_sddmm"]
@@ -179,7 +179,7 @@ def prune_bsr_sddmm_configs(configs: list[triton.Config], n: int, br: int, bc: i
 def _prune_bsr(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
     x = named_args["x_ptr"]
     elem = 4 if kwargs.get("UPCAST") else x.element_size()
-    limit = 232448 if x.device.type != "cuda" else shared_memory_limit(x.device.index or 0)
+    limit = shared_limit_of(x)
     kept = prune_bsr_sddmm_configs(configs, named_args["N_BUCKET"], kwargs["BR"], kwargs["BC"],
                                    elem, limit)
     return kept[:1] if is_interpreting() else kept  # the interpreter cannot time configs

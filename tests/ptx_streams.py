@@ -121,8 +121,8 @@ def stream_loads(ptx: str, names: list[str]) -> list[tuple[str, str]]:
     return out
 
 
-def loop_loads(ptx: str, names: list[str]) -> list[list[tuple[str, str]]]:
-    """The stream loads inside each loop (a label up to the last branch back to it), in order."""
+def _loops(ptx: str) -> tuple[list[str], list[tuple[int, int]]]:
+    """The PTX's lines (comments dropped) and its loops as (label line, branch-back line)."""
     lines = [ln.split("//")[0].strip() for ln in ptx.splitlines()]
     labels = {ln[:-1]: i for i, ln in enumerate(lines) if re.fullmatch(r"\$L\w+:", ln)}
     loops = []
@@ -130,6 +130,12 @@ def loop_loads(ptx: str, names: list[str]) -> list[list[tuple[str, str]]]:
         m = re.search(r"\bbra(?:\.uni)?\s+(\$L\w+)", ln)
         if m and labels.get(m.group(1), i) < i:
             loops.append((labels[m.group(1)], i))
+    return lines, loops
+
+
+def loop_loads(ptx: str, names: list[str]) -> list[list[tuple[str, str]]]:
+    """The stream loads inside each loop (a label up to the last branch back to it), in order."""
+    lines, loops = _loops(ptx)
     loops = [(s, e) for s, e in loops if not any(s2 == s and e2 > e for s2, e2 in loops)]
     everything = stream_loads(ptx, names)
     # Map loads back to lines: the n-th ld.global line is the n-th entry of `everything`.
@@ -142,13 +148,7 @@ def loop_carried(ptx: str, names: list[str]) -> dict[str, bool]:
     later in the same iteration except by ``mov`` (the copies that carry them to the next one),
     i.e. the loop is software-pipelined for that stream: its latency overlaps the rest of the
     iteration. False when an iteration waits for its own load (a gather address, an FMA)."""
-    lines = [ln.split("//")[0].strip() for ln in ptx.splitlines()]
-    labels = {ln[:-1]: i for i, ln in enumerate(lines) if re.fullmatch(r"\$L\w+:", ln)}
-    loops = []
-    for i, ln in enumerate(lines):
-        m = re.search(r"\bbra(?:\.uni)?\s+(\$L\w+)", ln)
-        if m and labels.get(m.group(1), i) < i:
-            loops.append((labels[m.group(1)], i))
+    lines, loops = _loops(ptx)
     if not loops:
         return {}
     s, e = max(loops, key=lambda se: se[1] - se[0])

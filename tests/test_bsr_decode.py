@@ -8,7 +8,6 @@ zero), though not their concurrency. Shapes stay small; every output is NaN-pois
 
 from __future__ import annotations
 
-import doctest
 import os
 
 import pytest
@@ -28,11 +27,9 @@ from kernel_cases import (  # noqa: E402
     rand_dense,
     seeded,
 )
+from sparse_lth.kernels import bsr as bsr_mod  # noqa: E402
 from sparse_lth.kernels import bsr_decode  # noqa: E402
-from sparse_lth.kernels.bsr_decode import (  # noqa: E402
-    triton_bsr_decode_linear,
-    triton_bsr_decode_matmul,
-)
+from sparse_lth.kernels import triton_bsr_linear, triton_bsr_matmul  # noqa: E402
 from sparse_lth.kernels.reference import (  # noqa: E402
     sparse_linear_reference,
     sparse_matmul_reference,
@@ -90,10 +87,10 @@ def test_matches_reference(dtype, block):
     M, K = W.shape
     for N in (1, 5):
         X = rand_dense(K, N, dtype=dtype, gen=gen)
-        check(triton_bsr_decode_matmul(W, X, out=nan_like((M, N), dtype)), W, X)
+        check(triton_bsr_matmul(W, X, out=nan_like((M, N), dtype)), W, X)
     for N in (2, 16):
         x = rand_dense(N, K, dtype=dtype, gen=gen)
-        check(triton_bsr_decode_linear(W, x, out=nan_like((N, M), dtype)), W, x, linear=True)
+        check(triton_bsr_linear(W, x, out=nan_like((N, M), dtype)), W, x, linear=True)
     assert counters_are_zero()
 
 
@@ -111,12 +108,12 @@ def test_every_split_of_the_rows(n_sm, case):
         config = dict(PPS=pps, U=u, num_warps=4)
         X = rand_dense(K, 3, dtype=torch.float16, gen=gen)
         out = nan_like((M, 3), torch.float16)
-        bsr_decode._launch(W, X, out, N=3, x_t=False, stride_x=3, y_t=False, stride_y=3,
+        bsr_decode.launch_bsr_decode(W, X, out, N=3, x_t=False, stride_x=3, y_t=False, stride_y=3,
                            config=config, n_sm=n_sm)
         check(out, W, X)
         x = rand_dense(16, K, dtype=torch.float16, gen=gen)
         y = nan_like((16, M), torch.float16)
-        bsr_decode._launch(W, x, y, N=16, x_t=True, stride_x=K, y_t=True, stride_y=M,
+        bsr_decode.launch_bsr_decode(W, x, y, N=16, x_t=True, stride_x=K, y_t=True, stride_y=M,
                            config=config, n_sm=n_sm)
         check(y, W, x, linear=True)
     assert counters_are_zero()
@@ -135,7 +132,7 @@ def test_every_config(dtype):
     for c in configs:
         X = rand_dense(K, 2, dtype=dtype, gen=gen)
         out = nan_like((M, 2), dtype)
-        bsr_decode._launch(W, X, out, N=2, x_t=False, stride_x=2, y_t=False, stride_y=2,
+        bsr_decode.launch_bsr_decode(W, X, out, N=2, x_t=False, stride_x=2, y_t=False, stride_y=2,
                            config=dict(c.kwargs, num_warps=c.num_warps))
         check(out, W, X)
 
@@ -145,9 +142,9 @@ def test_all_empty_matrix_writes_zeros(dtype):
     W = random_bsr(3, 2, (32, 16), 0.0, dtype, seeded("empty", dtype))
     assert W.values().shape[0] == 0
     X = rand_dense(32, 5, dtype=dtype, gen=seeded("empty-x", dtype))
-    out = triton_bsr_decode_matmul(W, X, out=nan_like((96, 5), dtype))
+    out = triton_bsr_matmul(W, X, out=nan_like((96, 5), dtype))
     assert torch.equal(out, torch.zeros_like(out))
-    y = triton_bsr_decode_linear(W, X.t().contiguous(), out=nan_like((5, 96), dtype))
+    y = triton_bsr_linear(W, X.t().contiguous(), out=nan_like((5, 96), dtype))
     assert torch.equal(y, torch.zeros_like(y))
 
 
@@ -157,22 +154,22 @@ def test_linear_shapes_and_transposed_x():
     W = random_bsr(2, 4, (64, 16), 0.6, torch.bfloat16, gen)
     M, K = W.shape
     x = rand_dense(2, 3, K, dtype=torch.bfloat16, gen=gen)
-    y = triton_bsr_decode_linear(W, x, out=nan_like((2, 3, M), torch.bfloat16))
+    y = triton_bsr_linear(W, x, out=nan_like((2, 3, M), torch.bfloat16))
     check(y, W, x, linear=True)
-    check(triton_bsr_decode_linear(W, x[0, 0]), W, x[0, 0], linear=True)
+    check(triton_bsr_linear(W, x[0, 0]), W, x[0, 0], linear=True)
     x2 = x.reshape(6, K)
-    check(triton_bsr_decode_matmul(W, x2.t()), W, x2.t())
+    check(triton_bsr_matmul(W, x2.t()), W, x2.t())
 
 
 def test_agrees_with_the_row_kernel():
     """Same problem through bsr.py's row kernel: the two agree to fp32 rounding."""
-    from sparse_lth.kernels import triton_bsr_matmul
-
     gen = seeded("row-kernel")
     W = random_bsr(6, 5, (16, 32), 0.5, torch.float32, gen, empty_block_rows=2)
     X = rand_dense(W.shape[1], 7, dtype=torch.float32, gen=gen)
-    torch.testing.assert_close(triton_bsr_decode_matmul(W, X), triton_bsr_matmul(W, X),
-                               rtol=1e-5, atol=1e-5)
+    rows = torch.empty(W.shape[0], 7, device=DEVICE)
+    bsr_mod._launch(W, X, rows, N=7, x_t=False, stride_x=7, y_t=False, stride_y=7,
+                    kernel=bsr_mod._bsr_kernel, BLOCK_N=16)
+    torch.testing.assert_close(triton_bsr_matmul(W, X), rows, rtol=1e-5, atol=1e-5)
 
 
 # --- configs -------------------------------------------------------------------------------------
@@ -208,26 +205,22 @@ def _bad_inputs():
     X = rand_dense(32, 4, dtype=torch.float32, gen=gen)
     csr = bsr.to_dense().to_sparse_csr()
     return [
-        (triton_bsr_decode_matmul, (bsr, rand_dense(32, 17, dtype=torch.float32, gen=gen)), {},
-         "N <= 16"),
-        (triton_bsr_decode_linear, (bsr, rand_dense(17, 32, dtype=torch.float32, gen=gen)), {},
-         "N <= 16"),
-        (triton_bsr_decode_matmul, (csr, X), {}, "layout"),
-        (triton_bsr_decode_matmul, (torch.randn(32, 32).to_sparse_bsr((8, 8)).to(DEVICE), X), {},
+        (triton_bsr_matmul, (csr, X), {}, "layout"),
+        (triton_bsr_matmul, (torch.randn(32, 32).to_sparse_bsr((8, 8)).to(DEVICE), X), {},
          "block"),
-        (triton_bsr_decode_matmul, (bsr, X.half()), {}, "dtype"),
-        (triton_bsr_decode_matmul, (bsr, X[:31]), {}, "shape"),
-        (triton_bsr_decode_matmul, (bsr, X), {"out": torch.empty(4, 32, device=DEVICE)},
+        (triton_bsr_matmul, (bsr, X.half()), {}, "dtype"),
+        (triton_bsr_matmul, (bsr, X[:31]), {}, "shape"),
+        (triton_bsr_matmul, (bsr, X), {"out": torch.empty(4, 32, device=DEVICE)},
          "shape"),
-        (triton_bsr_decode_linear, (bsr, X), {}, "shape"),
-        (triton_bsr_decode_linear, (bsr, X.t().contiguous().to("meta")), {}, "device"),
+        (triton_bsr_linear, (bsr, X), {}, "shape"),
+        (triton_bsr_linear, (bsr, X.t().contiguous().to("meta")), {}, "device"),
     ]
 
 
-@pytest.mark.parametrize("i", range(9))
+@pytest.mark.parametrize("i", range(7))
 def test_bad_inputs_raise_value_error(i):
     cases = _bad_inputs()
-    assert len(cases) == 9
+    assert len(cases) == 7
     fn, args, kwargs, word = cases[i]
     with pytest.raises(ValueError, match=word):
         fn(*args, **kwargs)
@@ -241,15 +234,10 @@ def test_bad_indices_are_refused():
     broken = torch.sparse_bsr_tensor(W.crow_indices(), col, W.values(), W.shape,
                                      check_invariants=False)
     with pytest.raises(ValueError, match="col"):
-        triton_bsr_decode_matmul(broken, rand_dense(32, 2, dtype=torch.float32, gen=gen))
+        triton_bsr_matmul(broken, rand_dense(32, 2, dtype=torch.float32, gen=gen))
 
 
 def test_empty_n():
     W = random_bsr(2, 2, (16, 16), 0.5, torch.float32, seeded("empty-n"))
-    assert triton_bsr_decode_matmul(W, torch.randn(32, 0, device=DEVICE)).shape == (32, 0)
-    assert triton_bsr_decode_linear(W, torch.randn(0, 32, device=DEVICE)).shape == (0, 32)
-
-
-def test_docstring_examples_run():
-    result = doctest.testmod(bsr_decode, optionflags=doctest.ELLIPSIS)
-    assert result.attempted > 0 and result.failed == 0
+    assert triton_bsr_matmul(W, torch.randn(32, 0, device=DEVICE)).shape == (32, 0)
+    assert triton_bsr_linear(W, torch.randn(0, 32, device=DEVICE)).shape == (0, 32)
