@@ -185,16 +185,21 @@ class CpuSparseProduct:
         out = torch.from_numpy(y)
         return out if self.compute == self.dtype else out.to(self.dtype)
 
-    def matvec(self, x: np.ndarray, threads: int | None = None) -> np.ndarray:
-        """``W @ x`` for one C-contiguous numpy vector ``x`` [K] of the compute dtype (float32
-        for a half-precision ``W``): a new numpy [M] array. The lean path of a layer at batch 1,
-        where converting tensors costs more than the product."""
-        y = np.zeros(self.shape[0], dtype=self.data.dtype)
+    def matvec(self, x: np.ndarray, threads: int | None = None, *,
+               start: np.ndarray | None = None) -> np.ndarray:
+        """``start + W @ x`` for one C-contiguous numpy vector ``x`` [K] of the compute dtype
+        (float32 for a half-precision ``W``), ``start`` [M] zeros when None (a layer's bias: the
+        loops accumulate into a copy of it): a new numpy [M] array. The lean path of a layer at
+        batch 1, where converting tensors costs more than the product."""
+        if start is None:
+            y = np.zeros(self.shape[0], dtype=self.data.dtype)
+        else:
+            y = start.astype(self.data.dtype, copy=True)
         self._into(x, 1, y, threads)
         return y
 
     def _into(self, x: np.ndarray, N: int, y: np.ndarray, threads: int | None) -> None:
-        """The product of ``x`` (flat [K, N]) into ``y`` (zeros), its rows split over threads."""
+        """The product of ``x`` (flat [K, N]) added into ``y``, its rows split over threads."""
         M, (R, C) = self.shape[0], self.block
         if not (self.stored and R and C):
             return
@@ -208,7 +213,7 @@ class CpuSparseProduct:
         _run(blocks, lambda r0, r1: self._rows(r0, r1, x, N, y))
 
     def _rows(self, r0: int, r1: int, x: np.ndarray, N: int, y: np.ndarray) -> None:
-        """Rows (BSR: block rows) r0:r1 of the product into ``y``, zeros on entry."""
+        """Rows (BSR: block rows) r0:r1 of the product added into ``y``."""
         (M, K), (R, C) = self.shape, self.block
         indptr, indices, data = self.indptr, self.indices, self.data
         out = y[r0 * R:r1 * R].reshape(-1)  # a view: y is C-contiguous
@@ -220,7 +225,7 @@ class CpuSparseProduct:
             else:
                 part = sp.bsr_matrix((data.reshape(-1, R, C)[lo:hi], indices[lo:hi], indptr[r0:r1 + 1] - lo),
                                      shape=((r1 - r0) * R, K))
-            out[:] = (part @ x.reshape(K, N)).reshape(-1)
+            out += (part @ x.reshape(K, N)).reshape(-1)  # accumulate, as the loops below do
         # indptr[r0:r1+1] keeps absolute offsets into the full indices / data arrays, so
         # nothing is rebased or copied; the loops accumulate into out (zeros).
         elif csr and N == 1:

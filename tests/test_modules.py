@@ -6,6 +6,7 @@ import copy
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from sparse_lth.backends import BACKENDS, choose_backend, sparse_linear, sparse_matmul
@@ -356,3 +357,39 @@ print("ok")
     env = {**__import__("os").environ, "PYTHONPATH": str(tmp_path)}
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and "ok" in done.stdout, done.stderr[-2000:]
+
+
+@pytest.mark.parametrize("backend", ["scipy", "dense"])
+def test_replayed_call_plan_follows_the_layer(backend):
+    """The CPU call plan forward() replays (modules._CallPlan) gives what the layer computes,
+    and is dropped when what it fixed changes: the bias, the backend, the input's shape, grad
+    (still refused), the weight's values (read in place) and a state_dict load."""
+    gen = torch.Generator().manual_seed(11)
+    linear = nn.Linear(40, 12)
+    mask = torch.rand(12, 40, generator=gen) < 0.3
+    layer = SparseLinear.from_linear(linear, mask=mask, backend=backend)
+    x = torch.randn(1, 40, generator=gen)
+
+    def want(inp, bias=linear.bias.detach()):
+        return F.linear(inp, linear.weight.detach() * mask, bias)
+
+    with torch.no_grad():
+        assert torch.allclose(layer(x), want(x), atol=1e-6)
+        assert "plan" in layer._views()
+        assert torch.allclose(layer(x), want(x), atol=1e-6)  # replayed
+        layer.bias = torch.zeros(12)  # a new bias tensor: the plan must not keep the old one
+        assert torch.allclose(layer(x), want(x, torch.zeros(12)), atol=1e-6)
+        layer.bias.fill_(1.0)  # changed in place: seen
+        assert torch.allclose(layer(x), want(x, torch.ones(12)), atol=1e-6)
+        x3 = torch.randn(3, 40, generator=gen)
+        assert torch.allclose(layer(x3), want(x3, torch.ones(12)), atol=1e-6)
+        layer.values.mul_(2.0)  # the stored weights, changed in place
+        if backend == "scipy":
+            assert torch.allclose(layer(x), F.linear(x, 2 * linear.weight.detach() * mask, torch.ones(12)), atol=1e-5)
+        state = SparseLinear.from_linear(linear, mask=mask, backend=backend).state_dict()
+        layer.load_state_dict(state)
+        assert torch.allclose(layer(x), want(x), atol=1e-6)
+        layer.backend = "torch"
+        assert torch.allclose(layer(x), want(x), atol=1e-6)
+    with pytest.raises(RuntimeError, match="inference-only"):
+        layer(x.clone().requires_grad_())
