@@ -22,6 +22,8 @@ This module imports torch, numpy and scipy only.
 
 from __future__ import annotations
 
+import functools
+
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -197,6 +199,24 @@ class CpuSparseProduct:
             y = start.astype(self.data.dtype, copy=True)
         self._into(x, 1, y, threads)
         return y
+
+    def vector_loop(self, threads: int | None = None) -> Callable[[np.ndarray, np.ndarray], None] | None:
+        """``(x, y) -> None`` adding ``W @ x`` into ``y`` for one vector, bound to scipy's loop
+        with every argument but the two vectors, when one thread does that product whatever
+        torch's setting (too little work to split, or ``threads=1``); None otherwise. What a
+        layer replays at batch 1, where each Python call on the way costs a share of the product."""
+        (M, K), (R, C) = self.shape, self.block
+        work = self.stored * R * C
+        if threads is None:  # torch's thread count may change; one thread below 2 x the floor
+            single = work < 2 * MIN_WORK_PER_THREAD
+        else:
+            single = _num_threads(threads, work, M // R) == 1
+        if _sparsetools is None or not (self.stored and R and C) or not single:
+            return None
+        indptr, indices, data = self.indptr, self.indices, self.data
+        if self.csr:
+            return functools.partial(_sparsetools.csr_matvec, M, K, indptr, indices, data)
+        return functools.partial(_sparsetools.bsr_matvec, M // R, K // C, R, C, indptr, indices, data)
 
     def _into(self, x: np.ndarray, N: int, y: np.ndarray, threads: int | None) -> None:
         """The product of ``x`` (flat [K, N]) added into ``y``, its rows split over threads."""

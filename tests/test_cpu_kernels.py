@@ -195,3 +195,22 @@ def test_auto_cpu_backend_rule():
         for layout in (csr, bsr):
             for n in (1, 2, 128):
                 assert auto(layout, dtype, n, nnz=big) == "scipy", (layout, dtype, n)
+
+
+@pytest.mark.parametrize("fmt", ["csr", "bsr"])
+def test_vector_loop_adds_the_product_into_y(fmt):
+    """CpuSparseProduct.vector_loop: scipy's loop bound to W, adding W @ x into y (what a layer
+    replays at batch 1, y starting as its bias); None where the product would split over threads."""
+    from sparse_lth.kernels.cpu import MIN_WORK_PER_THREAD, CpuSparseProduct
+
+    gen = torch.Generator().manual_seed(3)
+    dense = torch.randn(32, 48, generator=gen) * (torch.rand(32, 48, generator=gen) < 0.3)
+    W = dense.to_sparse_csr() if fmt == "csr" else dense.to_sparse_bsr((8, 16))
+    loop = CpuSparseProduct(W).vector_loop()
+    x, start = torch.randn(48, generator=gen), torch.randn(32, generator=gen)
+    y = start.numpy().copy()
+    loop(x.numpy(), y)
+    torch.testing.assert_close(torch.from_numpy(y), start + dense @ x, rtol=1e-5, atol=1e-5)
+    big = torch.ones(1, 2 * MIN_WORK_PER_THREAD).to_sparse_csr()
+    assert CpuSparseProduct(big).vector_loop() is None  # torch's threads may split it
+    assert CpuSparseProduct(big).vector_loop(threads=1) is not None
