@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+from collections.abc import Callable
 
 import torch
 
@@ -174,6 +175,19 @@ def on_device(t: torch.Tensor) -> contextlib.AbstractContextManager:
     if t.device.type != "cuda" or t.device.index == torch.cuda.current_device():
         return contextlib.nullcontext()
     return torch.cuda.device(t.device)
+
+
+def rounded_as_on_gpu(out: torch.Tensor, launch: Callable[[torch.Tensor], None]) -> bool:
+    """Under the interpreter, write a bf16 ``out`` through an fp32 copy: ``launch(wide)`` fills
+    it and torch rounds it into ``out``. The interpreter's fp32 -> bf16 cast truncates and the
+    GPU's rounds to nearest even, so interpreter runs then test the GPU's numerics. Returns
+    whether it did (the launcher is done); False for every other dtype and on a GPU."""
+    if not (is_interpreting() and out.dtype == torch.bfloat16):
+        return False
+    wide = torch.empty(out.shape, dtype=torch.float32, device=out.device)
+    launch(wide)
+    out.copy_(wide)
+    return True
 
 
 def _untimed(kernel_call, quantiles=None, **kw) -> list[float]:

@@ -38,6 +38,7 @@ from ._triton import (
     next_pow2,
     on_device,
     prune_tiles,
+    rounded_as_on_gpu,
     shared_limit_of,
     tile_shared_bytes,
 )
@@ -155,13 +156,9 @@ def _launch(W: torch.Tensor, X: torch.Tensor, Y: torch.Tensor, *, N: int, x_t: b
     if kernel is None and N <= DECODE_MAX_N and W.values().shape[0] < 2**31:  # int32 block ids
         launch_bsr_decode(W, X, Y, N=N, x_t=x_t, stride_x=stride_x, y_t=y_t, stride_y=stride_y)
         return
-    if is_interpreting() and Y.dtype == torch.bfloat16:
-        # The interpreter's fp32 -> bf16 cast truncates; the GPU's rounds to nearest even.
-        # Write fp32 and let torch round, so interpreter runs test the GPU's numerics.
-        Y32 = torch.empty(Y.shape, dtype=torch.float32, device=Y.device)
-        _launch(W, X, Y32, N=N, x_t=x_t, stride_x=stride_x, y_t=y_t, stride_y=stride_y,
-                kernel=kernel, **meta)
-        Y.copy_(Y32)
+    if rounded_as_on_gpu(Y, lambda wide: _launch(W, X, wide, N=N, x_t=x_t, stride_x=stride_x,
+                                                 y_t=y_t, stride_y=stride_y, kernel=kernel,
+                                                 **meta)):
         return
     M, K = W.shape
     crow, col, val = W.crow_indices(), W.col_indices(), W.values()

@@ -52,7 +52,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._triton import TunedLaunch, is_interpreting, next_pow2, on_device
+from ._triton import TunedLaunch, is_interpreting, next_pow2, on_device, rounded_as_on_gpu
 
 __all__ = ["DECODE_MAX_N", "launch_bsr_decode"]
 
@@ -301,13 +301,9 @@ def launch_bsr_decode(W: torch.Tensor, X: torch.Tensor, Y: torch.Tensor, *, N: i
     """Launch over an already checked problem: autotuned, or with ``config`` (PPS, U,
     num_warps) one config; ``n_sm`` overrides the SM count the grid is sized by (tests use both
     to split rows in many ways)."""
-    if is_interpreting() and Y.dtype == torch.bfloat16:
-        # The interpreter's fp32 -> bf16 cast truncates; the GPU's rounds to nearest even.
-        # Write fp32 and let torch round, so interpreter runs test the GPU's numerics.
-        Y32 = torch.empty(Y.shape, dtype=torch.float32, device=Y.device)
-        launch_bsr_decode(W, X, Y32, N=N, x_t=x_t, stride_x=stride_x, y_t=y_t,
-                          stride_y=stride_y, config=config, n_sm=n_sm)
-        Y.copy_(Y32)
+    if rounded_as_on_gpu(Y, lambda wide: launch_bsr_decode(
+            W, X, wide, N=N, x_t=x_t, stride_x=stride_x, y_t=y_t, stride_y=stride_y,
+            config=config, n_sm=n_sm)):
         return
     M, K = W.shape
     crow, col, val = W.crow_indices(), W.col_indices(), W.values()

@@ -36,6 +36,7 @@ from ._triton import (
     on_device,
     pipeline_buffers,
     prune_tiles,
+    rounded_as_on_gpu,
     shared_limit_of,
     tile_shared_bytes,
     untimed_under_interpreter,
@@ -173,6 +174,9 @@ def launch_bsr_tma(W: torch.Tensor, X: torch.Tensor, Y: torch.Tensor, *, N: int,
     WAVES one config (tests use it)."""
     from triton.tools.tensor_descriptor import TensorDescriptor
 
+    if rounded_as_on_gpu(Y, lambda wide: launch_bsr_tma(W, X, wide, N=N, x_t=x_t, y_t=y_t,
+                                                        stride_y=stride_y, kernel=kernel, **meta)):
+        return
     M, K = W.shape
     crow, col, val = W.crow_indices(), W.col_indices(), W.values()
     nnzb, br, bc = val.shape

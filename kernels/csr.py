@@ -42,6 +42,7 @@ from ._triton import (
     matmul_problem,
     next_pow2,
     on_device,
+    rounded_as_on_gpu,
 )
 from .invariants import _holds
 
@@ -339,13 +340,9 @@ def _launch(W: torch.Tensor | PaddedCSR, X: torch.Tensor, Y: torch.Tensor, *, N:
     explicit BLOCK_N / BLOCK_NNZ one config (tests use it to cover every tile shape).
     ``transpose`` forces (True) or forbids (False) the [K, N] workspace for a transposed X;
     None asks :func:`transpose_pays`."""
-    if is_interpreting() and Y.dtype == torch.bfloat16:
-        # The interpreter's fp32 -> bf16 cast truncates; the GPU's rounds to nearest even.
-        # Write fp32 and let torch round, so interpreter runs test the GPU's numerics.
-        Y32 = torch.empty(Y.shape, dtype=torch.float32, device=Y.device)
-        _launch(W, X, Y32, N=N, x_t=x_t, stride_x=stride_x, y_t=y_t, stride_y=stride_y,
-                kernel=kernel, transpose=transpose, **meta)
-        Y.copy_(Y32)
+    if rounded_as_on_gpu(Y, lambda wide: _launch(W, X, wide, N=N, x_t=x_t, stride_x=stride_x,
+                                                 y_t=y_t, stride_y=stride_y, kernel=kernel,
+                                                 transpose=transpose, **meta)):
         return
     M, K = W.shape
     crow, col, val, aligned = _parts(W)

@@ -43,6 +43,7 @@ from ._triton import (
     is_interpreting,
     next_pow2,
     on_device,
+    rounded_as_on_gpu,
     shared_limit_of,
 )
 
@@ -208,12 +209,8 @@ def _launch(crow: torch.Tensor, col: torch.Tensor, dy: torch.Tensor, x: torch.Te
             out: torch.Tensor, block: tuple[int, int] | None, kernel=None, **meta) -> None:
     """Launch over an already checked problem with N > 0 and nnz > 0 (``block`` None for CSR):
     autotuned, or with ``kernel=`` the raw jit function and an explicit config (tests)."""
-    if is_interpreting() and out.dtype == torch.bfloat16:
-        # The interpreter's fp32 -> bf16 cast truncates; the GPU's rounds to nearest even.
-        # Write fp32 and let torch round, so interpreter runs test the GPU's numerics.
-        out32 = torch.empty(out.shape, dtype=torch.float32, device=out.device)
-        _launch(crow, col, dy, x, out32, block, kernel=kernel, **meta)
-        out.copy_(out32)
+    if rounded_as_on_gpu(out, lambda wide: _launch(crow, col, dy, x, wide, block, kernel=kernel,
+                                                   **meta)):
         return
     (N, M), K, nnz = dy.shape, x.shape[1], col.numel()
     rows = _rows(crow, nnz)
