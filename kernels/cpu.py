@@ -23,7 +23,6 @@ This module imports torch, numpy and scipy only.
 from __future__ import annotations
 
 import functools
-
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -187,18 +186,11 @@ class CpuSparseProduct:
         out = torch.from_numpy(y)
         return out if self.compute == self.dtype else out.to(self.dtype)
 
-    def matvec(self, x: np.ndarray, threads: int | None = None, *,
-               start: np.ndarray | None = None) -> np.ndarray:
-        """``start + W @ x`` for one C-contiguous numpy vector ``x`` [K] of the compute dtype
-        (float32 for a half-precision ``W``), ``start`` [M] zeros when None (a layer's bias: the
-        loops accumulate into a copy of it): a new numpy [M] array. The lean path of a layer at
-        batch 1, where converting tensors costs more than the product."""
-        if start is None:
-            y = np.zeros(self.shape[0], dtype=self.data.dtype)
-        else:
-            y = start.astype(self.data.dtype, copy=True)
+    def add_matvec(self, x: np.ndarray, y: np.ndarray, threads: int | None = None) -> None:
+        """``y += W @ x`` for C-contiguous numpy vectors ``x`` [K] and ``y`` [M] of the compute
+        dtype (float32 for a half-precision ``W``), rows split over threads: the lean path of a
+        layer at batch 1, where converting tensors costs more than the product."""
         self._into(x, 1, y, threads)
-        return y
 
     def vector_loop(self, threads: int | None = None) -> Callable[[np.ndarray, np.ndarray], None] | None:
         """``(x, y) -> None`` adding ``W @ x`` into ``y`` for one vector, bound to scipy's loop
@@ -247,7 +239,7 @@ class CpuSparseProduct:
                                      shape=((r1 - r0) * R, K))
             out += (part @ x.reshape(K, N)).reshape(-1)  # accumulate, as the loops below do
         # indptr[r0:r1+1] keeps absolute offsets into the full indices / data arrays, so
-        # nothing is rebased or copied; the loops accumulate into out (zeros).
+        # nothing is rebased or copied; the loops accumulate into out.
         elif csr and N == 1:
             _sparsetools.csr_matvec(r1 - r0, K, indptr[r0:r1 + 1], indices, data, x, out)
         elif csr:

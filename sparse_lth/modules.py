@@ -105,22 +105,18 @@ class _CallPlan:
     @staticmethod
     def scipy_vector(product: CpuSparseProduct, bias: torch.Tensor | None, threads: int | None,
                      out_shape: tuple[int, ...]):
-        """``x -> bias + W @ x`` for one vector through the prepared scipy product (its loop
-        called directly when one thread runs it)."""
+        """``x -> bias + W @ x`` for one vector through the prepared scipy product: its loop
+        called directly when one thread runs it, else split over threads; either adds into
+        ``y``, which starts as a copy of the bias."""
         start = None if bias is None else bias.detach().numpy()  # shares the bias's memory
-        loop = product.vector_loop(threads)
-        if loop is None:
-            def run(x: torch.Tensor) -> torch.Tensor:
-                y = product.matvec(x.numpy().reshape(-1), threads, start=start)
-                return torch.from_numpy(y).reshape(out_shape)
-            return run
-        zeros, dtype = product.shape[0], product.data.dtype
+        loop = product.vector_loop(threads) or functools.partial(product.add_matvec, threads=threads)
+        rows, dtype = product.shape[0], product.data.dtype
 
-        def run_one_loop(x: torch.Tensor) -> torch.Tensor:
-            y = np.zeros(zeros, dtype) if start is None else start.astype(dtype)  # a copy
+        def run(x: torch.Tensor) -> torch.Tensor:
+            y = np.zeros(rows, dtype) if start is None else start.astype(dtype)  # a copy
             loop(x.numpy().reshape(-1), y)
             return torch.from_numpy(y).reshape(out_shape)
-        return run_one_loop
+        return run
 
 
 class SparseLinear(nn.Module):

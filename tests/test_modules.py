@@ -359,8 +359,8 @@ print("ok")
     assert done.returncode == 0 and "ok" in done.stdout, done.stderr[-2000:]
 
 
-@pytest.mark.parametrize("backend", ["scipy", "dense"])
-def test_replayed_call_plan_follows_the_layer(backend):
+@pytest.mark.parametrize("backend,threads", [("scipy", None), ("scipy", 2), ("dense", None)])
+def test_replayed_call_plan_follows_the_layer(backend, threads):
     """The CPU call plan forward() replays (modules._CallPlan) gives what the layer computes,
     and is dropped when what it fixed changes: the bias, the backend, the input's shape, grad
     (still refused), the weight's values (read in place) and a state_dict load."""
@@ -368,6 +368,7 @@ def test_replayed_call_plan_follows_the_layer(backend):
     linear = nn.Linear(40, 12)
     mask = torch.rand(12, 40, generator=gen) < 0.3
     layer = SparseLinear.from_linear(linear, mask=mask, backend=backend)
+    layer.threads = threads  # 2: scipy's loop split over threads, not called directly
     x = torch.randn(1, 40, generator=gen)
 
     def want(inp, bias=linear.bias.detach()):
