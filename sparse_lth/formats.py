@@ -55,6 +55,7 @@ __all__ = [
     "from_scipy",
     "nbytes",
     "padded_shape",
+    "sparse_state",
     "to_bsr",
     "to_csr",
     "to_dense",
@@ -344,6 +345,13 @@ class SparseWeight:
 
     def to_dense(self) -> torch.Tensor:
         return to_dense(self.matrix, shape=self.shape)
+
+
+def sparse_state(weight: SparseWeight, bias: torch.Tensor | None) -> dict[str, SparseWeight | torch.Tensor]:
+    """A sparse layer's ``sparse_state_dict``: ``{"weight": weight, "bias": bias}``, no bias key
+    for a layer without one. :func:`~sparse_lth.checkpoint.save_sparse` saves a sparsified model
+    through it, so the file loads into the dense model."""
+    return {"weight": weight} if bias is None else {"weight": weight, "bias": bias}
 
 
 def to_sparse_weight(weight: torch.Tensor, format: str = "csr", blocksize: Blocksize | None = None, *,

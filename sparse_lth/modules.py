@@ -49,7 +49,7 @@ from torch import nn
 from sparse_lth import kernels
 from sparse_lth.attention import SparseMultiheadAttention, keep_out_of_fused_paths
 from sparse_lth.backends import BACKENDS, choose_backend, sparse_linear
-from sparse_lth.formats import SparseWeight, _make, to_sparse_weight
+from sparse_lth.formats import SparseWeight, _make, sparse_state, to_sparse_weight
 from sparse_lth.kernels.cpu import CpuSparseProduct
 from sparse_lth.kernels.cuda_rule import auto_cuda_backend
 from sparse_lth.kernels.invariants import check_index_invariants
@@ -317,10 +317,7 @@ class SparseLinear(nn.Module):
         """The state of the ``nn.Linear`` this layer stands for, its weight kept sparse:
         ``{"weight": SparseWeight, "bias": tensor}``. :func:`~sparse_lth.checkpoint.save_sparse`
         saves a sparsified model through it, so the file loads into the dense model."""
-        state: dict[str, SparseWeight | torch.Tensor] = {"weight": self.sparse_weight()}
-        if self.bias is not None:
-            state["bias"] = self.bias
-        return state
+        return sparse_state(self.sparse_weight(), self.bias)
 
     def dense_weight(self) -> torch.Tensor:
         """The logical [out_features, in_features] weight as a dense tensor."""
@@ -602,10 +599,7 @@ class SparseConv1D(SparseLinear):
 
     def sparse_state_dict(self) -> dict[str, SparseWeight | torch.Tensor]:
         """``{"weight": SparseWeight [in, out], "bias": tensor}``: the Conv1D's state."""
-        state: dict[str, SparseWeight | torch.Tensor] = {"weight": self.conv1d_weight()}
-        if self.bias is not None:
-            state["bias"] = self.bias
-        return state
+        return sparse_state(self.conv1d_weight(), self.bias)
 
     def to_dense_conv1d(self) -> nn.Module:
         """A ``Conv1D`` (``dense_cls``) with weight [in, out] = the stored matrix transposed

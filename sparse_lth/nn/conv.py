@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sparse_lth.formats import SparseWeight, _make, to_sparse_weight
+from sparse_lth.formats import SparseWeight, _make, sparse_state, to_sparse_weight
 from sparse_lth.kernels.invariants import check_index_invariants
 from sparse_lth.nn import ops
 
@@ -189,10 +189,7 @@ class SparseConv2d(nn.Module):
         >>> state["weight"].shape, tuple(state["bias"].shape)
         ((3, 2, 3, 3), (3,))
         """
-        state: dict[str, SparseWeight | torch.Tensor] = {"weight": self.sparse_weight()}
-        if self.bias is not None:
-            state["bias"] = self.bias
-        return state
+        return sparse_state(self.sparse_weight(), self.bias)
 
     def dense_weight(self) -> torch.Tensor:
         """The [out, in, kh, kw] weight as a dense tensor (pruned entries zero)."""

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sparse_lth.formats import SparseWeight, _make, to_sparse_weight
+from sparse_lth.formats import SparseWeight, _make, sparse_state, to_sparse_weight
 from sparse_lth.kernels.invariants import check_index_invariants
 from sparse_lth.nn import ops
 
@@ -147,10 +147,7 @@ class TrainableSparseLinear(nn.Module):
     def sparse_state_dict(self) -> dict[str, SparseWeight | torch.Tensor]:
         """The state of the ``nn.Linear`` this layer stands for, its weight kept sparse: what
         :func:`~sparse_lth.checkpoint.save_sparse` saves, so the file loads into the dense model."""
-        state: dict[str, SparseWeight | torch.Tensor] = {"weight": self.sparse_weight()}
-        if self.bias is not None:
-            state["bias"] = self.bias.detach()
-        return state
+        return sparse_state(self.sparse_weight(), None if self.bias is None else self.bias.detach())
 
     def _eval_weight(self) -> torch.Tensor:
         """The dense weight, cached until the values change (an optimizer step bumps their
