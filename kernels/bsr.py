@@ -99,12 +99,11 @@ def _cfg(block_n: int, warps: int, stages: int) -> triton.Config:
     return triton.Config({"BLOCK_N": block_n}, num_warps=warps, num_stages=stages)
 
 
-# The block's column index is a load the X tile depends on, so Triton's pipeliner spends a stage
-# on it: with wgmma (sm_90, blocks of 64 rows or more) num_stages 2 / 3 / 5 / 7 give 2 / 2 / 3 / 4
-# shared buffers, with mma.sync or FMA 1 / 1 / 2 / 3; an even count above 2 compiles to the code
-# of the odd one below it (read off the compiled kernels: tests/test_kernel_compile.py), so the
-# table holds none. 8 warps for the large accumulators (128 x 256 fp32 is 128 KB of registers).
-# Configs over the device's shared memory are pruned at launch.
+# Odd stage counts above 2 only: an even one compiles to the code of the odd one below it (the
+# column-index load takes a pipeline stage; buffers per count: _triton.pipeline_buffers, read off
+# the compiled kernels in tests/test_kernel_compile.py). 8 warps for the large accumulators
+# (128 x 256 fp32 is 128 KB of registers). Configs over the device's shared memory are pruned
+# at launch.
 BSR_CONFIGS: list[triton.Config] = [
     _cfg(16, 4, 2), _cfg(16, 4, 3), _cfg(16, 4, 5),
     _cfg(32, 4, 3), _cfg(32, 4, 5),
