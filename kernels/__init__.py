@@ -43,20 +43,21 @@ def pad_csr(W, multiple=8, *, index_dtype=None, check_invariants=True):
     return impl(W, multiple, index_dtype=index_dtype, check_invariants=check_invariants)
 
 
-def triton_bsr_matmul(W, X, *, out=None, check_invariants=True):
-    """``W @ X`` for a sparse BSR ``W`` [M, K] and dense ``X`` [K, N] (see ``bsr.py``)."""
+def triton_bsr_matmul(W, X, *, out=None, check_invariants=True, path="auto"):
+    """``W @ X`` for a sparse BSR ``W`` [M, K] and dense ``X`` [K, N]; ``path`` picks the kernel
+    (see ``bsr.py``)."""
     require_triton()
     from .bsr import triton_bsr_matmul as impl
 
-    return impl(W, X, out=out, check_invariants=check_invariants)
+    return impl(W, X, out=out, check_invariants=check_invariants, path=path)
 
 
-def triton_bsr_linear(W, x, *, out=None, check_invariants=True):
+def triton_bsr_linear(W, x, *, out=None, check_invariants=True, path="auto"):
     """``x @ W.T`` for a sparse BSR weight ``W`` [M, K] and ``x`` [..., K] (see ``bsr.py``)."""
     require_triton()
     from .bsr import triton_bsr_linear as impl
 
-    return impl(W, x, out=out, check_invariants=check_invariants)
+    return impl(W, x, out=out, check_invariants=check_invariants, path=path)
 
 
 def triton_csr_sddmm(crow, col, dy, x, *, out=None, check_invariants=True):

@@ -12,10 +12,11 @@ prefetches it with the tiles ``num_stages`` deep.
   through strides with the unit stride known at compile time (constexpr ``X_T`` / ``Y_T``).
 - Blocks: BR, BC powers of two from 16 to 128, square or not (tl.dot needs every side >= 16).
 
-Which kernel runs: decode (N <= 16) goes to ``bsr_decode.py`` (programs split the stored blocks
-evenly, a register GEMV body); N > 16 with 16-byte aligned operands on Hopper to ``bsr_tma.py``
-(tensor-descriptor copies into wgmma, a persistent grid); everything else runs the kernel here,
-whose loads are ``cp.async`` copies (sm_80, and rows TMA cannot take).
+Which kernel runs (:func:`kernel_for`, or the ``path`` argument): decode-sized products, N x BR
+at most 256, go to ``bsr_decode.py`` (programs split the stored blocks evenly, a register GEMV
+body); N > 16 with blocks of 64 rows or more and 16-byte aligned operands on Hopper to
+``bsr_tma.py`` (tensor-descriptor copies into wgmma, a persistent grid); everything else runs the
+kernel here, whose loads are ``cp.async`` copies.
 
 The sparse tensor is torch's BSR: crow_indices [M / BR + 1], col_indices [nnzb] (block
 columns), values [nnzb, BR, BC] row-major; indices int32 or int64.
@@ -45,7 +46,7 @@ from ._triton import (
 from .bsr_decode import DECODE_MAX_N, launch_bsr_decode
 from .bsr_tma import launch_bsr_tma, tma_fits
 
-__all__ = ["triton_bsr_matmul", "triton_bsr_linear"]
+__all__ = ["triton_bsr_matmul", "triton_bsr_linear", "kernel_for", "PATHS"]
 
 
 @triton.jit
@@ -145,19 +146,65 @@ def _check_bsr(W: torch.Tensor, check_invariants: bool) -> tuple[int, int]:
 
 tuned_bsr = TunedLaunch(bsr_kernel)
 
+#: The kernels a product can run on: "auto" asks :func:`kernel_for`.
+PATHS = ("auto", "decode", "tma", "rows")
+#: Decode takes N x BR up to this. Measured on an H200 (2026-11-27; N = 1 and 16 timed for
+#: both kernels, linear between) at 90-95 % block sparsity, decode beat this file's kernel up to
+#: N = 16 with 16-row blocks, ~8 with 32, ~6 with 64 and ~2 with 128 (its FP32 GEMV work grows
+#: with N x BR; tl.dot pads N to 16 and costs the same from 1 to 16).
+DECODE_N_TIMES_ROWS = 256
+#: The bulk-copy kernel from this block height (wgmma's tile): with 16- and 32-row blocks it ran
+#: slower than or even with this file's kernel on the same H200.
+TMA_MIN_ROWS = 64
+
+
+def kernel_for(W: torch.Tensor, X: torch.Tensor, N: int, x_t: bool) -> str:
+    """The kernel an automatic launch runs: "decode", "tma" or "rows" (see the module doc).
+
+    >>> W = torch.randn(256, 256).to_sparse_bsr((64, 64))
+    >>> [kernel_for(W, torch.randn(256, n), n, False) for n in (1, 4, 5, 16)]
+    ['decode', 'decode', 'rows', 'rows']
+    """
+    nnzb, br, _ = W.values().shape
+    if N * br <= DECODE_N_TIMES_ROWS and N <= DECODE_MAX_N and nnzb < 2**31:  # int32 ids
+        return "decode"
+    if N > 16 and br >= TMA_MIN_ROWS and tma_fits(W, X, x_t):  # Hopper, aligned
+        return "tma"
+    return "rows"
+
+
+def _path_for(W: torch.Tensor, X: torch.Tensor, N: int, x_t: bool, path: str) -> str:
+    """``path`` checked against the problem ("auto" resolved)."""
+    if path not in PATHS:
+        raise ValueError(f"path must be one of {PATHS}, got {path!r}")
+    if path == "auto":
+        return kernel_for(W, X, N, x_t)
+    if path == "decode" and (N > DECODE_MAX_N or W.values().shape[0] >= 2**31):
+        raise ValueError(f"path='decode' takes N <= {DECODE_MAX_N} and under 2**31 blocks, "
+                         f"got N = {N}")
+    if path == "tma" and not (N > 16 and tma_fits(W, X, x_t)):
+        raise ValueError("path='tma' needs N > 16, a Hopper GPU (or the interpreter) and 16-byte "
+                         "aligned operands")
+    return path
+
 
 def _launch(W: torch.Tensor, X: torch.Tensor, Y: torch.Tensor, *, N: int, x_t: bool,
-            stride_x: int, y_t: bool, stride_y: int, kernel=None, **meta) -> None:
+            stride_x: int, y_t: bool, stride_y: int, kernel=None, path: str = "auto",
+            **meta) -> None:
     """Launch over an already checked problem: autotuned, or with ``kernel=_bsr_kernel`` and an
     explicit BLOCK_N (and num_warps / num_stages) one config: tests use it to cover each tile.
-    Autotuned launches go by N: decode (N <= 16) to bsr_decode.py's split over the stored
-    blocks, wide aligned ones on Hopper to bsr_tma.py, the rest to the kernel here."""
-    if kernel is None and N <= DECODE_MAX_N and W.values().shape[0] < 2**31:  # int32 block ids
+    Autotuned launches run the kernel ``path`` names (:func:`kernel_for` for "auto")."""
+    if kernel is None:
+        path = _path_for(W, X, N, x_t, path)
+    if kernel is None and path == "decode":
         launch_bsr_decode(W, X, Y, N=N, x_t=x_t, stride_x=stride_x, y_t=y_t, stride_y=stride_y)
+        return
+    if kernel is None and path == "tma":
+        launch_bsr_tma(W, X, Y, N=N, x_t=x_t, y_t=y_t, stride_y=stride_y)
         return
     if rounded_as_on_gpu(Y, lambda wide: _launch(W, X, wide, N=N, x_t=x_t, stride_x=stride_x,
                                                  y_t=y_t, stride_y=stride_y, kernel=kernel,
-                                                 **meta)):
+                                                 path="rows", **meta)):
         return
     M, K = W.shape
     crow, col, val = W.crow_indices(), W.col_indices(), W.values()
@@ -168,9 +215,6 @@ def _launch(W: torch.Tensor, X: torch.Tensor, Y: torch.Tensor, *, N: int, x_t: b
     args = (crow, col, val, X, Y, M, N, K, stride_x, stride_y, next_pow2(N))
     constants = dict(BR=br, BC=bc, X_T=x_t, Y_T=y_t, DOT_PRECISION=precision, UPCAST=upcast,
                      **meta)
-    if kernel is None and N > 16 and tma_fits(W, X, x_t):  # Hopper, aligned: bulk copies
-        launch_bsr_tma(W, X, Y, N=N, x_t=x_t, y_t=y_t, stride_y=stride_y)
-        return
     grid = lambda meta_: (M // br, triton.cdiv(N, meta_["BLOCK_N"]))  # noqa: E731
     with on_device(X):
         if kernel is not None:
@@ -182,7 +226,7 @@ def _launch(W: torch.Tensor, X: torch.Tensor, Y: torch.Tensor, *, N: int, x_t: b
 
 
 def triton_bsr_matmul(W: torch.Tensor, X: torch.Tensor, *, out: torch.Tensor | None = None,
-                      check_invariants: bool = True) -> torch.Tensor:
+                      check_invariants: bool = True, path: str = "auto") -> torch.Tensor:
     """``W @ X`` for a sparse BSR ``W`` [M, K] (blocks 16 .. 128, powers of two) and a dense
     ``X`` [K, N], as dense [M, N].
 
@@ -190,7 +234,9 @@ def triton_bsr_matmul(W: torch.Tensor, X: torch.Tensor, *, out: torch.Tensor | N
     (``x.t()``), read through strides without a copy. Values fp32 / fp16 / bf16 (W and X
     alike), accumulated in fp32, returned in X's dtype; indices int32 or int64. ``out``, if
     given, is a contiguous [M, N] tensor to write into. W's block indices are checked before
-    the launch unless ``check_invariants=False`` (see :func:`triton_csr_matmul`).
+    the launch unless ``check_invariants=False`` (see :func:`triton_csr_matmul`). ``path``
+    picks the kernel ("decode", "tma", "rows"; "auto": :func:`kernel_for`), for benchmarks and
+    for users who measured their own shapes; a kernel the problem does not fit is refused.
 
     Example (on a GPU, or anywhere with ``TRITON_INTERPRET=1`` set before triton is imported,
     using CPU tensors)::
@@ -208,14 +254,15 @@ def triton_bsr_matmul(W: torch.Tensor, X: torch.Tensor, *, out: torch.Tensor | N
     _check_bsr(W, check_invariants)
     out, layout = matmul_problem(W, X, out)
     if out.numel():
-        _launch(W, X, out, **layout)
+        _launch(W, X, out, path=path, **layout)
     return out
 
 
 def triton_bsr_linear(W: torch.Tensor, x: torch.Tensor, *, out: torch.Tensor | None = None,
-                      check_invariants: bool = True) -> torch.Tensor:
+                      check_invariants: bool = True, path: str = "auto") -> torch.Tensor:
     """A linear layer's ``x @ W.T`` (no bias) for a sparse BSR weight ``W`` [M, K] (out x in)
     and a contiguous ``x`` [..., K]; returns [..., M] without transposing anything in memory.
+    ``path`` as in :func:`triton_bsr_matmul`.
 
     Example::
 
@@ -230,5 +277,5 @@ def triton_bsr_linear(W: torch.Tensor, x: torch.Tensor, *, out: torch.Tensor | N
     _check_bsr(W, check_invariants)
     out, layout = linear_problem(W, x, out)
     if out.numel():
-        _launch(W, x, out, **layout)
+        _launch(W, x, out, path=path, **layout)
     return out

@@ -10,8 +10,10 @@ sm_90 and N > 16:
   K loop has no masks. The linear layout reads x [N, K] as [BLOCK_N, BC] boxes and transposes
   them in shared memory for ``wgmma``.
 - **A persistent grid.** ``WAVES`` programs per SM (0: one program per tile) walk the tiles
-  (block row, BLOCK_N columns) with a stride of the grid; tiles come longest block rows first
-  (``order``, computed per call), so the last wave holds the short rows rather than a long one.
+  (block row, BLOCK_N columns) with a stride of the grid, in block-row order. Tiles once came
+  longest block rows first, from an argsort per call: on the H200 (2026-11-27) that sort's
+  few small launches cost ~12 us a call, more than the balance it bought at every measured
+  point (bench/RESULTS.md, "fifth call").
 - **The pipeline.** The block's column index is a load the X copy depends on, so Triton's
   pipeliner spends one stage on it: ``num_stages`` 3 / 5 / 7 give 2 / 3 / 4 shared buffers with
   wgmma (4 and 6 compile to the code of 3 and 5; measured from the compiled kernels,
@@ -47,7 +49,7 @@ __all__ = ["tma_fits", "launch_bsr_tma", "TMA_CONFIGS", "tma_shared_bytes"]
 
 @triton.jit
 def _bsr_tma_kernel(
-    crow_ptr, col_ptr, order_ptr, a_desc, x_desc, y_ptr,
+    crow_ptr, col_ptr, a_desc, x_desc, y_ptr,
     M, N, K,
     stride_y,  # Y[m, n] is at m * stride_y + n, or at n * stride_y + m when Y_T
     N_BUCKET,  # autotune key only
@@ -62,7 +64,7 @@ def _bsr_tma_kernel(
     tiles = (M // BR) * n_tiles
     offs_r = tl.arange(0, BR)
     for tile in range(tl.program_id(0), tiles, tl.num_programs(0)):
-        brow = tl.load(order_ptr + tile // n_tiles)
+        brow = tile // n_tiles
         n0 = (tile % n_tiles) * BLOCK_N
         start = tl.load(crow_ptr + brow).to(tl.int32)
         end = tl.load(crow_ptr + brow + 1).to(tl.int32)
@@ -186,8 +188,6 @@ def launch_bsr_tma(W: torch.Tensor, X: torch.Tensor, Y: torch.Tensor, *, N: int,
     fp32 = X.dtype == torch.float32
     precision = "tf32" if fp32 and torch.backends.cuda.matmul.allow_tf32 else "ieee"
     upcast = is_interpreting() and X.dtype == torch.bfloat16
-    # Longest block rows first: a stable sort, so equal rows keep their order (and X reuse).
-    order = torch.argsort(crow[1:] - crow[:-1], descending=True, stable=True).to(torch.int32)
     x2d = _x_rows(X, K, x_t)
 
     def grid(m: dict) -> tuple[int]:
@@ -202,7 +202,7 @@ def launch_bsr_tma(W: torch.Tensor, X: torch.Tensor, Y: torch.Tensor, *, N: int,
     a_desc = TensorDescriptor.from_tensor(val.view(nnzb * br, bc), [br, bc])
     x_desc = TensorDescriptor.from_tensor(x2d, [bc, bc])  # box set per config (_set_box)
     constants = dict(BR=br, BC=bc, X_T=x_t, Y_T=y_t, DOT_PRECISION=precision, UPCAST=upcast)
-    args = (crow, col, order, a_desc, x_desc, Y, M, N, K, stride_y, next_pow2(N))
+    args = (crow, col, a_desc, x_desc, Y, M, N, K, stride_y, next_pow2(N))
     with on_device(X):
         if kernel is None:
             key = (M, K, args[-1], br, bc, x_t, y_t, precision, upcast, crow.dtype, col.dtype,

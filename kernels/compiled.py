@@ -83,7 +83,7 @@ def _signature(fn, job: dict) -> tuple[dict, dict]:
             signature[name] = "constexpr"
         elif name in ("crow_ptr", "col_ptr", "row_ptr"):
             signature[name] = "*" + job["index"]
-        elif name in ("order_ptr", "count_ptr"):
+        elif name == "count_ptr":  # bsr_decode: arrival counters
             signature[name] = "*i32"
         elif name == "part_ptr":  # bsr_decode: fp32 partial rows
             signature[name] = "*fp32"

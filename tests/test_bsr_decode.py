@@ -87,10 +87,11 @@ def test_matches_reference(dtype, block):
     M, K = W.shape
     for N in (1, 5):
         X = rand_dense(K, N, dtype=dtype, gen=gen)
-        check(triton_bsr_matmul(W, X, out=nan_like((M, N), dtype)), W, X)
+        check(triton_bsr_matmul(W, X, out=nan_like((M, N), dtype), path="decode"), W, X)
     for N in (2, 16):
         x = rand_dense(N, K, dtype=dtype, gen=gen)
-        check(triton_bsr_linear(W, x, out=nan_like((N, M), dtype)), W, x, linear=True)
+        check(triton_bsr_linear(W, x, out=nan_like((N, M), dtype), path="decode"), W, x,
+              linear=True)
     assert counters_are_zero()
 
 
@@ -142,9 +143,9 @@ def test_all_empty_matrix_writes_zeros(dtype):
     W = random_bsr(3, 2, (32, 16), 0.0, dtype, seeded("empty", dtype))
     assert W.values().shape[0] == 0
     X = rand_dense(32, 5, dtype=dtype, gen=seeded("empty-x", dtype))
-    out = triton_bsr_matmul(W, X, out=nan_like((96, 5), dtype))
+    out = triton_bsr_matmul(W, X, out=nan_like((96, 5), dtype), path="decode")
     assert torch.equal(out, torch.zeros_like(out))
-    y = triton_bsr_linear(W, X.t().contiguous(), out=nan_like((5, 96), dtype))
+    y = triton_bsr_linear(W, X.t().contiguous(), out=nan_like((5, 96), dtype), path="decode")
     assert torch.equal(y, torch.zeros_like(y))
 
 
@@ -154,11 +155,11 @@ def test_linear_shapes_and_transposed_x():
     W = random_bsr(2, 4, (64, 16), 0.6, torch.bfloat16, gen)
     M, K = W.shape
     x = rand_dense(2, 3, K, dtype=torch.bfloat16, gen=gen)
-    y = triton_bsr_linear(W, x, out=nan_like((2, 3, M), torch.bfloat16))
+    y = triton_bsr_linear(W, x, out=nan_like((2, 3, M), torch.bfloat16), path="decode")
     check(y, W, x, linear=True)
-    check(triton_bsr_linear(W, x[0, 0]), W, x[0, 0], linear=True)
+    check(triton_bsr_linear(W, x[0, 0], path="decode"), W, x[0, 0], linear=True)
     x2 = x.reshape(6, K)
-    check(triton_bsr_matmul(W, x2.t()), W, x2.t())
+    check(triton_bsr_matmul(W, x2.t(), path="decode"), W, x2.t())
 
 
 def test_agrees_with_the_row_kernel():
@@ -169,7 +170,7 @@ def test_agrees_with_the_row_kernel():
     rows = torch.empty(W.shape[0], 7, device=DEVICE)
     bsr_mod._launch(W, X, rows, N=7, x_t=False, stride_x=7, y_t=False, stride_y=7,
                     kernel=bsr_mod._bsr_kernel, BLOCK_N=16)
-    torch.testing.assert_close(triton_bsr_matmul(W, X), rows, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(triton_bsr_matmul(W, X, path="decode"), rows, rtol=1e-5, atol=1e-5)
 
 
 # --- configs -------------------------------------------------------------------------------------
@@ -241,3 +242,36 @@ def test_empty_n():
     W = random_bsr(2, 2, (16, 16), 0.5, torch.float32, seeded("empty-n"))
     assert triton_bsr_matmul(W, torch.randn(32, 0, device=DEVICE)).shape == (32, 0)
     assert triton_bsr_linear(W, torch.randn(0, 32, device=DEVICE)).shape == (0, 32)
+
+
+def test_the_rule_sends_decode_sized_products_here():
+    """N x BR <= 256 runs here, by hand: 16-row blocks to N = 16, 32 to 8, 64 to 4, 128 to 2;
+    a wider N the row kernel (blocks under 64 rows never go to TMA). Bad paths are refused."""
+    for br, widest in ((16, 16), (32, 8), (64, 4), (128, 2)):
+        W = torch.randn(2 * br, 32).to_sparse_bsr((br, 16))
+        assert bsr_mod.kernel_for(W, torch.randn(32, widest), widest, False) == "decode"
+        assert bsr_mod.kernel_for(W, torch.randn(32, widest + 1), widest + 1, False) == "rows"
+    W = random_bsr(2, 2, (16, 16), 0.5, torch.float32, seeded("paths"))
+    X = rand_dense(32, 17, dtype=torch.float32, gen=seeded("paths-x"))
+    with pytest.raises(ValueError, match="path must be one of"):
+        triton_bsr_matmul(W, X, path="fast")
+    with pytest.raises(ValueError, match="path='decode' takes N <= 16"):
+        triton_bsr_matmul(W, X, path="decode")
+    check(triton_bsr_matmul(W, X[:, :3].contiguous(), path="rows"), W, X[:, :3].contiguous())
+
+
+def test_the_stress_script_runs_dry(tmp_path):
+    """bench/gpu_stress.py, the prepared GPU stress of the join, end to end under the
+    interpreter: every launch checked against float64, run twice, counters left at zero."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "bench" / "gpu_stress.py"
+    proc = subprocess.run([sys.executable, str(script), "--out", str(tmp_path), "--dry-run"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((tmp_path / "stress.json").read_text())
+    assert report["summary"]["calls"] == 6 and report["summary"]["failures"] == 0
+    assert all(c["reproducible"] and c["counters"] == 0 for c in report["cases"])

@@ -76,24 +76,33 @@ def test_persistent_grid_walks_unbalanced_rows():
 
 
 def test_public_functions_route_wide_aligned_problems_here(monkeypatch):
-    """triton_bsr_matmul / _linear send N > 16 with aligned operands to this kernel, and keep
-    the cp.async kernel for narrow N and rows whose stride TMA cannot take."""
+    """triton_bsr_matmul / _linear send N > 16 with aligned operands and blocks of 64 rows or
+    more to this kernel, and keep the cp.async kernel for narrow N, shorter blocks and rows
+    whose stride TMA cannot take; path="tma" forces it where it fits, and is refused where
+    not."""
     calls = []
     real = bsr_tma.launch_bsr_tma
     monkeypatch.setattr(bsr_mod, "launch_bsr_tma",
                         lambda *a, **k: calls.append(k["N"]) or real(*a, **k))
     gen = seeded("bsr-tma-route")
-    W = random_bsr(64, 64, (16, 16), 0.5, torch.float16, gen)
-    X = rand_dense(64, 40, dtype=torch.float16, gen=gen)
+    W = random_bsr(128, 128, (64, 16), 0.5, torch.float16, gen)
+    X = rand_dense(128, 40, dtype=torch.float16, gen=gen)
     assert_three_way(triton_bsr_matmul(W, X), W, X)
-    x = rand_dense(24, 64, dtype=torch.float16, gen=gen)
+    x = rand_dense(24, 128, dtype=torch.float16, gen=gen)
     assert_three_way(triton_bsr_linear(W, x), W, x, linear=True)
     assert calls == [40, 24]
-    odd = rand_dense(64, 41, dtype=torch.float16, gen=gen)  # 82-byte rows: not TMA's
+    odd = rand_dense(128, 41, dtype=torch.float16, gen=gen)  # 82-byte rows: not TMA's
     assert not bsr_tma.tma_fits(W, odd, x_t=False)
     assert_three_way(triton_bsr_matmul(W, odd), W, odd)
     assert_three_way(triton_bsr_matmul(W, X[:, :8].contiguous()), W, X[:, :8].contiguous())
+    with pytest.raises(ValueError, match="path='tma'"):
+        triton_bsr_matmul(W, odd, path="tma")
     assert calls == [40, 24]
+    short = random_bsr(128, 128, (16, 16), 0.5, torch.float16, gen)  # 16-row blocks: cp.async
+    assert_three_way(triton_bsr_matmul(short, X), short, X)
+    assert calls == [40, 24]
+    assert_three_way(triton_bsr_matmul(short, X, path="tma"), short, X)
+    assert calls == [40, 24, 40]
 
 
 def test_shared_memory_estimate_prunes_to_the_limit():
