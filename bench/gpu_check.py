@@ -21,7 +21,10 @@ What it times (kernel time: each call replayed from a CUDA graph, index checks o
 * the SparseLinear layout, ``x @ W.T`` (``triton_bsr_linear`` / ``triton_csr_linear``, x [N, K]
   row-major, y [N, M]) against ``F.linear`` on the dense weight (cuBLAS), plus the forward of a
   ``SparseLinear(W, backend="triton")`` layer (what a deployed model runs; the JSON notes what
-  ``backend="auto"`` would pick there), at decode N (1, 16) and wide N.
+  ``backend="auto"`` would pick there), at decode N (1, 16, 4, 8) and wide N.
+* ``rows``: BSR ``W @ X`` forced onto bsr.py's row kernel (``path="rows"``) at the decode and
+  headline_bsr points where the automatic choice (``kernel_for``, recorded in each of our BSR
+  records' ``meta["path"]``) is another kernel, so one run calibrates decode vs rows.
 
 Each timed call reads its own copy of the operands, rotating over R copies with R x (bytes of
 one call) >= 3x the device's L2 (capped by free memory; R per point in the JSON), dense and
@@ -31,7 +34,9 @@ move: stored values + indices + X read, Y written (dense: W + X + Y).
 
 The script keeps its own clock (``--budget``, 380 s by default, counted from its start) so it
 ends, files written and table printed, inside the call: the tests get at most ~28 % of it
-(``--tests-s`` caps them; pytest is interrupted with ^C at the cap and its summary kept), torch's
+(``--tests-s`` caps them; pytest is interrupted with ^C at the cap, killed 20 s later; its output
+is read as it streams, one line per test, so the failing test ids reach the JSON and the table
+even when its summary is lost), torch's
 BSR tuner ``--tune-s`` per headline block (a tuner cut by that cap is flagged "CAPPED" wherever
 its figure is printed: partly tuned), and the rest whatever is left; what does not fit is
 skipped and counted in the JSON (``skipped``) and on stdout. ``--quick`` keeps the goal points
@@ -114,7 +119,8 @@ class Scale:
     csr_headline_ns: tuple[int, ...]         # N <= 256 for the CSR goals
     csr_densities: tuple[float, ...]         # 90-99 % for the CSR goals
     decode_shapes: tuple[tuple[int, int], ...]
-    decode_ns: tuple[int, ...]
+    decode_ns: tuple[int, ...]               # decode batch sizes, in priority order (goal's 1 and 16,
+                                             # then 4 and 8 where decode and rows kernels meet)
     blocks: tuple[int, ...]                  # sweep block sizes, in priority order
     densities: tuple[float, ...]             # sweep densities (1 - sparsity)
     dtypes: tuple[str, ...]                  # sweep dtypes, in priority order
@@ -127,20 +133,21 @@ class Scale:
 GPU_SCALE = Scale(
     square=4096, big_n=4096, ns=(4096, 16, 1024, 128, 1), csr_headline_ns=(1, 16, 128, 256),
     csr_densities=(0.1, 0.05, 0.02, 0.01),
-    decode_shapes=((8192, 8192), (4096, 16384)), decode_ns=(1, 16),
+    decode_shapes=((8192, 8192), (4096, 16384)), decode_ns=(1, 16, 4, 8),
     blocks=(64, 32, 128, 16), densities=(0.5, 0.3, 0.2, 0.1, 0.05, 0.02, 0.01),
     dtypes=("fp16", "bf16", "fp32"), copy_bytes=1 << 30, matmul_n=4096,
     l2_stand_in=0, max_copies=4096,
 )
 DRY_SCALE = Scale(
     square=64, big_n=32, ns=(16,), csr_headline_ns=(1, 16), csr_densities=(0.1, 0.02),
-    decode_shapes=((64, 128),), decode_ns=(1, 16),
+    decode_shapes=((64, 128),), decode_ns=(1, 16, 8),  # 8: decode for bsr32, rows for bsr64
     blocks=(16,), densities=(0.5,),
     dtypes=("fp32",), copy_bytes=1 << 22, matmul_n=128,
     # A pretend 64 KiB L2 and at most 3 copies: the copies are made and the last one timed.
     l2_stand_in=1 << 16, max_copies=3,
 )
 
+OURS = ("ours", "rows", "module")  # our kernels: a wrong or failing one is a note (and rc 1 for ours, rows)
 HEADLINE_BLOCKS = (64, 32)     # the blocks torch's tuner is run for
 BIG_BLOCKS = (64, 128)         # ">= 5x with blocks >= 64"
 HEADLINE_DENSITY = 0.1         # 90 % sparsity
@@ -195,8 +202,9 @@ class Record:
     N: int
     density: float           # requested
     density_actual: float    # stored fraction of W (blocks for BSR, elements for CSR)
-    backend: str             # ours | dense (cuBLAS: torch.matmul, or F.linear for op linear) | torch_bsr |
-                             # torch_bsr_tuned | cusparse | module (SparseLinear forward, op linear)
+    backend: str             # ours | rows (ours forced onto the BSR row kernel) | dense (cuBLAS: torch.matmul,
+                             # or F.linear for op linear) | torch_bsr | torch_bsr_tuned | cusparse |
+                             # module (SparseLinear forward, op linear)
     status: str              # ok | refused: ... | wrong: ... | skipped: ...
     op: str = "matmul"       # matmul | linear (see Point)
     verified: bool = False
@@ -327,12 +335,42 @@ def _alias_dir() -> str:
 
 SUMMARY_RE = re.compile(r"\b(\d+ (passed|failed|errors?|skipped|deselected|xfailed|xpassed|warnings?|"
                         r"tests? collected)|no tests ran|interrupted)\b")
+# A failing or erroring test as pytest -v / -rfE print it: "FAILED id" (xdist's per-test line, the
+# short summary; "ERROR path" for a collection error) or "id FAILED" (-v without xdist).
+FAILED_RE = re.compile(r"(?:^|\s)(?:FAILED|ERROR)\s+(\S+\.py(?:::\S+)?)|(\S+\.py::\S+)\s+(?:FAILED|ERROR)(?:\s|$)")
+TESTS_GRACE_S = 20.0  # after the ^C at the cap, pytest's time to print its summary before SIGKILL
+
+
+def failed_test_id(line: str) -> str | None:
+    """The test id a pytest output line reports failing or erroring, else None."""
+    if line.startswith("E "):  # an assertion or traceback line, not a result
+        return None
+    m = FAILED_RE.search(line)
+    return (m.group(1) or m.group(2)) if m else None
+
+
+def _pump(pipe, fh, failed: list[str]) -> None:
+    """Copy pytest's output to tests.txt line by line as it streams, noting failing test ids,
+    so they survive a pytest that hangs and is killed before its summary."""
+    try:
+        for line in pipe:
+            fh.write(line)
+            fh.flush()
+            tid = failed_test_id(line.strip())
+            if tid and tid not in failed:
+                failed.append(tid)
+    except (OSError, ValueError):  # the file closed under a reader left behind
+        pass
 
 
 def run_tests(run: Run, aliased: bool) -> None:
+    import threading
+
     cap = min(run.args.tests_s, 0.28 * run.budget.left())
-    cmd = [sys.executable, "-m", "pytest", *TEST_FILES, "-x", "-q", "-p", "no:cacheprovider"]
+    # -v: one line per test as it finishes (with xdist too), -rfE: the failures again at the end.
+    cmd = [sys.executable, "-m", "pytest", *TEST_FILES, "-x", "-v", "-rfE", "-p", "no:cacheprovider"]
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONUNBUFFERED"] = "1"
     if run.dry:
         # No GPU: the tests would only run interpreted (minutes). Collecting them proves the
         # files import and the summary is read; the real run happens on the device.
@@ -349,27 +387,32 @@ def run_tests(run: Run, aliased: bool) -> None:
     log(f"\n== tests: {' '.join(cmd[2:])}  (TRITON_INTERPRET {'=1' if run.dry else 'unset'}; cap {cap:.0f} s)")
     t0 = time.monotonic()
     out_path = run.out / "tests.txt"
-    interrupted = False
+    interrupted, failed = False, []
     with open(out_path, "w") as fh:
-        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=fh, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True, errors="replace", start_new_session=True)
+        reader = threading.Thread(target=_pump, args=(proc.stdout, fh, failed), daemon=True)
+        reader.start()
         try:
             rc = proc.wait(timeout=max(cap, 5))
         except subprocess.TimeoutExpired:
             interrupted = True
             os.killpg(proc.pid, signal.SIGINT)  # pytest prints its summary on ^C
             try:
-                rc = proc.wait(timeout=20)
+                rc = proc.wait(timeout=TESTS_GRACE_S)
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
                 rc = proc.wait()
+        reader.join(timeout=10)  # EOF once the process group is gone
     text = out_path.read_text(errors="replace")
     lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
-    summary = next((ln.strip("= ") for ln in reversed(lines) if SUMMARY_RE.search(ln)), lines[-1] if lines else "")
+    summary = next((ln.strip("= ") for ln in reversed(lines) if SUMMARY_RE.search(ln)),
+                   f"no pytest summary; last line: {lines[-1]}" if lines else "no output")
     run.tests = {"cmd": " ".join(cmd[2:]), "rc": rc, "seconds": round(time.monotonic() - t0, 1),
-                 "summary": summary, "interrupted_at_cap": interrupted, "cap_s": round(cap),
-                 "collect_only": run.dry}
-    log(f"tests   : rc={rc} in {run.tests['seconds']} s: {summary}" + ("  [INTERRUPTED at the time cap]" if interrupted else ""))
+                 "summary": summary, "failed": list(failed), "interrupted_at_cap": interrupted,
+                 "cap_s": round(cap), "collect_only": run.dry}
+    log(f"tests   : rc={rc} in {run.tests['seconds']} s: {summary}"
+        + ("  [INTERRUPTED at the time cap]" if interrupted else "") + (f"  failed: {', '.join(failed)}" if failed else ""))
     run.save()
 
 
@@ -515,11 +558,13 @@ def _backend(backend: str, p: Point, run: Run) -> Backend | str:
         return _linear_backend(backend, p, run)
     from sparse_lth import kernels
 
-    if backend == "ours":
+    if backend in ("ours", "rows"):
         # The index check is a once-per-weight cost (SparseLinear pays it when built); per call it
         # cost ~100-135 us on an H200 (several small kernels and a host sync), more than the kernel.
+        # "rows": the same product forced onto bsr.py's row kernel (BSR only).
         mm = kernels.triton_bsr_matmul if p.layout == "bsr" else kernels.triton_csr_matmul
-        return Backend(lambda dense, W: W, lambda A, X, out: mm(A, X, out=out, check_invariants=False), _same)
+        kw = {"path": "rows"} if backend == "rows" else {}
+        return Backend(lambda dense, W: W, lambda A, X, out: mm(A, X, out=out, check_invariants=False, **kw), _same)
     if backend == "dense":
         return Backend(lambda dense, W: dense, lambda A, X, out: torch.matmul(A, X, out=out), _same)
     if backend == "cusparse":  # torch's CSR @ dense: cuSPARSE on CUDA (MKL on the CPU of a dry run)
@@ -552,9 +597,10 @@ def _linear_backend(backend: str, p: Point, run: Run) -> Backend | str:
     from sparse_lth import kernels
     from sparse_lth.modules import SparseLinear
 
-    if backend == "ours":
+    if backend in ("ours", "rows"):
         lin = kernels.triton_bsr_linear if p.layout == "bsr" else kernels.triton_csr_linear
-        return Backend(lambda dense, W: W, lambda A, x, out: lin(A, x, out=out, check_invariants=False), _same)
+        kw = {"path": "rows"} if backend == "rows" else {}
+        return Backend(lambda dense, W: W, lambda A, x, out: lin(A, x, out=out, check_invariants=False, **kw), _same)
     if backend == "dense":  # what nn.Linear runs: cuBLAS on the dense weight
         return Backend(lambda dense, W: dense, lambda A, x, out: F.linear(x, A), _same)
     if backend == "module":
@@ -666,7 +712,7 @@ def _check_call(run: Run, p: Point, rec: Record, call, A, X, out_shape, ref, ref
     rec.verified = bool(math.isfinite(err) and err <= rec.tol)
     if not rec.verified:
         rec.status = f"wrong: rel err {err:.3g} > tol {rec.tol:g}"
-        if rec.backend in ("ours", "module"):
+        if rec.backend in OURS:
             run.note(f"OUR KERNEL IS WRONG at {p.label()} ({rec.backend}): {rec.status}")
 
 
@@ -706,14 +752,21 @@ def run_point(run: Run, p: Point) -> None:
         run.tune_tried.add(tune_key)
         tune_torch_bsr(run, p, W, X)
     dense_key = (p.op, p.dtype, p.M, p.K, p.N)
+    auto = None  # the BSR kernel that "auto" runs here: "rows" makes the rows peer a repeat of ours
+    if p.layout == "bsr":
+        from sparse_lth.kernels.bsr import kernel_for
+
+        auto = kernel_for(W, X, p.N, p.op == "linear")
     mine: list[Record] = []
     for backend in p.backends:
-        if backend == "dense" and dense_key in run.dense_cache:
+        if (backend == "dense" and dense_key in run.dense_cache) or (backend == "rows" and auto == "rows"):
             continue
         is_dense = backend == "dense"
         rec = Record(phase=p.phase, layout="dense" if is_dense else p.layout, block=None if is_dense else p.block,
                      dtype=p.dtype, M=p.M, K=p.K, N=p.N, density=1.0 if is_dense else p.density,
                      density_actual=1.0 if is_dense else stored, backend=backend, status="ok", tol=tol, op=p.op)
+        if backend == "ours" and auto:
+            rec.meta["path"] = auto
         be = _backend(backend, p, run)
         if isinstance(be, str):
             rec.status = be
@@ -731,7 +784,7 @@ def _run_backend(run, p, rec, be, dense, W, X, out_shape, ref, ref_norm, tune_ke
     """Check one backend's output, then time it; a refusal or failure is recorded, not raised."""
     from sparse_lth.formats import nbytes
 
-    ours = rec.backend in ("ours", "module")
+    ours = rec.backend in OURS
     try:
         A = be.prepare(dense, W)
         _check_call(run, p, rec, be.call, A, X, out_shape, ref, ref_norm)
@@ -774,7 +827,8 @@ def _log_point(run: Run, p: Point, mine: list[Record], base: Record | None) -> N
             sp = f" {rec.speedup_vs_dense:.2f}x" if rec.speedup_vs_dense else ""
             bw = f" {rec.bw_fraction:.0%}bw" if rec.bw_fraction and p.N <= 16 else ""
             flag = rec.meta.get("tuner_flag") if rec.backend == "torch_bsr_tuned" else ""
-            line.append(f"{rec.backend} {rec.ms * 1e3:.1f}us{sp}{bw} R{rec.copies}" + (f" [{flag}]" if flag else ""))
+            name = f"{rec.backend}({rec.meta['path']})" if rec.meta.get("path") else rec.backend
+            line.append(f"{name} {rec.ms * 1e3:.1f}us{sp}{bw} R{rec.copies}" + (f" [{flag}]" if flag else ""))
         elif not rec.status.startswith("skipped"):
             line.append(f"{rec.backend} {rec.status[:70]}")
     log(f"  {p.label():48s} " + " | ".join(line))
@@ -783,9 +837,11 @@ def _log_point(run: Run, p: Point, mine: list[Record], base: Record | None) -> N
 # --- 4. the plan ---------------------------------------------------------------------------------
 def build_plan(s: Scale, quick: bool, dry: bool) -> list[Point]:
     """The goal points (headline_*: every row of the goal table), then the SparseLinear layout
-    (linear), then the sweep (sweep, sweep_decode), each in priority order."""
+    (linear), then the sweep (sweep, sweep_decode), each in priority order. BSR points of the
+    headline_bsr, headline_decode and sweep_decode phases also time the row kernel ("rows"; run_point
+    drops it where the automatic choice is that kernel already)."""
     sq, plan = s.square, []
-    bsr_peers = ("ours", "dense", "torch_bsr")
+    bsr_peers = ("ours", "rows", "dense", "torch_bsr")
     # Headline 1: BSR 90 % at sq^3 vs cuBLAS and torch's BSR (untuned, tuned for 64 and 32).
     for block in (64, 32):
         for dt in ("fp16", "bf16"):
@@ -799,9 +855,10 @@ def build_plan(s: Scale, quick: bool, dry: bool) -> list[Point]:
         for n in s.csr_headline_ns:
             for d in s.csr_densities:
                 plan.append(Point("headline_csr", "csr", None, dt, sq, sq, n, d, ("ours", "dense", "cusparse")))
-    # Headline 3: decode bandwidth (N <= 16), BSR 64 / 32 and CSR at 90 %.
-    for shape in (*s.decode_shapes, (sq, sq)):
-        for n in s.decode_ns:
+    # Headline 3: decode bandwidth (N <= 16), BSR 64 / 32 and CSR at 90 %; every shape at one N
+    # before the next N (decode_ns is in priority order).
+    for n in s.decode_ns:
+        for shape in (*s.decode_shapes, (sq, sq)):
             for lay, block in (("bsr", 64), ("bsr", 32), ("csr", None)):
                 peers = ("ours", "dense", "cusparse") if lay == "csr" else bsr_peers
                 plan.append(Point("headline_decode", lay, block, "fp16", *shape, n, HEADLINE_DENSITY, peers))
@@ -813,12 +870,13 @@ def build_plan(s: Scale, quick: bool, dry: bool) -> list[Point]:
     layouts = [("bsr", b) for b in s.blocks] + [("csr", None)]
     for dt in s.dtypes:
         groups = [("sweep", sq, sq, n) for n in s.ns[:2]]
-        groups += [("sweep_decode", m, k, n) for (m, k) in s.decode_shapes for n in s.decode_ns]
+        groups += [("sweep_decode", m, k, n) for n in s.decode_ns for (m, k) in s.decode_shapes]
         groups += [("sweep", sq, sq, n) for n in s.ns[2:]]
         for phase, m, k, n in groups:
             for lay, block in layouts:
                 for d in s.densities:
-                    peers = ("ours", "dense", "cusparse") if lay == "csr" else bsr_peers
+                    peers = (("ours", "dense", "cusparse") if lay == "csr" else
+                             bsr_peers if phase == "sweep_decode" else ("ours", "dense", "torch_bsr"))
                     plan.append(Point(phase, lay, block, dt, m, k, n, d, peers))
     return _fits(plan)
 
@@ -828,8 +886,8 @@ def linear_points(s: Scale) -> list[Point]:
     shapes, then wide N on the square one (the compute-bound BSR batch, CSR's widest goal N)."""
     sq, pts = s.square, []
     peers = ("ours", "dense", "module")
-    for shape in s.decode_shapes:
-        for n in s.decode_ns:
+    for n in s.decode_ns:
+        for shape in s.decode_shapes:
             for lay, block in (("bsr", 64), ("csr", None)):
                 pts.append(Point("linear", lay, block, "fp16", *shape, n, HEADLINE_DENSITY, peers, op="linear"))
     for block in (64, 32):
@@ -1144,7 +1202,8 @@ def print_table(run: Run) -> None:
         log(f"ceilings: copy {c.get('copy_GBps', 0):.0f} GB/s, matmul fp16 {c.get('matmul_fp16_TFLOPs', 0):.1f} / "
             f"bf16 {c.get('matmul_bf16_TFLOPs', 0):.1f} TFLOP/s at {c.get('matmul_n')}^3")
     log(f"tests: {run.tests.get('summary', 'not run')} (rc {run.tests.get('rc')})"
-        + (" [cut at time cap]" if run.tests.get("interrupted_at_cap") else ""))
+        + (" [cut at time cap]" if run.tests.get("interrupted_at_cap") else "")
+        + (f" failed: {', '.join(run.tests['failed'])}" if run.tests.get("failed") else ""))
     log(f"records: {len(recs)} ({n_ok} timed and verified; ours {sum(1 for r in ours if r.verified)}/{len(ours)} "
         f"verified; {n_bad} wrong/error); skipped points: {run.skipped or 'none'}")
     tuned = [t for t in run.tuned if t.get("status") == "ok"]
@@ -1338,7 +1397,7 @@ def main(argv=None) -> int:
         run.note(f"plots failed: {type(e).__name__}: {e}")
     run.save()
     print_table(run)
-    bad = [r for r in run.records if r.backend == "ours" and r.status.startswith(("wrong", "error"))]
+    bad = [r for r in run.records if r.backend in ("ours", "rows") and r.status.startswith(("wrong", "error"))]
     return 1 if bad else 0
 
 

@@ -109,6 +109,29 @@ def test_every_timed_output_was_verified(dry_run):
     assert all(r["status"].startswith("refused") for r in csr_peer if r["dtype"] != "fp32")
 
 
+def test_rows_peer_times_the_row_kernel_where_auto_picks_another(dry_run):
+    """"rows" (path="rows") runs beside ours at BSR decode and headline_bsr points where the
+    automatic choice (ours' meta["path"]) is another kernel, verified and timed like ours; where
+    auto picks the row kernel itself there is no rows record."""
+    stdout, _, data = dry_run
+    recs = data["records"]
+    ours = {(r["op"], r["phase"], r["block"], r["dtype"], r["M"], r["K"], r["N"], r["density"]): r
+            for r in recs if r["backend"] == "ours" and r["layout"] == "bsr"}
+    assert ours and all(r["meta"]["path"] in ("decode", "tma", "rows") for r in ours.values())
+    assert {r["meta"]["path"] for r in ours.values()} >= {"decode", "rows"}
+    rows = [r for r in recs if r["backend"] == "rows"]
+    assert {r["phase"] for r in rows} >= {"headline_bsr", "headline_decode", "sweep_decode"}
+    assert {r["N"] for r in rows if r["phase"] == "headline_decode"} >= {1, 8}
+    for r in rows:
+        assert r["layout"] == "bsr" and r["verified"] and r["ms"] and r["copies"] and r["speedup_vs_dense"], r
+        assert r["bw_fraction"] is not None or r["N"] > 16, r
+        mate = ours[(r["op"], r["phase"], r["block"], r["dtype"], r["M"], r["K"], r["N"], r["density"])]
+        assert mate["meta"]["path"] != "rows" and mate["bytes"] == r["bytes"], (r, mate)
+    assert sum(1 for r in ours.values() if r["meta"]["path"] != "rows" and r["phase"] in (
+        "headline_bsr", "headline_decode", "sweep_decode")) == len(rows)
+    assert re.search(r"\| ours\(decode\) \S+us .*\| rows \S+us \S+x \S+bw R\d+", stdout)
+
+
 def test_linear_layout_is_measured_against_f_linear(dry_run):
     """The SparseLinear layout: ours and the layer's forward, both layouts, decode and wide N,
     each against its own dense F.linear (not the W @ X dense figure), with a row in the table."""
@@ -222,6 +245,59 @@ def test_gpu_plan_puts_the_goal_points_first_then_the_linear_layout_then_the_swe
     assert max(p.N for p in lin if p.layout == "bsr") == 4096 and max(p.N for p in lin if p.layout == "csr") == 256
     quick = gc.build_plan(gc.GPU_SCALE, quick=True, dry=False)
     assert quick == head
+    # The row kernel beside ours at BSR decode and headline_bsr points (run_point drops it where
+    # auto picks that kernel); decode N 1 and 16 (the goal's) on every shape before 4 and 8.
+    for p in plan:
+        assert ("rows" in p.backends) == (p.layout == "bsr" and p.phase in (
+            "headline_bsr", "headline_decode", "sweep_decode")), p
+    dec_ns = [p.N for p in head if p.phase == "headline_decode"]
+    assert set(dec_ns) == {1, 4, 8, 16} and max(i for i, n in enumerate(dec_ns) if n in (1, 16)) < dec_ns.index(4)
+    assert {p.N for p in plan if p.phase == "sweep_decode"} == {1, 4, 8, 16}
+
+
+def test_failed_test_ids_are_read_from_pytest_lines():
+    gc = _module()
+    bsr, lin = "tests/test_triton_kernels.py::test_bsr[fp16-64]", "tests/test_modules.py::test_linear[cuda]"
+    lines = {
+        f"[gw3] [ 41%] FAILED {bsr} ": bsr,
+        f"{lin} FAILED                      [ 20%]": lin,
+        f"{lin} ERROR": lin,
+        "FAILED tests/test_modules.py::test_x - AssertionError: assert 1 == 2": "tests/test_modules.py::test_x",
+        "ERROR tests/test_triton_kernels.py - ImportError: no triton": "tests/test_triton_kernels.py",
+        "[gw0] [  1%] PASSED tests/test_modules.py::test_error_path": None,
+        "tests/test_modules.py::test_failed_input PASSED [ 50%]": None,
+        "E       RuntimeError: ERROR kernels/bsr.py:12 bad": None,
+        "========= 1 failed, 138 passed in 47.66s =========": None,
+    }
+    for line, want in lines.items():
+        assert gc.failed_test_id(line) == want, line
+
+
+def test_failing_test_ids_survive_a_pytest_that_hangs_and_is_killed(tmp_path, monkeypatch, capsys):
+    """The last GPU run's pytest hung in teardown and was killed with its summary: the ids of
+    the tests that failed are read from the per-test lines as they stream, into the JSON and
+    the table's tests line."""
+    gc = _module()
+    test_file = tmp_path / "test_hang.py"
+    test_file.write_text(
+        "import signal, time\nimport pytest\n\n"
+        "@pytest.fixture(scope='session', autouse=True)\ndef hang():\n    yield\n"
+        "    signal.signal(signal.SIGINT, signal.SIG_IGN)  # deaf to the ^C at the cap\n    time.sleep(120)\n\n"
+        "def test_passes():\n    pass\n\ndef test_fails():\n    assert False\n")
+    monkeypatch.setattr(gc, "TEST_FILES", (str(test_file),))
+    monkeypatch.setattr(gc, "TESTS_GRACE_S", 1.0)
+    out = tmp_path / "out"
+    out.mkdir()
+    run = gc.Run(out, gc.parse_args(["--out", str(out), "--tests-s", "3"]), gc.Budget(380, 30), dry=False)
+    run.scale = gc.GPU_SCALE
+    gc.run_tests(run, aliased=False)
+    assert run.tests["interrupted_at_cap"] and run.tests["seconds"] < 60
+    assert [t.rsplit("/", 1)[-1] for t in run.tests["failed"]] == ["test_hang.py::test_fails"]
+    assert json.loads((out / "results.json").read_text())["tests"]["failed"] == run.tests["failed"]
+    assert "test_hang.py::test_fails" in (out / "tests.txt").read_text()
+    gc.print_table(run)
+    line = next(ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("tests: "))
+    assert line.endswith(f"failed: {run.tests['failed'][0]}"), line
 
 
 def test_docstring_holds_the_device_command_with_room_for_the_budget():
