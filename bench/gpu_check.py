@@ -8,6 +8,10 @@ Run it on a lent GPU machine with ONE call of the device tool (the script ends b
 
     run(command="python3 -m pip install -q --no-build-isolation --no-deps -e . >/dev/null 2>&1 || echo 'pip install failed: gpu_check aliases the package'; set -o pipefail; PYTHONUNBUFFERED=1 python3 bench/gpu_check.py --out $OUT 2>&1 | tee $OUT/log.txt", timeout_s=450)
 
+Send the second prepared call, ``bash bench/gpu_followup.sh`` (its header has the call: the decode
+join's stress, the Triton conv against cuDNN, the CUDA kernel tests this script leaves out), as
+soon as this one returns: the machine goes back after ~30 s idle.
+
 The device image (KINDS.md) has torch 2.11, triton 3.6, numpy, scipy, safetensors, tqdm,
 matplotlib, scikit-learn, pytest and pytest-xdist, but no network: ``--no-build-isolation`` makes
 the editable install use the image's setuptools instead of fetching one, and ``--no-deps`` keeps
