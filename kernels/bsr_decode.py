@@ -197,13 +197,21 @@ def _cfg(pps: int, tile: int, warps: int) -> triton.Config:
 # Few programs per SM with many values per step, or more programs with fewer: both keep
 # 16-64 KB of an SM's loads in flight. num_stages=1: the step loop is short (a row's blocks
 # in the range) and its loads are registers, not a software pipeline through shared memory.
+# The first two (1-2 programs per SM, up to 8 blocks of 64 x 64 a step at N = 1) came after
+# the H200 run: there the tuner took 8 programs per SM of ~2 blocks each, and the calls were
+# latency-bound (11-30 % of copy bandwidth); longer programs with more loads a step pay each
+# program's fixed chain of round trips (row search, join) once over more bytes.
 DECODE_CONFIGS: list[triton.Config] = [
+    _cfg(1, 32768, 8), _cfg(2, 16384, 8),
     _cfg(2, 8192, 8), _cfg(4, 4096, 4), _cfg(4, 8192, 8),
     _cfg(8, 2048, 4), _cfg(8, 4096, 4),
 ]
 
 #: Accumulator registers (fp32) per thread a config may take: acc holds TILE / VEC * NP values.
 ACC_REGS = 64
+#: Registers per thread a step's values may take (U blocks of 16-bit or fp32 values over the
+#: threads): fp32 steps of 8 K values on 8 warps spilled 8-135 words on triton 3.6 (sm_90).
+VALUE_REGS = 64
 #: Largest X tile per step, U * BC * NP elements: each thread keeps VEC * NP of X per block
 #: lane it covers, so with short blocks (BR = 16) and wide N, more blocks per step spilled
 #: (seen compiling 16 x 16, U = 16 and 16 x 128, U = 2 at N = 16 for sm_80 / sm_90).
@@ -218,16 +226,18 @@ def decode_configs(configs: list[triton.Config], np_: int, br: int, bc: int, ele
     """The configs for N padded to ``np_`` and [br, bc] blocks, as launch constants: ``TILE``
     turned into ``U`` blocks per step (at least one, and at most ``X_TILE / (BC * NP)``),
     dropping those whose accumulator would pass ``ACC_REGS`` registers per thread (the fp32
-    ``[NP, U, BR, BC / VEC]`` per step), and duplicates. Never empty: the smallest tile is
+    ``[NP, U, BR, BC / VEC]`` per step) or whose step's values would pass ``VALUE_REGS``, and
+    duplicates. Never empty: the smallest tile is
     kept if nothing fits."""
     vec = 16 // elem_bytes
     kept, seen = [], set()
     for c in configs:
         u = max(1, min(c.kwargs["TILE"] // (br * bc), X_TILE // (bc * np_)))
         regs = u * br * bc // vec * np_ // (32 * c.num_warps)
+        value_regs = u * br * bc * elem_bytes // 4 // (32 * c.num_warps)
         key = (c.kwargs["PPS"], u, c.num_warps)
         spills = (np_, elem_bytes, c.num_warps) in SPILLING
-        if regs <= ACC_REGS and key not in seen and not spills:
+        if regs <= ACC_REGS and value_regs <= VALUE_REGS and key not in seen and not spills:
             seen.add(key)
             kept.append(triton.Config({"PPS": c.kwargs["PPS"], "U": u},
                                       num_warps=c.num_warps, num_stages=c.num_stages))
