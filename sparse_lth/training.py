@@ -23,6 +23,7 @@ from sparse_lth import distributed
 from sparse_lth.data import Dataset, Split
 from sparse_lth.masks import Mask
 from sparse_lth.nn import TrainableSparseLinear
+from sparse_lth.onednn_eval import onednn_linears
 
 OPTIMIZERS = ("adam", "sgd")
 SPARSE_TRAINING = ("auto", "always", "never")
@@ -98,12 +99,13 @@ def evaluate(model: nn.Module, split: Split, chunk: int = 5000) -> tuple[float, 
     model.eval()
     first, stop = distributed.bounds(len(split))
     loss, correct = 0.0, 0
-    for start in range(first, stop, chunk):
-        end = min(start + chunk, stop)
-        logits = model(split.x[start:end])
-        y = split.y[start:end]
-        loss += float(F.cross_entropy(logits, y, reduction="sum"))
-        correct += int((logits.argmax(1) == y).sum())
+    with onednn_linears(model, rows=min(chunk, stop - first)):  # faster GEMMs on the CPU
+        for start in range(first, stop, chunk):
+            end = min(start + chunk, stop)
+            logits = model(split.x[start:end])
+            y = split.y[start:end]
+            loss += float(F.cross_entropy(logits, y, reduction="sum"))
+            correct += int((logits.argmax(1) == y).sum())
     model.train(was_training)
     if distributed.world() > 1:
         loss, correct = distributed.all_sum([loss, correct])

@@ -1,0 +1,63 @@
+"""sparse_lth.onednn_eval: evaluation through oneDNN computes what plain torch computes, switches
+only where it should, and always gives the layers back."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sparse_lth.onednn_eval import MIN_ROWS, onednn_linears
+
+pytestmark = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="no oneDNN in this torch")
+
+
+class Scaled(nn.Linear):
+    """A Linear subclass: its own forward must be kept."""
+
+    def forward(self, x):
+        return 2 * super().forward(x)
+
+
+def net() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Flatten(), nn.Linear(48, 32), nn.ReLU(), Scaled(32, 16), nn.Linear(16, 5))
+
+
+def reference(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The same network written out with F.linear in float64."""
+    _, a, _, b, c = model
+    h = F.relu(F.linear(x.flatten(1).double(), a.weight.double(), a.bias.double()))
+    h = 2 * F.linear(h, b.weight.double(), b.bias.double())
+    return F.linear(h, c.weight.double(), c.bias.double())
+
+
+def test_same_outputs_and_the_layers_given_back():
+    model, x = net(), torch.randn(MIN_ROWS, 6, 8)
+    with torch.no_grad(), onednn_linears(model, rows=len(x)) as switched:
+        out = model(x)
+        assert "forward" in vars(model[1]) and "forward" not in vars(model[3])  # not the subclass
+    assert switched == 2
+    torch.testing.assert_close(out.double(), reference(model, x), rtol=1e-5, atol=1e-5)
+    assert all("forward" not in vars(m) for m in model.modules())
+
+
+def test_nothing_switched_with_grad_or_few_rows_and_odd_inputs_fall_back():
+    model = net()
+    with onednn_linears(model, rows=MIN_ROWS) as switched:  # autograd on: training untouched
+        assert switched == 0
+    with torch.no_grad(), onednn_linears(model, rows=MIN_ROWS - 1) as switched:
+        assert switched == 0
+    layer = model[1]
+    with torch.no_grad(), onednn_linears(layer.double(), rows=MIN_ROWS) as switched:
+        assert switched == 0  # not fp32
+    layer.float()
+    with torch.no_grad(), onednn_linears(layer, rows=MIN_ROWS):
+        one = torch.randn(48)  # 1-D: the plain forward
+        torch.testing.assert_close(layer(one), F.linear(one, layer.weight, layer.bias))
+
+
+def test_an_error_inside_gives_the_layers_back():
+    model = net()
+    with pytest.raises(ValueError), torch.no_grad(), onednn_linears(model, rows=MIN_ROWS):
+        raise ValueError("boom")
+    assert all("forward" not in vars(m) for m in model.modules())
