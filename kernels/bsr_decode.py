@@ -141,10 +141,15 @@ def _bsr_decode_kernel(
         lo = tl.maximum(row_start, p0)
         hi = tl.minimum(row_end, p1)
         acc = tl.zeros((NP, U, BR, BCL), dtype=tl.float32)
+        # Block columns run one step ahead: a step's X slices depend on them, so loaded a step
+        # early they let the step's values, X slices and next columns travel together (one
+        # round trip a step, not two: the H200 found these calls latency-bound).
+        ahead = tl.load(col_ptr + lo + offs_u, mask=lo + offs_u < hi, other=0)
         for q in range(lo, hi, U):
             blk = q + offs_u
             in_row = blk < hi
-            bcol = tl.load(col_ptr + blk, mask=in_row, other=0).to(tl.int64)
+            bcol = ahead.to(tl.int64)
+            ahead = tl.load(col_ptr + blk + U, mask=blk + U < hi, other=0)
             w = tl.load(val_ptr + blk.to(tl.int64)[None, :, None, None] * (BR * BC) + blk_offs,
                         mask=in_row[None, :, None, None], other=0.0).to(tl.float32)
             k = bcol[None, :, None] * BC + col_in_blk  # [VEC, U, BCL]; K = whole blocks
