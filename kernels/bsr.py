@@ -173,10 +173,14 @@ def kernel_for(W: torch.Tensor, X: torch.Tensor, N: int, x_t: bool) -> str:
     return "rows"
 
 
-def _path_for(W: torch.Tensor, X: torch.Tensor, N: int, x_t: bool, path: str) -> str:
-    """``path`` checked against the problem ("auto" resolved)."""
+def _check_path(path: str) -> None:
     if path not in PATHS:
         raise ValueError(f"path must be one of {PATHS}, got {path!r}")
+
+
+def _path_for(W: torch.Tensor, X: torch.Tensor, N: int, x_t: bool, path: str) -> str:
+    """``path`` checked against the problem ("auto" resolved)."""
+    _check_path(path)
     if path == "auto":
         return kernel_for(W, X, N, x_t)
     if path == "decode" and (N > DECODE_MAX_N or W.values().shape[0] >= 2**31):
@@ -252,6 +256,7 @@ def triton_bsr_matmul(W: torch.Tensor, X: torch.Tensor, *, out: torch.Tensor | N
         True
     """
     _check_bsr(W, check_invariants)
+    _check_path(path)
     out, layout = matmul_problem(W, X, out)
     if out.numel():
         _launch(W, X, out, path=path, **layout)
@@ -275,6 +280,7 @@ def triton_bsr_linear(W: torch.Tensor, x: torch.Tensor, *, out: torch.Tensor | N
         True
     """
     _check_bsr(W, check_invariants)
+    _check_path(path)
     out, layout = linear_problem(W, x, out)
     if out.numel():
         _launch(W, x, out, path=path, **layout)

@@ -255,6 +255,8 @@ def test_the_rule_sends_decode_sized_products_here():
     X = rand_dense(32, 17, dtype=torch.float32, gen=seeded("paths-x"))
     with pytest.raises(ValueError, match="path must be one of"):
         triton_bsr_matmul(W, X, path="fast")
+    with pytest.raises(ValueError, match="path must be one of"):  # even with nothing to compute
+        triton_bsr_linear(W, torch.randn(0, 32, device=DEVICE), path="fast")
     with pytest.raises(ValueError, match="path='decode' takes N <= 16"):
         triton_bsr_matmul(W, X, path="decode")
     check(triton_bsr_matmul(W, X[:, :3].contiguous(), path="rows"), W, X[:, :3].contiguous())
