@@ -19,11 +19,11 @@ python3 -c "import sparse_lth.kernels" 2>/dev/null \
   || echo "pip install failed"
 
 echo "== stress"
-timeout 100 python3 -W ignore bench/gpu_stress.py --out "$OUT" --budget 80 2>&1 | tail -4
+timeout -k 10 100 python3 -W ignore bench/gpu_stress.py --out "$OUT" --budget 80 2>&1 | tail -4
 echo "== conv"
-timeout 80 python3 -W ignore bench/gpu_conv.py --out "$OUT" 2>&1 | tail -17
+timeout -k 10 80 python3 -W ignore bench/gpu_conv.py --out "$OUT" 2>&1 | tail -17
 echo "== tests"
-timeout -s INT 120 python3 -m pytest -v -p no:cacheprovider -n 8 -rfE \
+timeout -k 15 -s INT 120 python3 -m pytest -v -p no:cacheprovider -n 8 -rfE \
   tests/test_bsr_decode.py tests/test_bsr_tma.py tests/test_csr_padded.py \
   tests/test_triton_conv.py tests/test_cuda_rule.py tests/test_sparse_conv.py \
   > "$OUT/tests-followup.txt" 2>&1
