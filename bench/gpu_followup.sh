@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The second prepared GPU call, right after bench/gpu_check.py on the same warm machine (the
-# device tool gives a machine back after ~30 s idle: send this at once). About 5 minutes:
+# device tool gives a machine back after ~30 s idle: send this at once). At most ~5.5 minutes:
 #
-#   run(command="bash bench/gpu_followup.sh", timeout_s=330)
+#   run(command="bash bench/gpu_followup.sh", timeout_s=360)
 #
 # 1. bench/gpu_stress.py: the BSR decode kernel's cross-program join over random patterns, grid
 #    sizes and configs, each launch checked against float64 and run twice (bitwise equal).
