@@ -17,17 +17,17 @@ import sys
 import triton
 
 from sparse_lth.kernels.bsr_decode import DECODE_CONFIGS, SEARCH, decode_configs
-from sparse_lth.kernels.compiled import compile_jobs
+from sparse_lth.kernels.compiled import compile_jobs, job
+from sparse_lth.kernels.conv import LAUNCH as CONV_LAUNCH
 from sparse_lth.kernels.csr import CSR_CONFIGS
 
 ELEM = {"fp16": 2, "bf16": 2, "fp32": 4}
 
 
-def _job(kernel: str, label: str, constexprs: dict, warps: int, stages: int,
-         dtype: str = "fp16", **extra) -> dict:
-    return {"kernel": kernel, "label": label, "arch": 90, "dtype": dtype, "index": "i32",
-            "num_warps": warps, "num_stages": stages, "constexprs": constexprs, "sass": True,
-            **extra}
+def _job(kernel: str, label: str, config, constexprs: dict, dtype: str = "fp16",
+         **extra) -> dict:
+    """A row: ``config`` a triton.Config or a dict of launch options and constexprs."""
+    return job(kernel, config, constexprs, dtype=dtype, label=label, sass=True, **extra)
 
 
 def _bsr(br: int, block_n: int, warps: int, stages: int, *, x_t=False, dtype="fp16",
@@ -37,8 +37,8 @@ def _bsr(br: int, block_n: int, warps: int, stages: int, *, x_t=False, dtype="fp
     if tma:
         k["WAVES"] = 1
     what = f"{br}x{br} blocks, BLOCK_N {block_n}{', x rows' if x_t else ''}"
-    return _job("bsr_tma" if tma else "bsr", what, k, warps, stages, dtype,
-                stage_bytes=(br * br + br * block_n) * ELEM[dtype])
+    return _job("bsr_tma" if tma else "bsr", what, {"num_warps": warps, "num_stages": stages},
+                k, dtype, stage_bytes=(br * br + br * block_n) * ELEM[dtype])
 
 
 def _csr_configs() -> list[tuple[str, triton.Config]]:
@@ -54,19 +54,18 @@ def jobs() -> list[dict]:
         _bsr(64, 256, 8, 3, tma=True), _bsr(64, 128, 8, 5, tma=True, x_t=True, dtype="bf16"),
         _bsr(32, 128, 8, 5, tma=True),
         _bsr(64, 128, 8, 5), _bsr(64, 128, 8, 3), _bsr(32, 64, 4, 5), _bsr(128, 64, 8, 5),
-        *[_job("csr", f"{what}{', padded rows' if aligned else ''}",
-               {"X_T": False, "Y_T": False, "ALIGNED": aligned, **c.kwargs}, c.num_warps,
-               c.num_stages, maxnreg=c.maxnreg)
+        *[_job("csr", f"{what}{', padded rows' if aligned else ''}", c,
+               {"X_T": False, "Y_T": False, "ALIGNED": aligned})
           for what, c in _csr_configs() for aligned in (False, True)],
-        *[_job("bsr_decode", f"{br}x{bc} blocks, N {np_}{', x rows' if x_t else ''}",
+        *[_job("bsr_decode", f"{br}x{bc} blocks, N {np_}{', x rows' if x_t else ''}", c,
                {"BR": br, "BC": bc, "NP": np_, "VEC": 8, "X_T": x_t, "Y_T": x_t,
-                "SEARCH": SEARCH, **c.kwargs}, c.num_warps, c.num_stages, unaligned=["N"])
+                "SEARCH": SEARCH}, unaligned=["N"])
           for br, bc, np_, x_t in ((64, 64, 1, False), (64, 64, 16, True), (16, 128, 1, False))
           for c in decode_configs(DECODE_CONFIGS, np_, br, bc, 2)[:1]],
-        _job("bsr_sddmm", "64x64 blocks", {"BR": 64, "BC": 64, "DOT_PRECISION": "ieee",
-                                           "UPCAST": False, "BLOCK_N": 64}, 4, 3),
-        _job("bsr_conv2d", "3x3, 64x64 blocks", {"HAS_BIAS": True, "BR": 64, "BC": 64,
-                                                 "BLOCK_P": 64, "DOT_PRECISION": "ieee"}, 4, 3),
+        _job("bsr_sddmm", "64x64 blocks", {"num_warps": 4, "num_stages": 3},
+             {"BR": 64, "BC": 64, "DOT_PRECISION": "ieee", "UPCAST": False, "BLOCK_N": 64}),
+        _job("bsr_conv2d", "3x3, 64x64 blocks", CONV_LAUNCH,  # the launch the conv always uses
+             {"HAS_BIAS": True, "BR": 64, "BC": 64, "DOT_PRECISION": "ieee"}),
     ]
     return rows
 

@@ -36,7 +36,7 @@ import sys
 import tempfile
 import time
 
-__all__ = ["KERNELS", "compile_jobs", "code_facts"]
+__all__ = ["KERNELS", "compile_jobs", "code_facts", "job"]
 
 # name -> (module in sparse_lth.kernels, the @triton.jit function's name)
 KERNELS: dict[str, tuple[str, str]] = {
@@ -105,6 +105,33 @@ def _signature(fn, job: dict) -> tuple[dict, dict]:
         if name.endswith("_ptr") or name in ("M", "N", "K", "stride_x", "stride_y"):
             attrs[(i,)] = [["tt.divisibility", 16]]
     return signature, attrs
+
+
+#: A launch's options, as opposed to its constexprs (both come in a triton.Config or a dict).
+LAUNCH_OPTIONS = ("num_warps", "num_stages", "maxnreg")
+
+
+def job(kernel: str, config, constexprs: dict | None = None, *, arch: int = 90,
+        dtype: str = "fp16", index: str = "i32", **options) -> dict:
+    """One job for :func:`compile_jobs`: ``config`` is a ``triton.Config`` or a dict (such as a
+    launcher's fixed launch) giving ``num_warps``, ``num_stages``, ``maxnreg`` and constexprs;
+    ``constexprs`` adds the rest; ``options`` are the job's other keys (``sass``, ...).
+
+    >>> import triton
+    >>> j = job("csr", triton.Config({"BLOCK_N": 1}, num_warps=2, num_stages=2),
+    ...         {"X_T": False}, sass=True)
+    >>> j["num_warps"], j["constexprs"], j["sass"]
+    (2, {'X_T': False, 'BLOCK_N': 1}, True)
+    """
+    if isinstance(config, dict):
+        launch = {k: v for k, v in config.items() if k in LAUNCH_OPTIONS}
+        kwargs = {k: v for k, v in config.items() if k not in LAUNCH_OPTIONS}
+    else:
+        launch = {"num_warps": config.num_warps, "num_stages": config.num_stages,
+                  "maxnreg": getattr(config, "maxnreg", None)}
+        kwargs = config.kwargs
+    return {"kernel": kernel, "arch": arch, "dtype": dtype, "index": index, **launch,
+            "constexprs": {**(constexprs or {}), **kwargs}, **options}
 
 
 def _compile(job: dict) -> dict:

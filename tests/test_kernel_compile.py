@@ -30,6 +30,9 @@ ELEM_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
 BLOCK_SHAPES = ((16, 16), (32, 32), (64, 64), (128, 128), (16, 128), (128, 32))
 
 
+from sparse_lth.kernels.compiled import job  # noqa: E402
+
+
 def _run(jobs: list[dict]) -> list[dict]:
     """Compile ``jobs`` (kernels/compiled.py: a subprocess, interpreter off, fresh cache)."""
     from sparse_lth.kernels.compiled import compile_jobs
@@ -38,38 +41,29 @@ def _run(jobs: list[dict]) -> list[dict]:
 
 
 def _bsr_job(arch, dtype, br, bc, config, index="i32", x_t=False, precision="ieee") -> dict:
-    return {"kernel": "bsr", "arch": arch, "dtype": dtype, "index": index,
-            "num_warps": config.num_warps, "num_stages": config.num_stages,
-            "constexprs": {"BR": br, "BC": bc, "X_T": x_t, "Y_T": x_t,
-                           "DOT_PRECISION": precision, "UPCAST": False,
-                           "BLOCK_N": config.kwargs["BLOCK_N"]}}
+    return job("bsr", config, {"BR": br, "BC": bc, "X_T": x_t, "Y_T": x_t,
+                               "DOT_PRECISION": precision, "UPCAST": False},
+               arch=arch, dtype=dtype, index=index)
 
 
 def _bsr_tma_job(arch, dtype, br, bc, config, x_t=False, precision="ieee", sass=False) -> dict:
-    return {"kernel": "bsr_tma", "arch": arch, "dtype": dtype, "index": "i32", "sass": sass,
-            "num_warps": config.num_warps, "num_stages": config.num_stages,
-            "constexprs": {"BR": br, "BC": bc, "X_T": x_t, "Y_T": x_t,
-                           "DOT_PRECISION": precision, "UPCAST": False, **config.kwargs}}
+    return job("bsr_tma", config, {"BR": br, "BC": bc, "X_T": x_t, "Y_T": x_t,
+                                   "DOT_PRECISION": precision, "UPCAST": False},
+               arch=arch, dtype=dtype, sass=sass)
 
 
 def _csr_job(arch, dtype, config, index="i32", x_t=False, aligned=False, **extra) -> dict:
-    return {"kernel": "csr", "arch": arch, "dtype": dtype, "index": index,
-            "num_warps": config.num_warps, "num_stages": config.num_stages,
-            "maxnreg": getattr(config, "maxnreg", None),
-            "constexprs": {"X_T": x_t, "Y_T": x_t, "ALIGNED": aligned, **config.kwargs}, **extra}
+    return job("csr", config, {"X_T": x_t, "Y_T": x_t, "ALIGNED": aligned},
+               arch=arch, dtype=dtype, index=index, **extra)
 
 
 def _bsr_sddmm_job(arch, dtype, br, bc, config, index="i32", precision="ieee") -> dict:
-    return {"kernel": "bsr_sddmm", "arch": arch, "dtype": dtype, "index": index,
-            "num_warps": config.num_warps, "num_stages": config.num_stages,
-            "constexprs": {"BR": br, "BC": bc, "DOT_PRECISION": precision, "UPCAST": False,
-                           "BLOCK_N": config.kwargs["BLOCK_N"]}}
+    return job("bsr_sddmm", config, {"BR": br, "BC": bc, "DOT_PRECISION": precision,
+                                     "UPCAST": False}, arch=arch, dtype=dtype, index=index)
 
 
 def _csr_sddmm_job(arch, dtype, config, index="i32") -> dict:
-    return {"kernel": "csr_sddmm", "arch": arch, "dtype": dtype, "index": index,
-            "num_warps": config.num_warps, "num_stages": config.num_stages,
-            "constexprs": dict(config.kwargs)}
+    return job("csr_sddmm", config, arch=arch, dtype=dtype, index=index)
 
 
 def _surviving_sddmm(arch, dtype, br, bc):
@@ -205,10 +199,8 @@ def test_block_sparse_conv_compiles_for_sm90_and_sm80_on_tensor_cores():
     pytest.importorskip("triton")
     from sparse_lth.kernels.conv import LAUNCH
 
-    jobs = [{"kernel": "bsr_conv2d", "arch": arch, "dtype": dtype, "index": "i32", "sass": arch == 90,
-             "num_warps": LAUNCH["num_warps"], "num_stages": LAUNCH["num_stages"],
-             "constexprs": {"HAS_BIAS": True, "BR": br, "BC": bc, "BLOCK_P": LAUNCH["BLOCK_P"],
-                            "DOT_PRECISION": "ieee"}}
+    jobs = [job("bsr_conv2d", LAUNCH, {"HAS_BIAS": True, "BR": br, "BC": bc, "DOT_PRECISION": "ieee"},
+                arch=arch, dtype=dtype, sass=arch == 90)
             for arch in ARCHS for dtype in DTYPES for br, bc in ((16, 16), (32, 32), (64, 64), (128, 32))]
     results = _run(jobs)
     assert len(results) == len(jobs)
@@ -251,20 +243,18 @@ def _decode_jobs() -> list[dict]:
     spilled (fp16 at N = 16, fp32 at N = 4)."""
     from sparse_lth.kernels.bsr_decode import DECODE_CONFIGS, SEARCH, decode_configs
 
-    def job(arch, dtype, br, bc, np_, x_t, c):
-        return {"kernel": "bsr_decode", "arch": arch, "dtype": dtype, "index": "i32",
-                "num_warps": c.num_warps, "num_stages": c.num_stages, "sass": True,
-                "unaligned": ["N"],  # decode's N is 1 .. 16
-                "constexprs": {"BR": br, "BC": bc, "NP": np_, "VEC": 16 // ELEM_BYTES[dtype],
-                               "X_T": x_t, "Y_T": x_t, "SEARCH": SEARCH, **c.kwargs}}
+    def decode_job(arch, dtype, br, bc, np_, x_t, c):
+        return job("bsr_decode", c, {"BR": br, "BC": bc, "NP": np_, "VEC": 16 // ELEM_BYTES[dtype],
+                                     "X_T": x_t, "Y_T": x_t, "SEARCH": SEARCH},
+                   arch=arch, dtype=dtype, sass=True, unaligned=["N"])  # decode's N is 1 .. 16
 
-    jobs = [job(arch, dtype, br, bc, np_, x_t,
+    jobs = [decode_job(arch, dtype, br, bc, np_, x_t,
                 decode_configs(DECODE_CONFIGS, np_, br, bc, ELEM_BYTES[dtype])[0])
             for arch in ARCHS for dtype in ("fp16", "bf16")
             for br, bc in ((64, 64), (16, 128)) for np_, x_t in ((1, False), (16, True))]
-    jobs += [job(90, "fp32", 64, 64, 1, False,
+    jobs += [decode_job(90, "fp32", 64, 64, 1, False,
                  decode_configs(DECODE_CONFIGS, 1, 64, 64, 4)[0])]
-    jobs += [job(90, dtype, 64, 64, np_, x_t, c)
+    jobs += [decode_job(90, dtype, 64, 64, np_, x_t, c)
              for dtype, np_ in (("fp16", 16), ("fp32", 4)) for x_t in (False, True)
              for c in decode_configs(DECODE_CONFIGS, np_, 64, 64, ELEM_BYTES[dtype])]
     return jobs
