@@ -4,6 +4,7 @@ tolerances.py)."""
 
 from __future__ import annotations
 
+import os
 import zlib
 
 import pytest
@@ -20,6 +21,15 @@ QUIET_SPARSE_WARNINGS = pytest.mark.filterwarnings(
     "ignore:Sparse (CSR|BSR) tensor support is in beta:UserWarning",
     "ignore:Sparse invariant checks are implicitly disabled:UserWarning",
 )
+
+
+def require_kernel_runtime():
+    """Skip the calling test module unless the Triton kernels can run here: triton installed,
+    and CUDA or the interpreter (``TRITON_INTERPRET=1``). Returns the triton module."""
+    triton = pytest.importorskip("triton")
+    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("no CUDA and TRITON_INTERPRET is not set", allow_module_level=True)
+    return triton
 
 
 def seeded(*key) -> torch.Generator:

@@ -8,16 +8,10 @@ zero), though not their concurrency. Shapes stay small; every output is NaN-pois
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
-triton = pytest.importorskip("triton")
-if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
-    pytest.skip("no CUDA and TRITON_INTERPRET is not set", allow_module_level=True)
-
-from kernel_cases import (  # noqa: E402
+from kernel_cases import (
     DEVICE,
     DTYPES,
     IDS,
@@ -25,8 +19,12 @@ from kernel_cases import (  # noqa: E402
     assert_within_three_way,
     nan_like,
     rand_dense,
+    require_kernel_runtime,
     seeded,
 )
+
+require_kernel_runtime()
+
 from sparse_lth.kernels import bsr as bsr_mod  # noqa: E402
 from sparse_lth.kernels import bsr_decode  # noqa: E402
 from sparse_lth.kernels import triton_bsr_linear, triton_bsr_matmul  # noqa: E402

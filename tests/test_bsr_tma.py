@@ -8,16 +8,14 @@ Outputs are poisoned with NaN first, so an unwritten element fails.
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
-triton = pytest.importorskip("triton")
-if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
-    pytest.skip("no CUDA and TRITON_INTERPRET is not set", allow_module_level=True)
+from kernel_cases import (DEVICE, DTYPES, IDS, QUIET_SPARSE_WARNINGS, nan_like, rand_dense,
+                          require_kernel_runtime, seeded)
 
-from kernel_cases import DEVICE, DTYPES, IDS, QUIET_SPARSE_WARNINGS, nan_like, rand_dense, seeded  # noqa: E402
+require_kernel_runtime()
+
 from test_triton_kernels import assert_three_way, random_bsr  # noqa: E402
 
 from sparse_lth.kernels import bsr as bsr_mod  # noqa: E402

@@ -8,16 +8,10 @@ tests/test_kernel_compile.py (helpers in tests/csr_ptx.py).
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
-triton = pytest.importorskip("triton")
-if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
-    pytest.skip("no CUDA and TRITON_INTERPRET is not set", allow_module_level=True)
-
-from kernel_cases import (  # noqa: E402
+from kernel_cases import (
     DEVICE,
     DTYPES,
     IDS,
@@ -25,8 +19,12 @@ from kernel_cases import (  # noqa: E402
     assert_within_three_way,
     nan_like,
     rand_dense,
+    require_kernel_runtime,
     seeded,
 )
+
+require_kernel_runtime()
+
 from sparse_lth.kernels import csr as csr_mod  # noqa: E402
 from sparse_lth.kernels.csr import (  # noqa: E402
     PaddedCSR,

@@ -8,16 +8,11 @@ so shapes stay small; every output is poisoned with NaN first so an unwritten el
 from __future__ import annotations
 
 import doctest
-import os
 
 import pytest
 import torch
 
-triton = pytest.importorskip("triton")
-if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
-    pytest.skip("no CUDA and TRITON_INTERPRET is not set", allow_module_level=True)
-
-from kernel_cases import (  # noqa: E402
+from kernel_cases import (
     DEVICE,
     DTYPES,
     IDS,
@@ -25,8 +20,12 @@ from kernel_cases import (  # noqa: E402
     assert_within_three_way,
     nan_like,
     rand_dense,
+    require_kernel_runtime,
     seeded,
 )
+
+triton = require_kernel_runtime()
+
 from sparse_lth.kernels import triton_bsr_sddmm, triton_csr_sddmm  # noqa: E402
 from sparse_lth.kernels import sddmm as sddmm_mod  # noqa: E402
 from sparse_lth.kernels.reference import sddmm_reference  # noqa: E402

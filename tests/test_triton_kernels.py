@@ -8,18 +8,13 @@ output is poisoned with NaN first so an unwritten element fails the comparison.
 from __future__ import annotations
 
 import doctest
-import os
 import subprocess
 import sys
 
 import pytest
 import torch
 
-triton = pytest.importorskip("triton")
-if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
-    pytest.skip("no CUDA and TRITON_INTERPRET is not set", allow_module_level=True)
-
-from kernel_cases import (  # noqa: E402
+from kernel_cases import (
     DEVICE,
     DTYPES,
     IDS,
@@ -27,8 +22,12 @@ from kernel_cases import (  # noqa: E402
     assert_within_three_way,
     nan_like,
     rand_dense,
+    require_kernel_runtime,
     seeded,
 )
+
+triton = require_kernel_runtime()
+
 from sparse_lth.kernels import (  # noqa: E402
     triton_bsr_linear,
     triton_bsr_matmul,
