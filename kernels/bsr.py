@@ -200,12 +200,13 @@ def _launch(W: torch.Tensor, X: torch.Tensor, Y: torch.Tensor, *, N: int, x_t: b
     Autotuned launches run the kernel ``path`` names (:func:`kernel_for` for "auto")."""
     if kernel is None:
         path = _path_for(W, X, N, x_t, path)
-    if kernel is None and path == "decode":
-        launch_bsr_decode(W, X, Y, N=N, x_t=x_t, stride_x=stride_x, y_t=y_t, stride_y=stride_y)
-        return
-    if kernel is None and path == "tma":
-        launch_bsr_tma(W, X, Y, N=N, x_t=x_t, y_t=y_t, stride_y=stride_y)
-        return
+        if path == "decode":
+            launch_bsr_decode(W, X, Y, N=N, x_t=x_t, stride_x=stride_x, y_t=y_t,
+                              stride_y=stride_y)
+            return
+        if path == "tma":
+            launch_bsr_tma(W, X, Y, N=N, x_t=x_t, y_t=y_t, stride_y=stride_y)
+            return
     if rounded_as_on_gpu(Y, lambda wide: _launch(W, X, wide, N=N, x_t=x_t, stride_x=stride_x,
                                                  y_t=y_t, stride_y=stride_y, kernel=kernel,
                                                  path="rows", **meta)):
