@@ -35,30 +35,27 @@ plain IEEE multiply-adds in the stored order (results match F.conv2d to rounding
 numba compiles each kernel on its first call per dtype (a few seconds; ``cache=False``, since
 the library may live on a read-only path): :func:`warm_up` does it ahead of time.
 
-This module imports torch, numpy and numba only.
+This module imports torch, numpy and numba only (the register block and thread lock from ``_numba``).
 """
 
 from __future__ import annotations
 
-import threading
 import warnings
 
 import numba
 import numpy as np
 import torch
-from numba import njit, prange, types
-from numba.core import cgutils
-from numba.extending import intrinsic
+from numba import njit, prange
 
+from ._numba import BLOCK as _BLOCK
+from ._numba import THREADS_LOCK as _THREADS_LOCK
+from ._numba import register_block as _register_block
+from ._numba import threads as _threads
 from .invariants import check_index_invariants
 
 __all__ = ["cpu_sparse_conv2d", "conv2d_taps", "conv2d_geometry", "warm_up"]
 
 _NATIVE = {torch.float32: np.float32, torch.float64: np.float64}
-#: Output positions accumulated in registers at once: 4 zmm of fp32 (8 of fp64). 64 is what
-#: LLVM's loop vectorizer (16 lanes, interleaved 4x) turns into exactly one unrolled step; 16 or
-#: 32 get fully unrolled first and come out scalar (measured: 19 vs 4 GFMA/s on one core).
-_BLOCK = 64
 #: Bytes of input one tile reads across all channels: a tile's slab stays in a core's L2
 #: (512 KiB to 2 MiB on current x86) while its output channels take turns reading it.
 _SLAB_BYTES = 256 * 1024
@@ -119,16 +116,6 @@ def _offsets(taps, s, wph, inner, out):
     """Where each stored weight reads in the packed input: plane * S + (row shift * wph + col shift) * M."""
     for k in prange(taps.shape[0]):
         out[k] = np.uint64(taps[k, 0]) * np.uint64(s) + np.uint64((taps[k, 1] * wph + taps[k, 2]) * inner)
-
-
-@intrinsic
-def _register_block(typingctx, dtype):
-    """A ``_BLOCK``-element array on the stack (a pointer; wrap it with ``numba.carray``). Read and
-    written only at constant indices in fully unrolled loops, LLVM keeps it in vector registers:
-    the register blocking of Park et al. (4 zmm of fp32 outputs held across a row's weights)."""
-    def codegen(context, builder, signature, args):
-        return cgutils.alloca_once(builder, context.get_value_type(dtype.dtype), size=_BLOCK)
-    return types.CPointer(dtype.dtype)(dtype), codegen
 
 
 @njit(parallel=True, fastmath=False, cache=False)
@@ -242,15 +229,6 @@ def conv2d_taps(col_indices: torch.Tensor, kernel_size, stride=1, dilation=1) ->
 
 
 # -- the entry point -----------------------------------------------------------------------------
-# numba's workqueue layer (its fallback where neither TBB nor OpenMP loads) aborts the process on
-# launches from two Python threads at once: calls take turns.
-_THREADS_LOCK = threading.Lock()
-
-
-def _threads() -> int:
-    return max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
-
-
 def cpu_sparse_conv2d(x: torch.Tensor, crow_indices: torch.Tensor, col_indices: torch.Tensor,
                       values: torch.Tensor, bias: torch.Tensor | None = None, *, kernel_size, stride=1,
                       padding=0, dilation=1, taps: np.ndarray | None = None, cache: dict | None = None,

@@ -39,12 +39,13 @@ CASES = [  # format, blocksize, out, in (in or out not a multiple of the block: 
 
 @pytest.mark.parametrize("fmt,block,out,inp", CASES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_forward_and_gradients_match_masked_dense(fmt, block, out, inp, dtype):
+@pytest.mark.parametrize("lead", [(3, 5), (6, 9)], ids=["15rows", "54rows"])  # MKL / numba on the CPU
+def test_forward_and_gradients_match_masked_dense(fmt, block, out, inp, dtype, lead):
     dense, mask = _layer_and_mask(1, out, inp, 0.3, dtype)
     if fmt == "bsr":
         mask = _block_mask(out, inp, block, 0.4, 2)
     layer = TrainableSparseLinear.from_linear(dense, mask=mask, format=fmt, blocksize=block or 32)
-    x = torch.randn(3, 5, inp, dtype=dtype, requires_grad=True)
+    x = torch.randn(*lead, inp, dtype=dtype, requires_grad=True)
     x_ref = x.detach().clone().requires_grad_()
     w_ref = (dense.weight.detach() * mask).requires_grad_()
     b_ref = dense.bias.detach().clone().requires_grad_()
@@ -80,9 +81,12 @@ def test_opcheck_registrations():
     crow, col = W.crow_indices(), W.col_indices()
     crow_t, col_t, perm = ops.transpose_pattern(crow, col, (8, 12))
     values = W.values().clone().requires_grad_()
-    x = torch.randn(5, 12, requires_grad=True)
-    torch.library.opcheck(ops.linear, (x, crow, col, values, 8, crow_t, col_t, perm))
-    torch.library.opcheck(ops.sddmm, (crow, col, values.detach(), torch.randn(5, 8), x.detach()))
+    for rows in (5, ops.NUMBA_MIN_ROWS + 1):  # MKL / numba on the CPU
+        x = torch.randn(rows, 12, requires_grad=True)
+        dy = torch.randn(rows, 8)
+        torch.library.opcheck(ops.linear, (x, crow, col, values, 8, crow_t, col_t, perm))
+        torch.library.opcheck(ops.linear_t, (dy, crow, col, values.detach(), crow_t, col_t, perm, 12))
+        torch.library.opcheck(ops.sddmm, (crow, col, values.detach(), dy, x.detach()))
 
 
 def test_transpose_pattern_against_torch():
@@ -94,8 +98,8 @@ def test_transpose_pattern_against_torch():
     assert torch.equal(W.values()[perm], Wt.values())
 
 
-@pytest.mark.parametrize("fmt,block", [("csr", None), ("bsr", (16, 16))])
-def test_fifty_adam_steps_follow_masked_dense(fmt, block):
+@pytest.mark.parametrize("fmt,block,batch", [("csr", None, 16), ("csr", None, 48), ("bsr", (16, 16), 16)])
+def test_fifty_adam_steps_follow_masked_dense(fmt, block, batch):
     """At fixed seeds a sparse-trained layer's weights after 50 Adam steps equal masked-dense
     training's (dense forward and backward, gradient masked, Adam, weights re-masked) to fp32
     rounding."""
@@ -112,8 +116,8 @@ def test_fifty_adam_steps_follow_masked_dense(fmt, block):
     opt = torch.optim.Adam(layer.parameters(), lr=1e-2)
     gen = torch.Generator().manual_seed(8)
     for _ in range(50):
-        x = torch.randn(16, inp, generator=gen)
-        target = torch.randn(16, out, generator=gen)
+        x = torch.randn(batch, inp, generator=gen)
+        target = torch.randn(batch, out, generator=gen)
         loss_ref = (ref(x) - target).square().mean()
         opt_ref.zero_grad()
         loss_ref.backward()

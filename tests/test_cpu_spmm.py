@@ -1,0 +1,96 @@
+"""The numba CPU training products (kernels/cpu_spmm.py) against dense torch references."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sparse_lth.kernels.cpu_spmm import cpu_csr_linear, cpu_csr_linear_t, cpu_csr_sddmm
+from sparse_lth.nn import TrainableSparseLinear, ops
+
+SHAPES = [  # out, in, batch (one and several 64-wide tiles, padded), density
+    (37, 53, 41, 0.3),
+    (64, 200, 130, 0.05),
+    (9, 16, 1, 1.0),
+    (120, 7, 64, 0.5),
+]
+
+
+def _pattern(out: int, inp: int, density: float, dtype: torch.dtype, index: torch.dtype, seed: int):
+    gen = torch.Generator().manual_seed(seed)
+    dense = torch.randn(out, inp, generator=gen, dtype=dtype) * (torch.rand(out, inp, generator=gen) < density)
+    dense[out // 2] = 0  # an empty row
+    W = dense.to_sparse_csr()
+    return dense, W.crow_indices().to(index), W.col_indices().to(index), W.values()
+
+
+@pytest.mark.parametrize("out,inp,batch,density", SHAPES)
+@pytest.mark.parametrize("dtype,index", [(torch.float32, torch.int32), (torch.float64, torch.int64)])
+def test_three_products_match_dense(out, inp, batch, density, dtype, index):
+    dense, crow, col, values = _pattern(out, inp, density, dtype, index, seed=out + batch)
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(batch, inp, generator=gen, dtype=dtype)
+    dy = torch.randn(batch, out, generator=gen, dtype=dtype)
+    crow_t, _, _ = ops.transpose_pattern(crow, col, (out, inp))
+    torch.testing.assert_close(cpu_csr_linear(x, crow, col, values, out), x @ dense.T)
+    torch.testing.assert_close(cpu_csr_linear_t(dy, crow, col, values, crow_t, inp), dy @ dense)
+    rows = torch.repeat_interleave(torch.arange(out), (crow[1:] - crow[:-1]).long())
+    torch.testing.assert_close(cpu_csr_sddmm(crow, col, dy, x), (dy.T @ x)[rows, col.long()])
+
+
+def test_strided_input_and_thread_counts_agree():
+    dense, crow, col, values = _pattern(50, 70, 0.2, torch.float32, torch.int64, seed=3)
+    x = torch.randn(70, 100).t()  # [100, 70], not contiguous
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = cpu_csr_linear(x, crow, col, values, 50)
+        torch.set_num_threads(2)
+        two = cpu_csr_linear(x, crow, col, values, 50)
+    finally:
+        torch.set_num_threads(before)
+    torch.testing.assert_close(one, x @ dense.T)
+    torch.testing.assert_close(two, one)
+
+
+def test_empty_operands_and_bad_input():
+    dense, crow, col, values = _pattern(5, 6, 0.5, torch.float32, torch.int64, seed=4)
+    assert cpu_csr_linear(torch.randn(0, 6), crow, col, values, 5).shape == (0, 5)
+    empty = torch.zeros(5, 6).to_sparse_csr()
+    assert torch.equal(cpu_csr_linear(torch.randn(3, 6), empty.crow_indices(), empty.col_indices(), empty.values(), 5),
+                       torch.zeros(3, 5))
+    with pytest.raises(ValueError, match="share one dtype"):
+        cpu_csr_linear(torch.randn(3, 6, dtype=torch.float64), crow, col, values, 5)
+    with pytest.raises(ValueError, match="share N"):
+        cpu_csr_sddmm(crow, col, torch.randn(3, 5), torch.randn(4, 6))
+
+
+def test_sort_rows_puts_a_hand_built_pattern_in_column_order():
+    crow, col = torch.tensor([0, 3, 4]), torch.tensor([4, 0, 2, 1])
+    values = torch.tensor([1., 2., 3., 4.])
+    col_s, values_s = ops.sort_rows(crow, col, values)
+    assert col_s.tolist() == [0, 2, 4, 1] and values_s.tolist() == [2., 3., 1., 4.]
+
+
+def test_layer_from_unsorted_csr_trains_like_the_dense_weight():
+    """A CSR weight with columns out of order in a row (built by hand) goes through the numba
+    backward (batch above NUMBA_MIN_ROWS) and gives the dense weight's gradients."""
+    from sparse_lth.formats import SparseWeight
+
+    crow = torch.tensor([0, 3, 5, 5])
+    col = torch.tensor([7, 1, 4, 6, 0])
+    values = torch.randn(5, dtype=torch.float64)
+    W = torch.sparse_csr_tensor(crow, col, values, (3, 8))
+    layer = TrainableSparseLinear(SparseWeight(W, (3, 8)))
+    dense = torch.zeros(3, 8, dtype=torch.float64)
+    dense[torch.tensor([0, 0, 0, 1, 1]), col] = values
+    dense.requires_grad_()
+    x = torch.randn(ops.NUMBA_MIN_ROWS + 5, 8, dtype=torch.float64, requires_grad=True)
+    x_ref = x.detach().clone().requires_grad_()
+    dy = torch.randn(x.shape[0], 3, dtype=torch.float64)
+    layer(x).backward(dy)
+    (x_ref @ dense.T).backward(dy)
+    torch.testing.assert_close(x.grad, x_ref.grad)
+    torch.testing.assert_close(layer.dense_weight(), dense.detach())
+    grad = torch.sparse_csr_tensor(layer.crow_indices, layer.col_indices, layer.values.grad, (3, 8)).to_dense()
+    torch.testing.assert_close(grad, dense.grad * (dense.detach() != 0))
