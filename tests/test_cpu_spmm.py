@@ -94,3 +94,22 @@ def test_layer_from_unsorted_csr_trains_like_the_dense_weight():
     torch.testing.assert_close(layer.dense_weight(), dense.detach())
     grad = torch.sparse_csr_tensor(layer.crow_indices, layer.col_indices, layer.values.grad, (3, 8)).to_dense()
     torch.testing.assert_close(grad, dense.grad * (dense.detach() != 0))
+
+
+def test_a_kept_panel_is_used_only_for_the_same_unchanged_tensor():
+    """The backward reuses the panels of x and dy packed earlier in the step; an in-place change
+    of x, or a new tensor, is packed again."""
+    dense, crow, col, values = _pattern(30, 50, 0.3, torch.float32, torch.int64, seed=5)
+    x = torch.randn(64, 50)
+    dy = torch.randn(64, 30)
+    first = cpu_csr_linear(x, crow, col, values, 30)
+    x.add_(1.0)
+    torch.testing.assert_close(cpu_csr_linear(x, crow, col, values, 30), x @ dense.T)
+    torch.testing.assert_close(first, (x - 1.0) @ dense.T)
+    rows = torch.repeat_interleave(torch.arange(30), (crow[1:] - crow[:-1]).long())
+    torch.testing.assert_close(cpu_csr_sddmm(crow, col, dy, x), (dy.T @ x)[rows, col])
+    other = x.clone()  # equal values, another tensor: packed afresh, same answer
+    torch.testing.assert_close(cpu_csr_sddmm(crow, col, dy, other), (dy.T @ x)[rows, col])
+    with torch.no_grad():
+        x.copy_(torch.randn(64, 50))
+    torch.testing.assert_close(cpu_csr_sddmm(crow, col, dy, x), (dy.T @ x)[rows, col])
