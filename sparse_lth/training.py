@@ -29,12 +29,13 @@ OPTIMIZERS = ("adam", "sgd")
 SPARSE_TRAINING = ("auto", "always", "never")
 #: ``sparse_training="auto"``: (at least this many weights, at most this density) pairs; a masked
 #: nn.Linear trains sparse when it meets one of them. Measured on 2 CPU cores, batch 60, fp32,
-#: one step of a layer inside a network (forward, backward with the input's gradient, fused Adam),
-#: sparse against masked dense (bench/RESULTS.md, sparse training): 4096 x 4096 3.78x at 10%,
-#: 2.03x at 20%, 1.34x at 30%, 0.85x at 40%; 1024 x 1024 1.79x / 1.45x / 1.04x / 0.87x; 100 x 300
-#: lost at every density. In a whole search round (mlp4096, evaluation included) sparse rounds ran
-#: 1.19x at 21% and 0.89x at 26%: 20% is where it pays.
-SPARSE_TRAINING_RULE: tuple[tuple[int, float], ...] = ((1 << 17, 0.2),)
+#: one step of the layer (forward, backward, fused Adam), sparse on the numba kernels against
+#: masked dense (``bench/training_crossover.py``, bench/RESULTS.md): 4096 x 4096 8.2x at 10%,
+#: 1.86x at 50%, 1.26x at 70%, 1.06x at 80%; 4096 x 784 (a first layer) 1.35x at 50%, 1.17x at
+#: 60%, 1.03x at 70%; 1024 x 1024 1.24x at 40%, 1.06x at 50%, 0.91x at 60%; 300 x 784 (first)
+#: 1.22x at 20%, 1.11x at 30%, 0.99x at 40%; 100 x 300 lost at every density (0.5x: fixed costs).
+#: Each bound sits one step inside the measured break-even.
+SPARSE_TRAINING_RULE: tuple[tuple[int, float], ...] = ((1 << 24, 0.7), (1 << 21, 0.6), (1 << 20, 0.4), (1 << 17, 0.25))
 
 
 @dataclass(frozen=True)
@@ -147,7 +148,8 @@ def sparse_training_plan(model: nn.Module, mask: Mask, mode: str) -> dict[str, s
     """Per masked ``nn.Linear`` weight, how a round trains it: ``"sparse"`` (a
     :class:`~sparse_lth.nn.TrainableSparseLinear` over the mask's pattern) or ``"masked-dense"``.
     ``mode`` "always" trains every one sparse, "never" none, "auto" those that meet
-    :data:`SPARSE_TRAINING_RULE` (2^17 weights or more at 20% density or less).
+    :data:`SPARSE_TRAINING_RULE` (larger layers up to higher densities: 2^17 weights at 25%,
+    2^20 at 40%, 2^21 at 60%, 2^24 at 70%).
 
     >>> from sparse_lth.models import build_model
     >>> model = build_model("lenet300", (1, 28, 28), 10)

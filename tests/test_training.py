@@ -128,3 +128,15 @@ def test_sparse_training_plan_auto_keeps_small_layers_dense():
     assert plan == {"fc1.weight": "sparse", "fc2.weight": "masked-dense", "out.weight": "masked-dense"}
     with pytest.raises(ValueError, match="sparse_training"):
         training.sparse_training_plan(model, sparse_mask, "sometimes")
+
+
+@pytest.mark.parametrize("shape,density,expected", [
+    ((4096, 4096), 0.65, "sparse"), ((4096, 4096), 0.75, "masked-dense"),
+    ((1024, 1024), 0.35, "sparse"), ((1024, 1024), 0.5, "masked-dense"),
+    ((300, 784), 0.2, "sparse"), ((300, 784), 0.3, "masked-dense"), ((100, 300), 0.05, "masked-dense"),
+])
+def test_sparse_training_plan_auto_follows_the_measured_crossover(shape, density, expected):
+    """Larger layers train sparse up to higher densities (training.SPARSE_TRAINING_RULE)."""
+    model = torch.nn.Sequential(torch.nn.Linear(shape[1], shape[0], device="meta"))
+    mask = Mask({"0.weight": torch.arange(shape[0] * shape[1]).reshape(shape) < density * shape[0] * shape[1]})
+    assert training.sparse_training_plan(model, mask, "auto") == {"0.weight": expected}

@@ -1,0 +1,102 @@
+#!/usr/bin/env python
+"""Where sparse training starts to pay on this CPU: the table behind ``sparse_training="auto"``.
+
+For each layer shape and density, one training step of the layer (forward, backward, fused Adam,
+the search's optimizer), sparse (``TrainableSparseLinear``, CSR) against masked dense (dense
+forward and backward, gradient masked, Adam, weights re-masked: ``training.training_step``), at
+the search's batch of 60. A layer inside a network computes its input's gradient too; a first
+layer does not (``first``). Bursts of consecutive steps of each kind alternate; the figure is the
+ratio of the medians (> 1: sparse wins). Prints a table and writes JSON; nothing is asserted.
+
+    python bench/training_crossover.py --out bench/results/cpu-sparse-training-crossover-DATE.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from harness import interleaved, machine_info
+from sparse_lth.nn import TrainableSparseLinear
+
+BATCH = 60
+SHAPES = [  # (out, in, first layer: no input gradient)
+    (4096, 4096, False), (4096, 784, True), (1024, 1024, False), (300, 784, True), (100, 300, False),
+]
+DENSITIES = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
+
+
+def step_pair(out: int, inp: int, density: float, first: bool, seed: int = 0):
+    """(masked-dense step, sparse step) for one layer, from the same weights and inputs."""
+    gen = torch.Generator().manual_seed(seed)
+    dense = nn.Linear(inp, out)
+    mask = torch.rand(out, inp, generator=gen) < density
+    with torch.no_grad():
+        dense.weight.mul_(mask)
+    sparse = TrainableSparseLinear.from_linear(dense, mask=mask)
+    x = torch.randn(BATCH, inp, generator=gen).requires_grad_(not first)
+    dy = torch.randn(BATCH, out, generator=gen)
+    opt_dense = torch.optim.Adam(dense.parameters(), lr=1e-3, fused=True)
+    opt_sparse = torch.optim.Adam(sparse.parameters(), lr=1e-3, fused=True)
+
+    def masked_dense() -> None:
+        opt_dense.zero_grad()
+        dense(x).backward(dy)
+        dense.weight.grad.mul_(mask)
+        opt_dense.step()
+        with torch.no_grad():
+            dense.weight.mul_(mask)
+
+    def sparse_step() -> None:
+        opt_sparse.zero_grad()
+        sparse(x).backward(dy)
+        opt_sparse.step()
+
+    return masked_dense, sparse_step
+
+
+def measure(out: int, inp: int, density: float, first: bool, budget_s: float) -> dict:
+    dense, sparse = step_pair(out, inp, density, first)
+    for _ in range(3):  # warm: numba's compile, Adam's state, the allocator
+        dense()
+        sparse()
+    once = {}
+    for name, fn in (("dense", dense), ("sparse", sparse)):
+        start = time.perf_counter()
+        fn()
+        once[name] = time.perf_counter() - start
+    bursts = 9
+    calls = {name: max(1, round(budget_s / (2 * bursts) / t)) for name, t in once.items()}
+    result = interleaved({"dense": dense, "sparse": sparse}, "cpu", bursts, calls)
+    return {"out": out, "in": inp, "first_layer": first, "density": density,
+            "dense_ms": result.seconds["dense"] * 1e3, "sparse_ms": result.seconds["sparse"] * 1e3,
+            "speedup": result.ratio("dense", "sparse")}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, help="write the points as JSON here")
+    parser.add_argument("--budget", type=float, default=3.0, help="seconds of timing per point")
+    args = parser.parse_args()
+    points = []
+    print(f"batch {BATCH}, {torch.get_num_threads()} threads, fused Adam; sparse step / masked-dense step")
+    print("layer".ljust(24) + "".join(f"{d:>8.0%}" for d in DENSITIES))
+    for out, inp, first in SHAPES:
+        row = []
+        for density in DENSITIES:
+            points.append(measure(out, inp, density, first, args.budget))
+            row.append(points[-1]["speedup"])
+        label = f"{out} x {inp}" + (" (first)" if first else "")
+        print(label.ljust(24) + "".join(f"{r:>7.2f}x" for r in row), flush=True)
+    if args.out:
+        info = {"machine": machine_info("cpu"), "batch": BATCH, "optimizer": "Adam(fused=True)", "points": points}
+        args.out.write_text(json.dumps(info, indent=1))
+
+
+if __name__ == "__main__":
+    main()
