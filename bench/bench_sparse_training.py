@@ -39,10 +39,10 @@ CPU_CASES = [("csr", None, 0.1), ("csr", None, 0.05), ("csr", None, 0.02), ("bsr
 CUDA_CASES = [("bsr", 32, 0.05), ("bsr", 64, 0.05), ("csr", None, 0.05)]
 
 
-def _mask(width: int, fmt: str, block: int | None, density: float, gen: torch.Generator) -> torch.Tensor:
+def _mask(out: int, inp: int, fmt: str, block: int | None, density: float, gen: torch.Generator) -> torch.Tensor:
     if fmt == "csr":
-        return torch.rand(width, width, generator=gen) < density
-    tiles = torch.rand(width // block, width // block, generator=gen) < density
+        return torch.rand(out, inp, generator=gen) < density
+    tiles = torch.rand(out // block, inp // block, generator=gen) < density
     return tiles.repeat_interleave(block, 0).repeat_interleave(block, 1)
 
 
@@ -53,19 +53,26 @@ def _state_bytes(params: list[torch.Tensor], opt: torch.optim.Optimizer) -> int:
     return total
 
 
-def make_steps(width: int, fmt: str, block: int | None, density: float, device: str,
-               dtype: torch.dtype) -> tuple[dict[str, Callable[[], None]], dict[str, nn.Module], torch.Tensor]:
+def make_steps(width: int, fmt: str, block: int | None, density: float, device: str, dtype: torch.dtype, *,
+               inp: int | None = None, batch: int = BATCH, input_grad: bool = True,
+               ) -> tuple[dict[str, Callable[[], None]], dict[str, nn.Module], torch.Tensor]:
+    """The masked-dense and sparse steps of one layer [width, inp or width] from the same weights
+    and inputs; ``input_grad=False``: a network's first layer (no gradient for its input)."""
+    inp = inp or width
     gen = torch.Generator().manual_seed(0)
-    dense = nn.Linear(width, width)
-    mask = _mask(width, fmt, block, density, gen)
+    dense = nn.Linear(inp, width)
+    mask = _mask(width, inp, fmt, block, density, gen)
     with torch.no_grad():
         dense.weight.mul_(mask)
     dense = dense.to(device=device, dtype=dtype)
     mask = mask.to(device)
+    # in the weight's dtype once, as training.masked_weights does: a bool mask would make every
+    # mul_ convert it again (a 64 MB temporary a step at 4096 x 4096, freshly faulted in)
+    alive = mask.to(dtype)
     sparse = TrainableSparseLinear.from_linear(dense, mask=mask, format=fmt, blocksize=block or 32)
     # a layer inside a network: the input's gradient is computed too (the transposed product)
-    x = torch.randn(BATCH, width, generator=gen).to(device=device, dtype=dtype).requires_grad_()
-    dy = torch.randn(BATCH, width, generator=gen).to(device=device, dtype=dtype)
+    x = torch.randn(batch, inp, generator=gen).to(device=device, dtype=dtype).requires_grad_(input_grad)
+    dy = torch.randn(batch, width, generator=gen).to(device=device, dtype=dtype)
     # the search's own optimizer (training.make_optimizer): fused Adam, for both
     opt_dense = torch.optim.Adam(dense.parameters(), lr=1e-3, fused=True)
     opt_sparse = torch.optim.Adam(sparse.parameters(), lr=1e-3, fused=True)
@@ -73,10 +80,10 @@ def make_steps(width: int, fmt: str, block: int | None, density: float, device: 
     def masked_dense_step() -> None:
         opt_dense.zero_grad()
         dense(x).backward(dy)
-        dense.weight.grad.mul_(mask)
+        dense.weight.grad.mul_(alive)
         opt_dense.step()
         with torch.no_grad():
-            dense.weight.mul_(mask)
+            dense.weight.mul_(alive)
 
     def sparse_step() -> None:
         opt_sparse.zero_grad()

@@ -19,10 +19,9 @@ import time
 from pathlib import Path
 
 import torch
-from torch import nn
 
+from bench_sparse_training import make_steps
 from harness import interleaved, machine_info
-from sparse_lth.nn import TrainableSparseLinear
 
 BATCH = 60
 SHAPES = [  # (out, in, first layer: no input gradient)
@@ -31,37 +30,9 @@ SHAPES = [  # (out, in, first layer: no input gradient)
 DENSITIES = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
 
 
-def step_pair(out: int, inp: int, density: float, first: bool, seed: int = 0):
-    """(masked-dense step, sparse step) for one layer, from the same weights and inputs."""
-    gen = torch.Generator().manual_seed(seed)
-    dense = nn.Linear(inp, out)
-    mask = torch.rand(out, inp, generator=gen) < density
-    with torch.no_grad():
-        dense.weight.mul_(mask)
-    sparse = TrainableSparseLinear.from_linear(dense, mask=mask)
-    x = torch.randn(BATCH, inp, generator=gen).requires_grad_(not first)
-    dy = torch.randn(BATCH, out, generator=gen)
-    opt_dense = torch.optim.Adam(dense.parameters(), lr=1e-3, fused=True)
-    opt_sparse = torch.optim.Adam(sparse.parameters(), lr=1e-3, fused=True)
-
-    def masked_dense() -> None:
-        opt_dense.zero_grad()
-        dense(x).backward(dy)
-        dense.weight.grad.mul_(mask)
-        opt_dense.step()
-        with torch.no_grad():
-            dense.weight.mul_(mask)
-
-    def sparse_step() -> None:
-        opt_sparse.zero_grad()
-        sparse(x).backward(dy)
-        opt_sparse.step()
-
-    return masked_dense, sparse_step
-
-
 def measure(out: int, inp: int, density: float, first: bool, budget_s: float) -> dict:
-    dense, sparse = step_pair(out, inp, density, first)
+    steps, _, _ = make_steps(out, "csr", None, density, "cpu", torch.float32, inp=inp, batch=BATCH, input_grad=not first)
+    dense, sparse = steps["dense"], steps["sparse"]
     for _ in range(3):  # warm: numba's compile, Adam's state, the allocator
         dense()
         sparse()

@@ -1,4 +1,4 @@
-"""What the numba CPU kernels share: the register block, and the thread count and lock.
+"""What the numba CPU kernels share: the compile cache, the register block, the thread count and lock.
 
 This module imports torch and numba only.
 """
@@ -26,6 +26,19 @@ THREADS_LOCK = threading.Lock()
 def threads() -> int:
     """Threads for one kernel call: torch's count, capped by numba's pool."""
     return max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
+
+
+def njit_cached(**options):
+    """``numba.njit(**options)`` with its compiled code cached on disk where numba finds a
+    writable place (``__pycache__`` beside the module, else the user's cache folder), without
+    where it finds none: a parallel kernel takes seconds to compile, once per process otherwise
+    (a LeNet round that trains one layer sparse would spend more on compiling than it saves)."""
+    def decorate(fn):
+        try:
+            return numba.njit(cache=True, **options)(fn)
+        except RuntimeError:  # "cannot cache function ...: no locator available"
+            return numba.njit(cache=False, **options)(fn)
+    return decorate
 
 
 @intrinsic

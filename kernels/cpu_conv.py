@@ -32,8 +32,8 @@ Threads follow ``torch.get_num_threads()`` (capped by numba's pool). fp32 and fp
 natively; other floating dtypes in fp32 and cast back. ``fastmath`` stays off: the sums are
 plain IEEE multiply-adds in the stored order (results match F.conv2d to rounding, not bitwise).
 
-numba compiles each kernel on its first call per dtype (a few seconds; ``cache=False``, since
-the library may live on a read-only path): :func:`warm_up` does it ahead of time.
+numba compiles each kernel on its first call per dtype (a few seconds), then keeps it on disk
+where it can (``_numba.njit_cached``): :func:`warm_up` does it ahead of time.
 
 This module imports torch, numpy and numba only (the register block and thread lock from ``_numba``).
 """
@@ -45,10 +45,11 @@ import warnings
 import numba
 import numpy as np
 import torch
-from numba import njit, prange
+from numba import prange
 
 from ._numba import BLOCK as _BLOCK
 from ._numba import THREADS_LOCK as _THREADS_LOCK
+from ._numba import njit_cached
 from ._numba import register_block as _register_block
 from ._numba import threads as _threads
 from .invariants import check_index_invariants
@@ -66,7 +67,7 @@ _ITEMS_PER_THREAD = 8
 
 
 # -- the kernels ---------------------------------------------------------------------------------
-@njit(parallel=True, fastmath=False, cache=False)
+@njit_cached(parallel=True, fastmath=False)
 def _pack(x, packed, pad_top, pad_left, sh, sw, hph, wph, inner):
     """x [N, C, H, W] -> packed[(c * sh * sw + py * sw + px) * S + ((g * hph + r) * wph + q) * M + m]
     = x_padded[g * M + m, c, r * sh + py, q * sw + px], zeros outside x: images g * M + m, with
@@ -111,14 +112,14 @@ def _pack(x, packed, pad_top, pad_left, sh, sw, hph, wph, inner):
         packed[i] = 0
 
 
-@njit(parallel=True, fastmath=False, cache=False)
+@njit_cached(parallel=True, fastmath=False)
 def _offsets(taps, s, wph, inner, out):
     """Where each stored weight reads in the packed input: plane * S + (row shift * wph + col shift) * M."""
     for k in prange(taps.shape[0]):
         out[k] = np.uint64(taps[k, 0]) * np.uint64(s) + np.uint64((taps[k, 1] * wph + taps[k, 2]) * inner)
 
 
-@njit(parallel=True, fastmath=False, cache=False)
+@njit_cached(parallel=True, fastmath=False)
 def _direct(packed, crow, offs, vals, bias, out, hph, wph, inner, tile, group):
     """out[g, o, y, x * M + m] = bias[o] + sum over o's stored weights k of vals[k] * packed[offs[k] + j],
     j = ((g * hph + y) * wph + x) * M + m (M = ``inner`` images innermost, out [N / M, O, out_h,

@@ -35,7 +35,8 @@ by numba, since a torch op just before a kernel leaves torch's threads spinning 
 
 Sums are IEEE fp32 / fp64 with multiply-adds fused (``fastmath={"contract"}``; the SDDMM's dot
 product also reassociates, so it vectorizes): results match torch's products to rounding, not
-bitwise. fp32 and fp64 only; numba compiles each kernel on its first call per dtype (seconds).
+bitwise. fp32 and fp64 only; numba compiles each kernel on its first call per dtype (seconds),
+then keeps it on disk (``_numba.njit_cached``).
 
 This module imports torch, numpy and numba only.
 """
@@ -47,9 +48,9 @@ import weakref
 import numba
 import numpy as np
 import torch
-from numba import njit, prange
+from numba import prange
 
-from ._numba import BLOCK, THREADS_LOCK, register_block, threads
+from ._numba import BLOCK, THREADS_LOCK, njit_cached, register_block, threads
 
 __all__ = ["cpu_csr_linear", "cpu_csr_linear_t", "cpu_csr_sddmm", "DTYPES"]
 
@@ -68,7 +69,7 @@ _PACKED: dict[int, tuple[weakref.ref, tuple, np.ndarray]] = {}
 _X, _DY, _WORK = 0, 1, 2
 
 
-@njit(parallel=True, fastmath={"contract"}, cache=False)
+@njit_cached(parallel=True, fastmath={"contract"})
 def _spmm(ranges, crow, col, vals, panel, width, out):
     """out[n, m] = sum over row m's entries j of vals[j] * panel[col[j] * width + n], n < N
     (out [N, M]); items are (row range, tile of 64 batch entries)."""
@@ -99,7 +100,7 @@ def _spmm(ranges, crow, col, vals, panel, width, out):
                     out[p0 + q, m0 + i] = stage[i, q]
 
 
-@njit(parallel=True, fastmath={"contract"}, cache=False)
+@njit_cached(parallel=True, fastmath={"contract"})
 def _spmm_t(kranges, crow, col, vals, panel, width, work, out):
     """out[n, k] = sum over entries j = (m, k) of vals[j] * panel[m * width + n], n < N (out [N, K]):
     each item owns a range of columns k (and a tile of 64 batch entries), finds where its range
@@ -140,7 +141,7 @@ def _spmm_t(kranges, crow, col, vals, panel, width, work, out):
                 out[p0 + q, k] = work[np.uint64(k) * np.uint64(width) + p0 + q]
 
 
-@njit(parallel=True, cache=False)
+@njit_cached(parallel=True)
 def _pack(x, panel, width):
     """panel[k * width + n] = x[n, k] for n < N, zero up to ``width``: ``x.T`` padded. Columns go
     16 at a time, so each row of x is read in runs of 64 bytes, not one element per page."""
@@ -155,27 +156,18 @@ def _pack(x, panel, width):
                 panel[np.uint64(k) * np.uint64(width) + np.uint64(n)] = 0
 
 
-def _make_sddmm(dtype: type):
-    """The SDDMM kernel for one value dtype (its sum starts from that dtype's zero)."""
-    zero = dtype(0)
-
-    @njit(parallel=True, fastmath={"contract", "reassoc"}, cache=False)
-    def sddmm(ranges, crow, col, a, b, width, out):
-        """out[j] = sum_n a[m * width + n] * b[col[j] * width + n] for each entry j of row m."""
-        for r in prange(ranges.shape[0] - 1):
-            for m in range(ranges[r], ranges[r + 1]):
-                row = np.uint64(m) * np.uint64(width)
-                for j in range(crow[m], crow[m + 1]):
-                    base = np.uint64(col[j]) * np.uint64(width)
-                    s = zero
-                    for q in range(np.uint64(width)):
-                        s += a[row + q] * b[base + q]
-                    out[j] = s
-
-    return sddmm
-
-
-_sddmm = {torch.float32: _make_sddmm(np.float32), torch.float64: _make_sddmm(np.float64)}
+@njit_cached(parallel=True, fastmath={"contract", "reassoc"})
+def _sddmm(ranges, crow, col, a, b, width, out):
+    """out[j] = sum_n a[m * width + n] * b[col[j] * width + n] for each entry j of row m."""
+    for r in prange(ranges.shape[0] - 1):
+        for m in range(ranges[r], ranges[r + 1]):
+            row = np.uint64(m) * np.uint64(width)
+            for j in range(crow[m], crow[m + 1]):
+                base = np.uint64(col[j]) * np.uint64(width)
+                s = a[row] * b[base]  # width >= 64: the sum starts from its first term, in a's dtype
+                for q in range(np.uint64(1), np.uint64(width)):
+                    s += a[row + q] * b[base + q]
+                out[j] = s
 
 
 def _width(n: int) -> int:
@@ -221,14 +213,17 @@ def _ranges(crow: np.ndarray, parts: int) -> np.ndarray:
     return np.maximum.accumulate(bounds)
 
 
-def _check(name: str, crow: torch.Tensor, col: torch.Tensor, dense: tuple[torch.Tensor, ...]) -> None:
-    for t in (crow, col, *dense):
+def _check(name: str, crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor, **matrices: torch.Tensor) -> None:
+    for t in (crow, col, values, *matrices.values()):
         if t.device.type != "cpu":
             raise ValueError(f"{name}: every operand must be on the CPU, got {t.device}")
-    dtypes = {t.dtype for t in dense}
+    dtypes = {t.dtype for t in (values, *matrices.values())}
     if len(dtypes) != 1 or next(iter(dtypes)) not in DTYPES:
         raise ValueError(f"{name}: values and dense operands must share one dtype of {DTYPES}, got "
                          f"{sorted(str(d) for d in dtypes)}")
+    for label, t in matrices.items():
+        if t.dim() != 2:
+            raise ValueError(f"{name}: {label} must be 2-D, got shape {tuple(t.shape)}")
 
 
 def cpu_csr_linear(x: torch.Tensor, crow_indices: torch.Tensor, col_indices: torch.Tensor,
@@ -242,9 +237,7 @@ def cpu_csr_linear(x: torch.Tensor, crow_indices: torch.Tensor, col_indices: tor
     >>> cpu_csr_linear(torch.ones(1, 3), W.crow_indices(), W.col_indices(), W.values(), 2)
     tensor([[2., 4.]])
     """
-    _check("cpu_csr_linear", crow_indices, col_indices, (x, values))
-    if x.dim() != 2:
-        raise ValueError(f"cpu_csr_linear: x must be 2-D [N, K], got shape {tuple(x.shape)}")
+    _check("cpu_csr_linear", crow_indices, col_indices, values, x=x)
     out = torch.empty(x.shape[0], out_features, dtype=x.dtype)
     if x.shape[0] == 0 or out_features == 0:
         return out
@@ -270,9 +263,7 @@ def cpu_csr_linear_t(dy: torch.Tensor, crow_indices: torch.Tensor, col_indices: 
     >>> cpu_csr_linear_t(torch.ones(1, 2), W.crow_indices(), W.col_indices(), W.values(), crow_t, 3)
     tensor([[1., 2., 3.]])
     """
-    _check("cpu_csr_linear_t", crow_indices, col_indices, (dy, values))
-    if dy.dim() != 2:
-        raise ValueError(f"cpu_csr_linear_t: dy must be 2-D [N, M], got shape {tuple(dy.shape)}")
+    _check("cpu_csr_linear_t", crow_indices, col_indices, values, dy=dy)
     out = torch.empty(dy.shape[0], in_features, dtype=dy.dtype)
     if dy.shape[0] == 0 or in_features == 0:
         return out
@@ -297,8 +288,8 @@ def cpu_csr_sddmm(crow_indices: torch.Tensor, col_indices: torch.Tensor, dy: tor
     >>> cpu_csr_sddmm(crow, col, dy, x)  # (dy.T @ x)[0, 1], [1, 0]
     tensor([4., 6.])
     """
-    _check("cpu_csr_sddmm", crow_indices, col_indices, (dy, x))
-    if dy.dim() != 2 or x.dim() != 2 or dy.shape[0] != x.shape[0]:
+    _check("cpu_csr_sddmm", crow_indices, col_indices, x, dy=dy, x=x)
+    if dy.shape[0] != x.shape[0]:
         raise ValueError(f"cpu_csr_sddmm: dy [N, M] and x [N, K] must share N, got {tuple(dy.shape)} "
                          f"and {tuple(x.shape)}")
     out = torch.empty(col_indices.shape[0], dtype=x.dtype)
@@ -308,5 +299,5 @@ def cpu_csr_sddmm(crow_indices: torch.Tensor, col_indices: torch.Tensor, dy: tor
     with THREADS_LOCK:
         numba.set_num_threads(threads())
         a, b = _panel(dy, _DY), _panel(x, _X)
-        _sddmm[x.dtype](_ranges(crow, threads()), crow, col_indices.numpy(), a, b, _width(x.shape[0]), out.numpy())
+        _sddmm(_ranges(crow, threads()), crow, col_indices.numpy(), a, b, _width(x.shape[0]), out.numpy())
     return out

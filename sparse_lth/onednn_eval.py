@@ -6,7 +6,10 @@ against 47.5 ms (bench/RESULTS.md). The search evaluates its network 100 times a
 (validation and test every 100 steps) on thousands of rows each, so each pass borrows a oneDNN
 copy of every plain ``nn.Linear`` weight (``torch.utils.mkldnn.MkldnnLinear``, made on entry,
 dropped on exit): LeNet-300-100 over 5,000 rows, 44 ms -> 32 ms with the copies included. The
-outputs agree with MKL's to fp32 rounding (5.6e-7 relative there). Training steps are untouched.
+outputs agree with MKL's to fp32 rounding (5.6e-7 relative there). A sparse-trained layer
+(``TrainableSparseLinear``) dense enough that a dense product beats its sparse one
+(``trainable.EVAL_DENSE_MIN_DENSITY``) gets a oneDNN copy of its dense weight the same way.
+Training steps are untouched.
 """
 
 from __future__ import annotations
@@ -17,23 +20,32 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
+from sparse_lth.nn.trainable import EVAL_DENSE_MIN_DENSITY, TrainableSparseLinear, linear_with
+
 #: Rows a pass must have for the copies to pay: a weight's reorder costs about what a few
 #: hundred rows of its product save.
 MIN_ROWS = 1024
 
 
-def _fits(module: nn.Module) -> bool:
-    """A plain fp32 CPU ``nn.Linear`` (subclasses, sparse layers and others keep their own
-    forward)."""
-    return (type(module) is nn.Linear and module.weight.dtype == torch.float32
-            and module.weight.device.type == "cpu")
+def _dense_stand_in(module: nn.Module) -> nn.Linear | None:
+    """The plain fp32 CPU ``nn.Linear`` oneDNN should run in ``module``'s place: the module
+    itself, a dense copy of a ``TrainableSparseLinear`` at least EVAL_DENSE_MIN_DENSITY dense,
+    or None (subclasses, sparser layers and others keep their own forward)."""
+    if type(module) is TrainableSparseLinear:
+        cpu32 = module.values.dtype == torch.float32 and module.values.device.type == "cpu"
+        if cpu32 and module.density() >= EVAL_DENSE_MIN_DENSITY:
+            return linear_with(module.dense_weight(), None if module.bias is None else module.bias.detach())
+        return None
+    if type(module) is nn.Linear and module.weight.dtype == torch.float32 and module.weight.device.type == "cpu":
+        return module
+    return None
 
 
 @contextlib.contextmanager
 def onednn_linears(model: nn.Module, rows: int) -> Iterator[int]:
-    """Inside the block, every plain fp32 CPU ``nn.Linear`` of ``model`` runs through oneDNN on
-    2-D and higher fp32 inputs (a copy of its weight taken on entry); yields how many layers
-    were switched. Nothing is switched for fewer than :data:`MIN_ROWS` rows, with autograd on,
+    """Inside the block, every plain fp32 CPU ``nn.Linear`` of ``model`` (and every
+    ``TrainableSparseLinear`` dense enough) runs through oneDNN on 2-D and higher fp32 inputs
+    (a copy of its weight taken on entry); yields how many layers were switched. Nothing is switched for fewer than :data:`MIN_ROWS` rows, with autograd on,
     or without oneDNN in this torch build. Meant for ``torch.no_grad`` evaluation passes.
 
     >>> import torch
@@ -60,8 +72,9 @@ def onednn_linears(model: nn.Module, rows: int) -> Iterator[int]:
     switched = []
     try:
         for module in model.modules():
-            if _fits(module) and "forward" not in vars(module):
-                fast, plain = MkldnnLinear(module, torch.float), module.forward
+            stand_in = None if "forward" in vars(module) else _dense_stand_in(module)
+            if stand_in is not None:
+                fast, plain = MkldnnLinear(stand_in, torch.float), module.forward
 
                 def forward(x: torch.Tensor, fast=fast, plain=plain) -> torch.Tensor:
                     ok = x.dim() >= 2 and x.dtype == torch.float32 and x.device.type == "cpu"

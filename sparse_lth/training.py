@@ -30,12 +30,13 @@ SPARSE_TRAINING = ("auto", "always", "never")
 #: ``sparse_training="auto"``: (at least this many weights, at most this density) pairs; a masked
 #: nn.Linear trains sparse when it meets one of them. Measured on 2 CPU cores, batch 60, fp32,
 #: one step of the layer (forward, backward, fused Adam), sparse on the numba kernels against
-#: masked dense (``bench/training_crossover.py``, bench/RESULTS.md): 4096 x 4096 8.2x at 10%,
-#: 1.86x at 50%, 1.26x at 70%, 1.06x at 80%; 4096 x 784 (a first layer) 1.35x at 50%, 1.17x at
-#: 60%, 1.03x at 70%; 1024 x 1024 1.24x at 40%, 1.06x at 50%, 0.91x at 60%; 300 x 784 (first)
-#: 1.22x at 20%, 1.11x at 30%, 0.99x at 40%; 100 x 300 lost at every density (0.5x: fixed costs).
-#: Each bound sits one step inside the measured break-even.
-SPARSE_TRAINING_RULE: tuple[tuple[int, float], ...] = ((1 << 24, 0.7), (1 << 21, 0.6), (1 << 20, 0.4), (1 << 17, 0.25))
+#: masked dense with its mask in the weight's dtype (``bench/training_crossover.py``,
+#: bench/RESULTS.md): 4096 x 4096 3.96x at 10%, 1.55x at 30%, 1.17x at 40%, 1.03x at 50%;
+#: 4096 x 784 (a first layer) 1.30x at 30%, 1.05x at 40%; 1024 x 1024 1.45x at 20%, 1.05x at
+#: 30%; 300 x 784 (first) 1.09x at 10%, 0.89x at 20%; 100 x 300 lost at every density (0.5x:
+#: fixed costs). In whole mlp4096 rounds (evaluation included) sparse ran 0.74x at 64%, 1.03x
+#: at 41%, 1.15x at 33%: each bound sits one step inside the measured break-even.
+SPARSE_TRAINING_RULE: tuple[tuple[int, float], ...] = ((1 << 24, 0.4), (1 << 21, 0.3), (1 << 20, 0.2), (1 << 17, 0.1))
 
 
 @dataclass(frozen=True)
@@ -148,8 +149,8 @@ def sparse_training_plan(model: nn.Module, mask: Mask, mode: str) -> dict[str, s
     """Per masked ``nn.Linear`` weight, how a round trains it: ``"sparse"`` (a
     :class:`~sparse_lth.nn.TrainableSparseLinear` over the mask's pattern) or ``"masked-dense"``.
     ``mode`` "always" trains every one sparse, "never" none, "auto" those that meet
-    :data:`SPARSE_TRAINING_RULE` (larger layers up to higher densities: 2^17 weights at 25%,
-    2^20 at 40%, 2^21 at 60%, 2^24 at 70%).
+    :data:`SPARSE_TRAINING_RULE` (larger layers up to higher densities: 2^17 weights at 10%,
+    2^20 at 20%, 2^21 at 30%, 2^24 at 40%).
 
     >>> from sparse_lth.models import build_model
     >>> model = build_model("lenet300", (1, 28, 28), 10)

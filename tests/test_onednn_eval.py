@@ -61,3 +61,24 @@ def test_an_error_inside_gives_the_layers_back():
     with pytest.raises(ValueError), torch.no_grad(), onednn_linears(model, rows=MIN_ROWS):
         raise ValueError("boom")
     assert all("forward" not in vars(m) for m in model.modules())
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="torch built without oneDNN")
+def test_sparse_trained_layers_dense_enough_get_a_dense_copy_through_onednn():
+    from sparse_lth.nn import TrainableSparseLinear
+    from sparse_lth.nn.trainable import EVAL_DENSE_MIN_DENSITY
+
+    torch.manual_seed(0)
+    dense_enough = TrainableSparseLinear.from_linear(nn.Linear(64, 48), mask=torch.rand(48, 64) < 0.5)
+    sparse = TrainableSparseLinear.from_linear(nn.Linear(48, 10), mask=torch.rand(10, 48) < EVAL_DENSE_MIN_DENSITY / 4)
+    net = nn.Sequential(dense_enough, nn.ReLU(), sparse)
+    x = torch.randn(MIN_ROWS, 64)
+    with torch.no_grad():
+        reference = F.linear(torch.relu(F.linear(x, dense_enough.dense_weight(), dense_enough.bias)),
+                             sparse.dense_weight(), sparse.bias)
+        with onednn_linears(net, rows=len(x)) as switched:
+            out = net(x)
+            assert "forward" in vars(dense_enough) and "forward" not in vars(sparse)
+    assert switched == 1
+    torch.testing.assert_close(out, reference, rtol=1e-5, atol=1e-5)
+    assert "forward" not in vars(dense_enough)

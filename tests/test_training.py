@@ -131,9 +131,9 @@ def test_sparse_training_plan_auto_keeps_small_layers_dense():
 
 
 @pytest.mark.parametrize("shape,density,expected", [
-    ((4096, 4096), 0.65, "sparse"), ((4096, 4096), 0.75, "masked-dense"),
-    ((1024, 1024), 0.35, "sparse"), ((1024, 1024), 0.5, "masked-dense"),
-    ((300, 784), 0.2, "sparse"), ((300, 784), 0.3, "masked-dense"), ((100, 300), 0.05, "masked-dense"),
+    ((4096, 4096), 0.35, "sparse"), ((4096, 4096), 0.45, "masked-dense"),
+    ((1024, 1024), 0.15, "sparse"), ((1024, 1024), 0.25, "masked-dense"),
+    ((300, 784), 0.08, "sparse"), ((300, 784), 0.15, "masked-dense"), ((100, 300), 0.05, "masked-dense"),
 ])
 def test_sparse_training_plan_auto_follows_the_measured_crossover(shape, density, expected):
     """Larger layers train sparse up to higher densities (training.SPARSE_TRAINING_RULE)."""

@@ -35,11 +35,13 @@ __all__ = ["TrainableSparseLinear", "linear_with"]
 
 #: Without autograd (evaluation), an input of at least this many rows through a layer at least
 #: EVAL_DENSE_MIN_DENSITY dense multiplies a dense copy of the weight, made once per change of
-#: the values. Measured on 2 CPU cores, fp32, 5000 rows, the numba product against F.linear on
-#: the copy: 4096 x 4096 at 5 / 10 / 20 % 433 / 633 / 1074 ms against 900-975 ms; 4096 x 784
-#: and 300 x 784 sparse won to 20 % and tied at 30 %. Training batches (60 rows) stay sparse.
+#: the values (the search's evaluation passes run that copy through oneDNN: ``onednn_eval``).
+#: Measured on 2 CPU cores, fp32, 5000 rows, the numba product against F.linear (MKL) on the
+#: copy: 4096 x 4096 at 5 / 10 / 20 % 433 / 633 / 1074 ms against 900-975 ms, oneDNN running
+#: the dense product about 1.5x faster than MKL; 4096 x 784 and 300 x 784 sparse won to 20 %
+#: against MKL. Training batches (60 rows) stay sparse.
 EVAL_DENSE_MIN_ROWS = 256
-EVAL_DENSE_MIN_DENSITY = 0.15
+EVAL_DENSE_MIN_DENSITY = 0.1
 
 def linear_with(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
     """A new ``nn.Linear`` holding copies of a dense [out, in] ``weight`` and ``bias``, on their
