@@ -15,7 +15,8 @@ from numba.extending import intrinsic
 
 #: Outputs accumulated in registers at once: 4 zmm of fp32 (8 of fp64). 64 is what LLVM's loop
 #: vectorizer (16 lanes, interleaved 4x) turns into exactly one unrolled step; 16 or 32 get fully
-#: unrolled first and come out scalar (measured: 19 vs 4 GFMA/s on one core).
+#: unrolled first and come out scalar (measured: 19 vs 4 GFMA/s on one core). numba's disk cache
+#: knows a kernel's own file only: after changing this, delete kernels/__pycache__/*.nb[ic].
 BLOCK = 64
 
 # numba's workqueue layer (its fallback where neither TBB nor OpenMP loads) aborts the process on
