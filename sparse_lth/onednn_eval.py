@@ -16,25 +16,29 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from types import SimpleNamespace
 
 import torch
 from torch import nn
 
-from sparse_lth.nn.trainable import EVAL_DENSE_MIN_DENSITY, TrainableSparseLinear, linear_with
+from sparse_lth.nn.trainable import EVAL_DENSE_MIN_DENSITY, TrainableSparseLinear
 
 #: Rows a pass must have for the copies to pay: a weight's reorder costs about what a few
 #: hundred rows of its product save.
 MIN_ROWS = 1024
 
 
-def _dense_stand_in(module: nn.Module) -> nn.Linear | None:
-    """The plain fp32 CPU ``nn.Linear`` oneDNN should run in ``module``'s place: the module
-    itself, a dense copy of a ``TrainableSparseLinear`` at least EVAL_DENSE_MIN_DENSITY dense,
-    or None (subclasses, sparser layers and others keep their own forward)."""
+def _dense_stand_in(module: nn.Module) -> nn.Linear | SimpleNamespace | None:
+    """The fp32 CPU weight and bias oneDNN should multiply in ``module``'s place: a plain
+    ``nn.Linear`` itself, the cached dense copy of a ``TrainableSparseLinear`` at least
+    EVAL_DENSE_MIN_DENSITY dense (kept by the layer while its values stay: the validation and
+    test passes of one step share it), or None (subclasses, sparser layers and others keep their
+    own forward)."""
     if type(module) is TrainableSparseLinear:
         cpu32 = module.values.dtype == torch.float32 and module.values.device.type == "cpu"
         if cpu32 and module.density() >= EVAL_DENSE_MIN_DENSITY:
-            return linear_with(module.dense_weight(), None if module.bias is None else module.bias.detach())
+            return SimpleNamespace(weight=module._eval_weight(),
+                                   bias=None if module.bias is None else module.bias.detach())
         return None
     if type(module) is nn.Linear and module.weight.dtype == torch.float32 and module.weight.device.type == "cpu":
         return module
