@@ -8,7 +8,7 @@ copy of every plain ``nn.Linear`` weight (``torch.utils.mkldnn.MkldnnLinear``, m
 dropped on exit): LeNet-300-100 over 5,000 rows, 44 ms -> 32 ms with the copies included. The
 outputs agree with MKL's to fp32 rounding (5.6e-7 relative there). A sparse-trained layer
 (``TrainableSparseLinear``) dense enough that a dense product beats its sparse one
-(``trainable.EVAL_DENSE_MIN_DENSITY``) gets a oneDNN copy of its dense weight the same way.
+(``TrainableSparseLinear.eval_weight``) gets a oneDNN copy of its dense weight the same way.
 Training steps are untouched.
 """
 
@@ -21,7 +21,7 @@ from types import SimpleNamespace
 import torch
 from torch import nn
 
-from sparse_lth.nn.trainable import EVAL_DENSE_MIN_DENSITY, TrainableSparseLinear
+from sparse_lth.nn.trainable import TrainableSparseLinear
 
 #: Rows a pass must have for the copies to pay: a weight's reorder costs about what a few
 #: hundred rows of its product save.
@@ -30,16 +30,16 @@ MIN_ROWS = 1024
 
 def _dense_stand_in(module: nn.Module) -> nn.Linear | SimpleNamespace | None:
     """The fp32 CPU weight and bias oneDNN should multiply in ``module``'s place: a plain
-    ``nn.Linear`` itself, the cached dense copy of a ``TrainableSparseLinear`` at least
-    EVAL_DENSE_MIN_DENSITY dense (kept by the layer while its values stay: the validation and
-    test passes of one step share it), or None (subclasses, sparser layers and others keep their
-    own forward)."""
+    ``nn.Linear`` itself, the dense copy a ``TrainableSparseLinear`` evaluates with
+    (:meth:`~sparse_lth.nn.TrainableSparseLinear.eval_weight`: kept while its values stay, so the
+    validation and test passes of one step share it), or None (subclasses, sparser layers and
+    others keep their own forward)."""
     if type(module) is TrainableSparseLinear:
-        cpu32 = module.values.dtype == torch.float32 and module.values.device.type == "cpu"
-        if cpu32 and module.density() >= EVAL_DENSE_MIN_DENSITY:
-            return SimpleNamespace(weight=module._eval_weight(),
-                                   bias=None if module.bias is None else module.bias.detach())
-        return None
+        if module.values.dtype != torch.float32 or module.values.device.type != "cpu":
+            return None
+        weight = module.eval_weight()
+        return None if weight is None else SimpleNamespace(
+            weight=weight, bias=None if module.bias is None else module.bias.detach())
     if type(module) is nn.Linear and module.weight.dtype == torch.float32 and module.weight.device.type == "cpu":
         return module
     return None

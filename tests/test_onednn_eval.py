@@ -63,7 +63,6 @@ def test_an_error_inside_gives_the_layers_back():
     assert all("forward" not in vars(m) for m in model.modules())
 
 
-@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="torch built without oneDNN")
 def test_sparse_trained_layers_dense_enough_get_a_dense_copy_through_onednn():
     from sparse_lth.nn import TrainableSparseLinear
     from sparse_lth.nn.trainable import EVAL_DENSE_MIN_DENSITY

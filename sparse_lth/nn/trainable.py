@@ -129,8 +129,8 @@ class TrainableSparseLinear(nn.Module):
             pass  # the dense copy is an eager-mode cache; a compiled graph keeps the sparse product
         elif torch.is_grad_enabled():
             self.__dict__.pop("_eval_copy", None)  # training again: drop the dense copy
-        elif x2.shape[0] >= EVAL_DENSE_MIN_ROWS and self.density() >= EVAL_DENSE_MIN_DENSITY:
-            return F.linear(x, self._eval_weight(), self.bias)
+        elif x2.shape[0] >= EVAL_DENSE_MIN_ROWS and (weight := self.eval_weight()) is not None:
+            return F.linear(x, weight, self.bias)
         if cols != self.in_features:
             x2 = F.pad(x2, (0, cols - self.in_features))
         y = ops.linear(x2.contiguous(), self.crow_indices, self.col_indices, self.values, rows,
@@ -152,9 +152,12 @@ class TrainableSparseLinear(nn.Module):
         :func:`~sparse_lth.checkpoint.save_sparse` saves, so the file loads into the dense model."""
         return sparse_state(self.sparse_weight(), None if self.bias is None else self.bias.detach())
 
-    def _eval_weight(self) -> torch.Tensor:
-        """The dense weight, cached until the values change (an optimizer step bumps their
-        version; ``.to()`` gives new storage)."""
+    def eval_weight(self) -> torch.Tensor | None:
+        """The dense weight an evaluation pass multiplies instead of the sparse product, for a
+        layer at least EVAL_DENSE_MIN_DENSITY dense (else None): cached until the values change
+        (an optimizer step bumps their version; ``.to()`` gives new storage)."""
+        if self.density() < EVAL_DENSE_MIN_DENSITY:
+            return None
         key = (self.values._version, self.values.data_ptr(), self.values.dtype)
         cached = self.__dict__.get("_eval_copy")
         if cached is None or cached[0] != key:
