@@ -59,13 +59,13 @@ NUMBA_MIN_ROWS = 40
 
 
 def _numba_path(values: torch.Tensor, rows: int) -> bool:
-    from sparse_lth.kernels.cpu_spmm import DTYPES  # numba is imported on first use
-
-    return values.device.type == "cpu" and values.dim() == 1 and values.dtype in DTYPES and rows > NUMBA_MIN_ROWS
+    # the cheap tests first: numba is imported only for a product it may run (not on CUDA)
+    return (values.device.type == "cpu" and values.dim() == 1 and rows > NUMBA_MIN_ROWS
+            and values.dtype in _cpu_spmm().DTYPES)
 
 
 def _cpu_spmm():
-    from sparse_lth.kernels import cpu_spmm
+    from sparse_lth.kernels import cpu_spmm  # numba, imported on first use
 
     return cpu_spmm
 
