@@ -14,16 +14,17 @@ ratio of the medians (> 1: sparse wins). Prints a table and writes JSON; nothing
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
-import time
 from pathlib import Path
 
 import torch
 
 from bench_sparse_training import make_steps
-from harness import interleaved, machine_info
+from harness import SIZE_CONFIGS, burst_plan, interleaved, machine_info, timed_call
 
 BATCH = 60
+BURSTS = 9
 SHAPES = [  # (out, in, first layer: no input gradient)
     (4096, 4096, False), (4096, 784, True), (1024, 1024, False), (300, 784, True), (100, 300, False),
 ]
@@ -36,13 +37,9 @@ def measure(out: int, inp: int, density: float, first: bool, budget_s: float) ->
     for _ in range(3):  # warm: numba's compile, Adam's state, the allocator
         dense()
         sparse()
-    once = {}
-    for name, fn in (("dense", dense), ("sparse", sparse)):
-        start = time.perf_counter()
-        fn()
-        once[name] = time.perf_counter() - start
-    bursts = 9
-    calls = {name: max(1, round(budget_s / (2 * bursts) / t)) for name, t in once.items()}
+    cfg = dataclasses.replace(SIZE_CONFIGS["default"], interleaved_s=budget_s, bursts=BURSTS)
+    once = {"dense": timed_call(dense, "cpu"), "sparse": timed_call(sparse, "cpu")}
+    bursts, calls = burst_plan(once, cfg)
     result = interleaved({"dense": dense, "sparse": sparse}, "cpu", bursts, calls)
     return {"out": out, "in": inp, "first_layer": first, "density": density,
             "dense_ms": result.seconds["dense"] * 1e3, "sparse_ms": result.seconds["sparse"] * 1e3,
