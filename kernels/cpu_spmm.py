@@ -51,7 +51,7 @@ import numpy as np
 import torch
 from numba import prange
 
-from ._numba import BLOCK, THREADS_LOCK, njit_cached, register_block, threads
+from ._numba import BLOCK, THREADS_LOCK, is_kept, kept_empty, njit_cached, register_block, threads
 
 __all__ = ["cpu_csr_linear", "cpu_csr_linear_t", "cpu_csr_sddmm", "DTYPES"]
 
@@ -60,9 +60,6 @@ DTYPES = (torch.float32, torch.float64)
 #: Output rows staged before they are written: 16 fp32 results make one 64-byte line of out.
 ROWS_OUT = 16
 _NUMPY = {torch.float32: np.float32, torch.float64: np.float64}
-#: Work arrays up to this size are kept between calls (three slots per dtype).
-SCRATCH_BYTES = 16 << 20
-_SCRATCH: dict[tuple[int, torch.dtype], np.ndarray] = {}
 #: slot -> (tensor, its version and layout, panel): a backward pass packs ``dy`` for the input
 #: gradient and again for the SDDMM, and ``x`` packed by the forward; each is packed once.
 _PACKED: dict[int, tuple[weakref.ref, tuple, np.ndarray]] = {}
@@ -185,32 +182,10 @@ def _width(n: int) -> int:
     return -(-max(n, 1) // BLOCK) * BLOCK
 
 
-def _aligned(size: int, np_dtype) -> np.ndarray:
-    """An empty array of ``size`` elements starting on a 64-byte line (numpy aligns to 16): a
-    misaligned panel splits every 64-byte vector load over two lines (the forward measured
-    1.15-1.4x slower on it)."""
-    item = np.dtype(np_dtype).itemsize
-    raw = np.empty(size + 64 // item, dtype=np_dtype)
-    skip = (-raw.ctypes.data % 64) // item
-    return raw[skip:skip + size]
-
-
-def _kept(size: int, dtype: torch.dtype) -> bool:
-    return size * dtype.itemsize <= SCRATCH_BYTES
-
-
 def _scratch(slot: int, size: int, dtype: torch.dtype) -> np.ndarray:
-    """A 64-byte aligned work array of ``size`` elements, kept between calls (callers hold
-    THREADS_LOCK) up to SCRATCH_BYTES: on this VM a fresh 1 MB array costs ~1 ms of page faults
-    when first written, as much as a product at 2 % density."""
+    """Scratch ``slot``'s work array (:func:`~._numba.kept_empty`); callers hold THREADS_LOCK."""
     _PACKED.pop(slot, None)  # whatever panel the slot held is about to be overwritten
-    np_dtype = _NUMPY[dtype]
-    if not _kept(size, dtype):
-        return _aligned(size, np_dtype)
-    kept = _SCRATCH.get((slot, dtype))
-    if kept is None or kept.size < size:
-        kept = _SCRATCH[(slot, dtype)] = _aligned(size, np_dtype)
-    return kept[:size]
+    return kept_empty(("cpu_spmm", slot), size, _NUMPY[dtype])
 
 
 def _panel(x: torch.Tensor, slot: int) -> np.ndarray:
@@ -224,7 +199,7 @@ def _panel(x: torch.Tensor, slot: int) -> np.ndarray:
         return packed[2]  # the same tensor, unchanged since it was packed here
     panel = _scratch(slot, k * _width(n), x.dtype)
     _pack(x.detach().numpy(), panel, _width(n))
-    if _kept(panel.size, x.dtype):  # a kept array: remember what it holds
+    if is_kept(panel.size, panel.dtype):  # a kept array: remember what it holds
         _PACKED[slot] = (weakref.ref(x), key, panel)
     return panel
 

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
+from sparse_lth.kernels import _numba
 from sparse_lth.kernels.cpu_spmm import cpu_csr_linear, cpu_csr_linear_t, cpu_csr_sddmm
 from sparse_lth.nn import TrainableSparseLinear, ops
 
@@ -113,3 +115,13 @@ def test_a_kept_panel_is_used_only_for_the_same_unchanged_tensor():
     with torch.no_grad():
         x.copy_(torch.randn(64, 50))
     torch.testing.assert_close(cpu_csr_sddmm(crow, col, dy, x), (dy.T @ x)[rows, col])
+
+
+def test_work_arrays_start_on_a_line_and_are_kept_up_to_the_limit():
+    a = _numba.kept_empty(("test", 0), 1000, np.float32)
+    assert a.shape == (1000,) and a.ctypes.data % 64 == 0
+    assert _numba.kept_empty(("test", 0), 300, np.float32).ctypes.data == a.ctypes.data  # the same memory
+    assert not np.shares_memory(_numba.kept_empty(("test", 1), 300, np.float32), a)  # another key
+    big = _numba.SCRATCH_BYTES // 4 + 1  # over the limit: a fresh array each call
+    b, c = _numba.kept_empty(("test", 0), big, np.float32), _numba.kept_empty(("test", 0), big, np.float32)
+    assert b.ctypes.data % 64 == 0 and not np.shares_memory(b, c) and not _numba.is_kept(big, np.float32)

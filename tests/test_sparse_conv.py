@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import random
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -313,3 +314,21 @@ def test_the_sparse_path_on_cuda_is_the_triton_conv(padding):
     with torch.inference_mode():
         expected = F.conv2d(x.float(), (conv.weight * mask).float(), conv.bias.float(), padding=padding)
         torch.testing.assert_close(layer(x).float(), expected, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("n,c,h,w,pad_top,pad_left,hph,wph", [
+    (1, 3, 5, 7, 1, 1, 7, 9),    # padded all round
+    (2, 4, 6, 6, 0, 0, 4, 5),    # planes cut short of the image (rows and columns never read)
+    (1, 2, 3, 3, 2, 3, 9, 9),    # padding wider than the image
+    (3, 1, 4, 4, 1, 0, 6, 3),
+    (1, 1, 2, 2, 5, 4, 3, 3),    # all padding: nothing of the image lands in the plane
+])
+def test_plain_pack_writes_what_the_general_pack_writes(n, c, h, w, pad_top, pad_left, hph, wph):
+    from sparse_lth.kernels import cpu_conv
+
+    x = np.random.default_rng(0).random((n, c, h, w), dtype=np.float32)
+    general = np.full(c * n * hph * wph + 10, np.nan, np.float32)  # a tail past the planes, zeroed by both
+    plain = general.copy()
+    cpu_conv._pack(x, general, pad_top, pad_left, 1, 1, hph, wph, 1)
+    cpu_conv._pack_plain(x, plain, pad_top, pad_left, hph, wph)
+    assert np.array_equal(general, plain)
