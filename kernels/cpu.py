@@ -14,8 +14,9 @@ How it runs:
 - fp32 and fp64 are computed natively. fp16 and bf16 are accepted, computed in fp32 (scipy has
   no bf16 and its fp16 loops accumulate in fp16) and cast back to the input dtype.
 
-Choosing between this path and torch's own (MKL) CSR product lives in ``auto_cpu_backend``
-below; the measurements behind it are in ``bench/cpu_crossover.md``.
+Choosing between this path, torch's own (MKL) CSR product and the numba kernel of
+``cpu_spmm`` lives in ``auto_cpu_backend`` below; the measurements behind it are in
+``bench/cpu_crossover.md`` and bench/RESULTS.md.
 
 This module imports torch, numpy and scipy only.
 """
@@ -48,6 +49,7 @@ __all__ = [
     "auto_cpu_backend",
     "MIN_WORK_PER_THREAD",
     "TORCH_MIN_BATCH",
+    "NUMBA_MIN_ROWS",
 ]
 
 #: Multiply-adds (nnz x N) per thread below which adding a thread does not pay.
@@ -59,6 +61,11 @@ MIN_WORK_PER_THREAD = 200_000
 #: barely more. Measured on a 2-core machine, 4096 x 4096 at 1-30% density, batch 1-128:
 #: see bench/cpu_crossover.md.
 TORCH_MIN_BATCH = 2
+#: CSR products with more columns of X (rows of a linear layer's input) than this run on the
+#: numba kernel (kernels/cpu_spmm.py: 64 outputs held in registers per row), fp32 / fp64.
+#: Measured on 2 cores against torch's MKL product (4096 x 4096 at 10 / 30 %, 300 x 784,
+#: 100 x 300): at 60-64 columns 1.0-1.9x, at 32 columns 0.7-1.0x, at 8 columns 0.3-0.4x.
+NUMBA_MIN_ROWS = 40
 
 _FLOATS = (torch.float32, torch.float64)
 _UPCAST = (torch.float16, torch.bfloat16)
@@ -305,22 +312,25 @@ def cpu_bsr_matmul(W: torch.Tensor, X: torch.Tensor, threads: int | None = None,
 
 # -- choice ------------------------------------------------------------------------------------
 def auto_cpu_backend(layout: torch.layout, dtype: torch.dtype, batch: int, nnz: int | None = None) -> str:
-    """The faster CPU path, ``"scipy"`` or ``"torch"``, for a product with ``batch`` columns.
+    """The faster CPU path, ``"scipy"``, ``"torch"`` or ``"numba"``, for a product with ``batch`` columns.
 
-    torch's CSR / BSR products (MKL, multi-threaded) win from ``TORCH_MIN_BATCH`` (2) columns
-    on, and for BSR at every batch; for CSR, scipy (threaded row blocks) wins at a single column
+    A CSR product in fp32 / fp64 with more than ``NUMBA_MIN_ROWS`` (40) columns runs on the
+    numba kernel. Otherwise torch's CSR / BSR products (MKL, multi-threaded) win from
+    ``TORCH_MIN_BATCH`` (2) columns on, and for BSR at every batch; for CSR, scipy (threaded row blocks) wins at a single column
     (a matrix-vector product) once the ``nnz`` stored values give two threads
     ``MIN_WORK_PER_THREAD`` each. scipy is the only path for float16 / bfloat16, which torch's
     CPU sparse product refuses. Measurements: bench/cpu_crossover.md, bench/cpu_goals.py.
 
     >>> import torch
-    >>> auto_cpu_backend(torch.sparse_csr, torch.float32, 1), auto_cpu_backend(torch.sparse_csr, torch.float32, 128)
-    ('scipy', 'torch')
+    >>> [auto_cpu_backend(torch.sparse_csr, torch.float32, n) for n in (1, 16, 128)]
+    ['scipy', 'torch', 'numba']
     >>> auto_cpu_backend(torch.sparse_csr, torch.bfloat16, 128)
     'scipy'
     """
     if dtype not in _FLOATS:
         return "scipy"
+    if layout == torch.sparse_csr and batch > NUMBA_MIN_ROWS:
+        return "numba"
     if batch >= TORCH_MIN_BATCH or layout == torch.sparse_bsr:
         # BSR at one column too: MKL's BSR product beat threaded scipy for 32 and 64 blocks
         # (4096^2: 0.35 vs 0.41-0.51 ms at 10%); scipy won only with 16 blocks from 10% dense.

@@ -4,8 +4,8 @@ A layer ``y = x @ W.T`` with ``W`` [M, K] stored as CSR costs three products per
 this module computes each in proportion to the stored values, for a batch of rows:
 
 - :func:`cpu_csr_linear`: ``x @ W.T`` (the forward);
-- :func:`cpu_csr_linear_t`: ``dy @ W`` (the input gradient), from ``W``'s own rows and values:
-  no transposed copy of the values is gathered per step;
+- :func:`cpu_csr_linear_t`: ``dy @ W`` (the input gradient), over a transposed pattern built
+  once per pattern: no transposed copy of the values is made per step;
 - :func:`cpu_csr_sddmm`: ``(dy.T @ x)`` at the stored positions only (the values' gradient).
 
 How they run: the dense operand is packed once per call into a *panel*, ``x.T`` zero-padded to a
@@ -17,20 +17,25 @@ contiguous run of 64 batch entries.
   blocking of ``cpu_conv``; a 1x1 sparse conv is the same product). Rows are split over the
   threads in ranges of equal stored values; results are staged 16 rows at a time and written
   straight into the [N, M] output.
-- Input gradient: each thread owns a range of columns of ``W`` (ranges of equal stored values,
-  from the transposed pattern's row pointers), finds where that range starts in every row
-  (columns sorted within rows), and adds each entry's scaled ``dy`` row into its own rows of a
-  [K, P] work panel: no two threads write one place, the values are read in order. The
-  alternative, a product over the transposed pattern reading ``values[perm]``, measured
-  1.3-1.9x slower (one cache miss per value).
+- Input gradient: the forward's loop over the transposed pattern, with ``W``'s rows cut into
+  blocks of about ``ENTRIES_PER_BLOCK`` stored values (:func:`_blocked_pattern`, built once per
+  pattern). For each block, each column of ``W`` accumulates that block's entries in registers,
+  their values read through an index from a slice of ``values`` that stays in L2 and their
+  ``dy`` rows from a slab that stays in L1, on top of the earlier blocks' sums kept in a [K, P]
+  work panel; each thread owns a range of columns (ranges of equal stored values). Measured
+  against adding each entry's scaled ``dy`` row into the work panel straight from ``W``'s rows
+  (four loads and four stores per weight), 1.2-1.7x faster; against the transposed product
+  reading ``values[perm]`` over the whole matrix (a cache miss per value), faster still.
 - SDDMM: one dot product of two panel rows per stored weight, the row's ``dy`` held in registers
   across the row's weights.
 
 Measured on the 2-core AMD EPYC VM of bench/RESULTS.md (4096 x 4096, batch 64, fp32,
-2 threads): the forward at 10 / 5 / 2 % density in 3.0-3.7 / 1.2-1.6 / 0.5-0.6 ms against
-7.3 / 3.8 / 1.7 ms for torch's MKL CSR product; the SDDMM in 3.9 / 2.0 / 0.8 ms against
-7.0 / 3.7 / 1.9 ms for ``torch.sparse.sampled_addmm``. Tiling the columns of ``W`` so a slab of
-the panel stays in L2 measured slower (the whole 1 MB panel stays in a Zen 4 core's L2 already).
+2 threads): the forward at 10 / 5 / 2 % density in 3.0-3.7 / 1.2-1.8 / 0.5-0.6 ms against
+7.3 / 3.8 / 1.7 ms for torch's MKL CSR product; the SDDMM in 3.0 / 1.4 / 0.55 ms against
+7.0 / 3.7 / 1.9 ms for ``torch.sparse.sampled_addmm``; the input gradient in 2.7-2.8 /
+1.45-1.6 / 0.65 ms. Tiling the forward's columns so a slab of the panel stays in L2 or L1
+measured slower (the whole 1 MB panel stays in a Zen 4 core's L2 already; per (row, slab) the
+accumulators go out and back).
 The kernels use numba's thread pool, a second OpenMP runtime beside torch's: the panel is packed
 by numba, since a torch op just before a kernel leaves torch's threads spinning on its cores.
 
@@ -65,6 +70,11 @@ _NUMPY = {torch.float32: np.float32, torch.float64: np.float64}
 _PACKED: dict[int, tuple[weakref.ref, tuple, np.ndarray]] = {}
 #: Scratch slots: the forward's input, the gradient's dy, the input gradient's work panel.
 _X, _DY, _WORK = 0, 1, 2
+#: Stored values per block of rows in the input gradient's transposed pattern: a block's slice
+#: of the values (256 KB of fp32) stays in a core's L2 while its columns are swept.
+ENTRIES_PER_BLOCK = 65536
+#: col_indices -> (its version and layout, the row-blocked transposed pattern built from it)
+_BLOCKED = torch.utils.weak.WeakIdKeyDictionary()
 
 
 @njit_cached(parallel=True, fastmath={"contract"})
@@ -99,44 +109,63 @@ def _spmm(ranges, crow, col, vals, panel, width, out):
 
 
 @njit_cached(parallel=True, fastmath={"contract"})
-def _spmm_t(kranges, crow, col, vals, panel, width, work, out):
-    """out[n, k] = sum over entries j = (m, k) of vals[j] * panel[m * width + n], n < N (out [N, K]):
-    each item owns a range of columns k (and a tile of 64 batch entries), finds where its range
-    starts in every row (columns sorted within rows), adds each entry's scaled panel row into its
-    rows of ``work`` [K, width], then writes them to out."""
-    n_, m_ = out.shape[0], crow.shape[0] - 1
+def _spmm_tb(kranges, ptr, rows, src, vals, panel, width, nblocks, k_, work, out):
+    """out[n, k] = sum over entries j = (m, k) of vals[j] * panel[m * width + n], n < N (out [N, K]),
+    over the row-blocked transposed pattern of ``_blocked_pattern``: for each block of rows, each
+    column k of the item's range accumulates that block's entries in registers (their values
+    gathered through ``src`` from a slice of ``vals`` that stays in L2, their ``panel`` rows in
+    L1) on top of the previous blocks' sum kept in ``work`` [K, width]."""
+    n_ = out.shape[0]
     ntiles = width // BLOCK
     for item in prange((kranges.shape[0] - 1) * ntiles):
         r = item // ntiles
         p0 = np.uint64((item - r * ntiles) * BLOCK)
         k0, k1 = kranges[r], kranges[r + 1]
-        for k in range(k0, k1):
-            for q in range(BLOCK):
-                work[np.uint64(k) * np.uint64(width) + p0 + np.uint64(q)] = 0
-        d = numba.carray(register_block(vals.dtype), BLOCK)
-        for m in range(m_):
-            a, b = crow[m], crow[m + 1]
-            while a < b:  # first entry of row m with a column >= k0
-                h = (a + b) >> 1
-                if col[h] < k0:
-                    a = h + 1
+        acc = numba.carray(register_block(vals.dtype), BLOCK)
+        for b in range(nblocks):
+            for k in range(k0, k1):
+                lo, hi = ptr[b * k_ + k], ptr[b * k_ + k + 1]
+                wb = np.uint64(k) * np.uint64(width) + p0
+                if b == 0:
+                    for q in range(BLOCK):
+                        acc[q] = 0
+                elif lo == hi:
+                    continue
                 else:
-                    b = h
-            j, end = a, crow[m + 1]
-            if j == end or col[j] >= k1:
-                continue
-            rb = np.uint64(m) * np.uint64(width) + p0
-            for q in range(BLOCK):
-                d[q] = panel[rb + np.uint64(q)]
-            while j < end and col[j] < k1:
-                w = vals[j]
-                base = np.uint64(col[j]) * np.uint64(width) + p0
+                    for q in range(BLOCK):
+                        acc[q] = work[wb + np.uint64(q)]
+                for j in range(lo, hi):
+                    w = vals[src[j]]
+                    base = np.uint64(rows[j]) * np.uint64(width) + p0
+                    for q in range(BLOCK):
+                        acc[q] += w * panel[base + np.uint64(q)]
                 for q in range(BLOCK):
-                    work[base + np.uint64(q)] += w * d[q]
-                j += 1
+                    work[wb + np.uint64(q)] = acc[q]
         for q in range(min(np.uint64(BLOCK), np.uint64(n_) - p0)):
             for k in range(k0, k1):
                 out[p0 + q, k] = work[np.uint64(k) * np.uint64(width) + p0 + q]
+
+
+@njit_cached()
+def _fill_blocks(crow, col, k_, rows_per_block, ptr, rows, src):
+    """The row-blocked transposed pattern: entries ordered by (block of rows, column, row);
+    ptr[b * K + k] is where block b's entries of column k start (a counting sort, O(nnz))."""
+    m_ = crow.shape[0] - 1
+    for m in range(m_):
+        b = m // rows_per_block
+        for j in range(crow[m], crow[m + 1]):
+            ptr[b * k_ + col[j] + 1] += 1
+    for i in range(1, ptr.shape[0]):
+        ptr[i] += ptr[i - 1]
+    cursor = ptr[:-1].copy()
+    for m in range(m_):
+        b = m // rows_per_block
+        for j in range(crow[m], crow[m + 1]):
+            i = b * k_ + col[j]
+            pos = cursor[i]
+            cursor[i] = pos + 1
+            rows[pos] = m
+            src[pos] = j
 
 
 @njit_cached(parallel=True)
@@ -196,15 +225,42 @@ def _panel(x: torch.Tensor, slot: int) -> np.ndarray:
     in scratch ``slot``. Packed by numba, not torch: a torch op just before a numba kernel leaves
     torch's OpenMP threads spinning on the cores the kernel needs."""
     n, k = x.shape
-    key = (x._version, x.data_ptr(), tuple(x.shape), x.stride(), x.dtype)
+    # an inference tensor keeps no version counter: in-place changes would go unseen, so it is
+    # packed afresh every call
+    key = None if x.is_inference() else (x._version, x.data_ptr(), tuple(x.shape), x.stride(), x.dtype)
     packed = _PACKED.get(slot)
-    if packed is not None and packed[0]() is x and packed[1] == key:
+    if key is not None and packed is not None and packed[0]() is x and packed[1] == key:
         return packed[2]  # the same tensor, unchanged since it was packed here
     panel = _scratch(slot, k * _width(n), x.dtype)
     _pack(x.detach().numpy(), panel, _width(n))
-    if is_kept(panel.size, panel.dtype):  # a kept array: remember what it holds
+    if key is not None and is_kept(panel.size, panel.dtype):  # a kept array: remember what it holds
         _PACKED[slot] = (weakref.ref(x), key, panel)
     return panel
+
+
+def _blocked_pattern(crow_indices: torch.Tensor, col_indices: torch.Tensor, in_features: int
+                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """``(ptr, rows, src, blocks)``: the transposed pattern of the CSR pattern, its entries
+    ordered by (block of rows, column, row) (:func:`_fill_blocks`), built once per pattern and
+    kept while ``col_indices`` lives and is unchanged (callers hold THREADS_LOCK)."""
+    # indices made under torch.inference_mode() keep no version counter: kept by place and shape
+    versions = tuple(None if t.is_inference() else t._version for t in (crow_indices, col_indices))
+    key = (versions, crow_indices.data_ptr(), col_indices.data_ptr(), tuple(col_indices.shape), in_features)
+    kept = _BLOCKED.get(col_indices)
+    if kept is not None and kept[0] == key:
+        return kept[1]
+    crow, col = crow_indices.numpy(), col_indices.numpy()
+    rows_, stored = crow.shape[0] - 1, col.shape[0]
+    per_row = max(1, stored // max(rows_, 1))
+    rows_per_block = max(1, min(rows_, ENTRIES_PER_BLOCK // per_row))
+    blocks = -(-rows_ // rows_per_block)
+    index = np.int32 if max(rows_, stored) < 2**31 else np.int64
+    ptr = np.zeros(blocks * in_features + 1, dtype=np.int64)
+    rows, src = np.empty(stored, dtype=index), np.empty(stored, dtype=index)
+    _fill_blocks(crow, col, in_features, rows_per_block, ptr, rows, src)
+    built = (ptr, rows, src, blocks)
+    _BLOCKED[col_indices] = (key, built)
+    return built
 
 
 def _ranges(crow: np.ndarray, parts: int) -> np.ndarray:
@@ -254,10 +310,11 @@ def cpu_csr_linear(x: torch.Tensor, crow_indices: torch.Tensor, col_indices: tor
 
 def cpu_csr_linear_t(dy: torch.Tensor, crow_indices: torch.Tensor, col_indices: torch.Tensor,
                      values: torch.Tensor, crow_t: torch.Tensor, in_features: int) -> torch.Tensor:
-    """``dy @ W`` for ``dy`` [N, M] and a CSR ``W`` [M, in_features] whose columns are sorted
-    within each row (as ``to_sparse_csr`` leaves them): the input gradient of
+    """``dy @ W`` for ``dy`` [N, M] and a CSR ``W`` [M, in_features]: the input gradient of
     :func:`cpu_csr_linear`, from the same pattern and values. ``crow_t``: the row pointers of
     ``W.T`` (the stored values per column, cumulated), which split the columns over the threads.
+    The row-blocked transposed pattern it runs over is built on the first call for a pattern
+    (O(stored values)) and kept while ``col_indices`` lives unchanged.
 
     >>> import torch
     >>> W = torch.tensor([[0., 2., 0.], [1., 0., 3.]]).to_sparse_csr()
@@ -274,8 +331,9 @@ def cpu_csr_linear_t(dy: torch.Tensor, crow_indices: torch.Tensor, col_indices: 
         numba.set_num_threads(threads())
         panel = _panel(dy, _DY)
         work = _scratch(_WORK, in_features * width, dy.dtype)
-        _spmm_t(_ranges(crow_t.numpy(), threads()), crow_indices.numpy(), col_indices.numpy(),
-                values.detach().numpy(), panel, width, work, out.numpy())
+        ptr, rows, src, blocks = _blocked_pattern(crow_indices, col_indices, in_features)
+        _spmm_tb(_ranges(crow_t.numpy(), threads()), ptr, rows, src, values.detach().numpy(), panel, width,
+                 blocks, in_features, work, out.numpy())
     return out
 
 

@@ -8,17 +8,19 @@ Backends:
   Every float dtype (float16 / bfloat16 computed in float32).
 - ``"torch"``: torch's own sparse product (MKL on the CPU, cuSPARSE on CUDA). On the CPU
   float32 / float64 only: torch refuses float16 / bfloat16 there.
+- ``"numba"``: the numba kernel of ``kernels/cpu_spmm.py`` (64 outputs held in registers per
+  row of ``W``); CPU, CSR, float32 / float64.
 - ``"dense"``: densify and use a dense matmul (a reference, and the fallback elsewhere).
 - ``"auto"``: on CUDA Triton (torch when Triton is missing or the dtype is float64; a
   ``SparseLinear`` also takes dense cuBLAS where the measured rule of
   :mod:`sparse_lth.kernels.cuda_rule` says it wins, on a dense copy it keeps); on the CPU
   the measured rule of :func:`sparse_lth.kernels.cpu.auto_cpu_backend` (scipy for a single
-  column and for float16 / bfloat16, torch's MKL product for wider batches; see
-  ``bench/cpu_crossover.md``); on any other device dense.
+  column and for float16 / bfloat16, torch's MKL product for wider batches, numba for CSR
+  with more than 40 columns; see ``bench/cpu_crossover.md``); on any other device dense.
 
 >>> import torch
->>> choose_backend("csr", "cpu", torch.float32, batch=1), choose_backend("csr", "cpu", torch.float32, batch=16)
-('scipy', 'torch')
+>>> [choose_backend("csr", "cpu", torch.float32, batch=n) for n in (1, 16, 64)]
+['scipy', 'torch', 'numba']
 >>> W = torch.tensor([[0., 2.], [1., 0.]]).to_sparse_csr()
 >>> sparse_linear(torch.ones(3, 2), W, bias=torch.tensor([10., 20.]), backend="scipy")
 tensor([[12., 21.],
@@ -41,13 +43,14 @@ from sparse_lth.kernels.invariants import check_index_invariants
 
 __all__ = ["BACKENDS", "Backend", "choose_backend", "sparse_matmul", "sparse_linear"]
 
-Backend = Literal["auto", "triton", "scipy", "torch", "dense"]
-BACKENDS: tuple[str, ...] = ("auto", "triton", "scipy", "torch", "dense")
+Backend = Literal["auto", "triton", "scipy", "torch", "numba", "dense"]
+BACKENDS: tuple[str, ...] = ("auto", "triton", "scipy", "torch", "numba", "dense")
 LayoutLike = Union[str, torch.layout]
 
 _LAYOUTS = {"csr": torch.sparse_csr, "bsr": torch.sparse_bsr}
 _TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _TORCH_CPU_DTYPES = (torch.float32, torch.float64)
+_NUMBA_DTYPES = (torch.float32, torch.float64)
 
 
 def _layout(layout: LayoutLike) -> torch.layout:
@@ -67,7 +70,7 @@ def choose_backend(
     nnz: int | None = None,
     blocksize: tuple[int, int] | None = None,
 ) -> str:
-    """The concrete backend (``"triton"``, ``"scipy"``, ``"torch"`` or ``"dense"``) for one product.
+    """The concrete backend (``"triton"``, ``"scipy"``, ``"torch"``, ``"numba"`` or ``"dense"``) for one product.
 
     ``batch`` is the number of columns of X (rows of a linear layer's 2-D input); ``nnz`` the
     number of stored values (it decides the CPU's matrix-vector path); ``blocksize`` a BSR
@@ -103,6 +106,10 @@ def choose_backend(
     if backend == "torch" and device.type == "cpu" and not _mkl_blocks(layout, blocksize):
         raise ValueError(f"backend 'torch' on the CPU takes square BSR blocks only (MKL refuses "
                          f"{blocksize[0]}x{blocksize[1]}); use 'scipy' or 'auto'")  # type: ignore[index]
+    if backend == "numba":
+        if device.type != "cpu" or layout != torch.sparse_csr or dtype not in _NUMBA_DTYPES:
+            raise ValueError(f"backend 'numba' multiplies CSR weights in float32 / float64 on the CPU, got "
+                             f"{'CSR' if layout == torch.sparse_csr else 'BSR'} {dtype} on {device}; use 'auto'")
     if backend == "triton":
         if not kernels.has_triton():
             raise ValueError("backend 'triton' needs Triton installed (pip install triton, Linux)")
@@ -116,6 +123,14 @@ def choose_backend(
 def _mkl_blocks(layout: torch.layout, blocksize: tuple[int, int] | None) -> bool:
     """Whether torch's CPU product (MKL) takes this matrix: CSR, or BSR with square blocks."""
     return layout != torch.sparse_bsr or blocksize is None or blocksize[0] == blocksize[1]
+
+
+def _numba_linear(x: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
+    """``x @ W.T`` [N, M] on the numba kernel (imported on first use: numba takes ~0.3 s to load)."""
+    from sparse_lth.kernels.cpu_spmm import cpu_csr_linear
+
+    W = _contiguous_parts(W)
+    return cpu_csr_linear(x, W.crow_indices(), W.col_indices(), W.values(), W.shape[0])
 
 
 def _blocksize_of(W: torch.Tensor) -> tuple[int, int] | None:
@@ -171,6 +186,8 @@ def sparse_matmul(W: torch.Tensor, X: torch.Tensor, backend: str = "auto", threa
         return (kernels.triton_csr_matmul if csr else kernels.triton_bsr_matmul)(W, X, check_invariants=False)
     if name == "torch":
         return _contiguous_parts(W) @ X
+    if name == "numba":
+        return _numba_linear(X.t(), W).t().contiguous()
     return W.to_dense() @ X
 
 
@@ -213,9 +230,12 @@ def sparse_linear(
     csr = W.layout == torch.sparse_csr
     if name == "dense":
         y = F.linear(x2, W.to_dense(), bias)
-    elif name == "triton":
-        y = (kernels.triton_csr_linear if csr else kernels.triton_bsr_linear)(W, x2.contiguous(),
-                                                                              check_invariants=False)
+    elif name in ("triton", "numba"):
+        if name == "numba":
+            y = _numba_linear(x2, W)
+        else:
+            y = (kernels.triton_csr_linear if csr else kernels.triton_bsr_linear)(W, x2.contiguous(),
+                                                                                  check_invariants=False)
         if bias is not None:
             y += bias
     else:

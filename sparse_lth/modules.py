@@ -71,6 +71,9 @@ _INT32_MAX = 2**31 - 1
 
 
 _SCIPY_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+#: Calibration times the numba kernel from this many input rows on: it computes 64 at a time,
+#: so below this at least three quarters of its work is padding.
+NUMBA_MIN_CANDIDATE_ROWS = 16
 
 
 def _batch(x: torch.Tensor) -> int:
@@ -132,7 +135,7 @@ class SparseLinear(nn.Module):
     (what the kernels read; they move with ``.to()``, are in ``state_dict`` and survive
     ``copy.deepcopy``); :attr:`weight` is the torch sparse tensor over them, built without a
     copy. forward takes ``x`` [..., in_features] of the weight's dtype and device and returns
-    [..., out_features]. ``backend`` ("auto" | "triton" | "scipy" | "torch" | "dense") is
+    [..., out_features]. ``backend`` ("auto" | "triton" | "scipy" | "torch" | "numba" | "dense") is
     resolved per call from the device, dtype and batch (:func:`sparse_lth.backends.choose_backend`);
     ``threads`` goes to the scipy path.
 
@@ -454,10 +457,13 @@ class SparseLinear(nn.Module):
 
     def backend_candidates(self, x: torch.Tensor) -> list[str]:
         """The paths that can multiply this layer's weight by ``x`` here (what
-        :func:`~sparse_lth.nn.calibrate.calibrate` times): ``"dense"`` always, ``"torch"`` and
-        ``"scipy"`` on the CPU, ``"triton"`` and ``"torch"`` on CUDA, each where its dtype and
-        block shape are supported."""
-        names = ("dense", "triton", "torch") if x.device.type == "cuda" else ("dense", "torch", "scipy")
+        :func:`~sparse_lth.nn.calibrate.calibrate` times): ``"dense"`` always, ``"torch"``,
+        ``"scipy"`` and (from ``NUMBA_MIN_CANDIDATE_ROWS`` rows) ``"numba"`` on the CPU,
+        ``"triton"`` and ``"torch"`` on CUDA, each where its dtype, format and block shape are
+        supported."""
+        names = ("dense", "triton", "torch") if x.device.type == "cuda" else ("dense", "torch", "scipy", "numba")
+        if _batch(x) < NUMBA_MIN_CANDIDATE_ROWS:  # numba computes 64 rows at a time: mostly padding
+            names = tuple(n for n in names if n != "numba")
         ok = []
         for name in names:
             try:

@@ -45,7 +45,7 @@ def test_every_layer_keeps_its_fastest_measured_path_and_computes_the_masked_mod
     with torch.inference_mode():
         expected = ref(x)
         torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-5)
-        for backend in ("dense", "torch", "scipy"):  # each candidate computes the same model
+        for backend in ("dense", "torch", "scipy", "numba"):  # each path computes the same model
             for i in (0, 2, 4):
                 model[i].backend = backend
             torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-5)

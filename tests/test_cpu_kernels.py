@@ -180,15 +180,18 @@ def test_auto_cpu_backend_rule():
     big = 10 * cpu.MIN_WORK_PER_THREAD
     # The measured crossover (bench/cpu_crossover.md): scipy's threaded rows win a matrix-vector
     # product with work for two threads; torch's MKL product wins from 2 columns on, and for BSR
-    # at every batch. Each branch and both sides of each threshold, literally.
+    # at every batch; numba's CSR kernel above 40 columns. Each branch and both sides of each threshold, literally.
     assert cpu.TORCH_MIN_BATCH == 2
     for dtype in (torch.float32, torch.float64):
         assert auto(csr, dtype, 1) == "scipy"
         assert auto(csr, dtype, 1, nnz=big) == "scipy"
         assert auto(csr, dtype, 1, nnz=2 * cpu.MIN_WORK_PER_THREAD) == "scipy"
         assert auto(csr, dtype, 1, nnz=2 * cpu.MIN_WORK_PER_THREAD - 1) == "torch"  # too small for two threads
-        for n in (2, 3, 16, 128, 4096):
+        assert cpu.NUMBA_MIN_ROWS == 40
+        for n in (2, 3, 16, 40):
             assert auto(csr, dtype, n) == auto(csr, dtype, n, nnz=big) == "torch", n
+        for n in (41, 128, 4096):  # the numba kernel from 41 columns on, CSR only
+            assert auto(csr, dtype, n) == auto(csr, dtype, n, nnz=big) == "numba", n
         for n in (1, 2, 128):
             assert auto(bsr, dtype, n, nnz=big) == "torch", n
     for dtype in (torch.float16, torch.bfloat16):  # torch's CPU sparse product refuses them

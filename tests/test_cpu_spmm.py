@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from sparse_lth.kernels import _numba
+from sparse_lth.kernels import _numba, cpu_spmm
 from sparse_lth.kernels.cpu_spmm import cpu_csr_linear, cpu_csr_linear_t, cpu_csr_sddmm
 from sparse_lth.nn import TrainableSparseLinear, ops
 
@@ -67,13 +67,6 @@ def test_empty_operands_and_bad_input():
         cpu_csr_sddmm(crow, col, torch.randn(3, 5), torch.randn(4, 6))
 
 
-def test_sort_rows_puts_a_hand_built_pattern_in_column_order():
-    crow, col = torch.tensor([0, 3, 4]), torch.tensor([4, 0, 2, 1])
-    values = torch.tensor([1., 2., 3., 4.])
-    col_s, values_s = ops.sort_rows(crow, col, values)
-    assert col_s.tolist() == [0, 2, 4, 1] and values_s.tolist() == [2., 3., 1., 4.]
-
-
 def test_layer_from_unsorted_csr_trains_like_the_dense_weight():
     """A CSR weight with columns out of order in a row (built by hand) goes through the numba
     backward (batch above NUMBA_MIN_ROWS) and gives the dense weight's gradients."""
@@ -125,3 +118,17 @@ def test_work_arrays_start_on_a_line_and_are_kept_up_to_the_limit():
     big = _numba.SCRATCH_BYTES // 4 + 1  # over the limit: a fresh array each call
     b, c = _numba.kept_empty(("test", 0), big, np.float32), _numba.kept_empty(("test", 0), big, np.float32)
     assert b.ctypes.data % 64 == 0 and not np.shares_memory(b, c) and not _numba.is_kept(big, np.float32)
+
+
+def test_input_gradient_over_many_row_blocks_follows_a_changed_pattern(monkeypatch):
+    """The input gradient's row-blocked transposed pattern, with blocks of a few rows, and built
+    again when the indices change in place (it is kept per col_indices tensor and version)."""
+    monkeypatch.setattr(cpu_spmm, "ENTRIES_PER_BLOCK", 7)
+    dense, crow, col, values = _pattern(50, 40, 0.3, torch.float32, torch.int32, seed=3)
+    crow_t, _, _ = ops.transpose_pattern(crow, col, (50, 40))
+    dy = torch.randn(70, 50)
+    torch.testing.assert_close(cpu_csr_linear_t(dy, crow, col, values, crow_t, 40), dy @ dense)
+    col.add_(1).remainder_(40)  # another pattern, columns still distinct within each row
+    moved = torch.sparse_csr_tensor(crow, col, values, (50, 40)).to_dense()
+    crow_t, _, _ = ops.transpose_pattern(crow, col, (50, 40))
+    torch.testing.assert_close(cpu_csr_linear_t(dy, crow, col, values, crow_t, 40), dy @ moved)

@@ -21,7 +21,7 @@ pytestmark = [
     pytest.mark.filterwarnings("ignore:Sparse invariant checks are implicitly disabled"),
 ]
 
-CPU_BACKENDS = ["auto", "scipy", "torch", "dense"]
+CPU_BACKENDS = ["auto", "scipy", "torch", "numba", "dense"]
 
 
 def mlp(dtype: torch.dtype = torch.float32) -> nn.Sequential:
@@ -55,6 +55,10 @@ def test_sparsified_mlp_matches_masked_dense(fmt, backend):
     sparse = sparsify(model, mask, format=fmt, blocksize=16, backend=backend, max_density=1.0)
     assert [type(m) for m in sparse if not isinstance(m, nn.ReLU)] == [SparseLinear] * 3
     gen = torch.Generator().manual_seed(2)
+    if backend == "numba" and fmt == "bsr":  # the numba kernel is CSR-only: a forced call says so
+        with pytest.raises(ValueError, match="numba.*CSR"):
+            sparse(torch.randn(5, 64, generator=gen))
+        return
     for shape in INPUTS:
         x = torch.randn(shape, generator=gen)
         got, want = sparse(x), reference(x)
@@ -215,6 +219,10 @@ def test_from_sparse_tensors_and_padded_bsr():
         for backend in CPU_BACKENDS:
             layer = SparseLinear(weight, b, backend=backend)
             assert (layer.in_features, layer.out_features) == (40, 20)
+            if backend == "numba" and layer.format == "bsr":
+                with pytest.raises(ValueError, match="numba.*CSR"):
+                    layer(x)
+                continue
             assert torch.allclose(layer(x), want, atol=1e-5)
             assert torch.equal(layer.to_dense_linear().weight, w)
 
@@ -261,7 +269,16 @@ def test_choose_backend_rules_and_errors():
     assert choose_backend("bsr", "cpu", torch.float32, 64, blocksize=(16, 32)) == "scipy"
     with pytest.raises(ValueError, match="square BSR blocks"):
         choose_backend("bsr", "cpu", torch.float32, 64, "torch", blocksize=(16, 32))
-    assert set(BACKENDS) == {"auto", "triton", "scipy", "torch", "dense"}
+    assert set(BACKENDS) == {"auto", "triton", "scipy", "torch", "numba", "dense"}
+    # numba: CSR in fp32 / fp64 on the CPU, auto's pick above 40 columns
+    assert [choose_backend("csr", "cpu", torch.float32, n) for n in (40, 41)] == ["torch", "numba"]
+    assert choose_backend("csr", "cpu", torch.float64, 64) == "numba"
+    assert choose_backend("bsr", "cpu", torch.float32, 64, blocksize=(16, 16)) == "torch"
+    assert choose_backend("csr", "cpu", torch.bfloat16, 64) == "scipy"
+    for layout, dtype, device in (("bsr", torch.float32, "cpu"), ("csr", torch.float16, "cpu"),
+                                  ("csr", torch.float32, "cuda")):
+        with pytest.raises(ValueError, match="numba"):
+            choose_backend(layout, device, dtype, 64, "numba")
 
 
 def test_sparse_matmul_and_linear_errors():
@@ -394,3 +411,36 @@ def test_replayed_call_plan_follows_the_layer(backend, threads):
         assert torch.allclose(layer(x), want(x), atol=1e-6)
     with pytest.raises(RuntimeError, match="inference-only"):
         layer(x.clone().requires_grad_())
+
+
+@pytest.mark.parametrize("batch", [41, 64, 130])
+def test_numba_backend_matches_dense_products(batch):
+    """The numba kernel behind backend "numba" (and auto's CSR pick above 40 rows) against
+    dense torch: sparse_linear with a bias, sparse_matmul, and a SparseLinear whose auto choice
+    it is; one and several 64-wide tiles, int32 and int64 indices."""
+    gen = torch.Generator().manual_seed(batch)
+    w = torch.randn(70, 90, generator=gen) * (torch.rand(70, 90, generator=gen) < 0.2)
+    b = torch.randn(70, generator=gen)
+    x = torch.randn(batch, 90, generator=gen)
+    W64 = w.to_sparse_csr()
+    W32 = torch.sparse_csr_tensor(W64.crow_indices().int(), W64.col_indices().int(), W64.values(), w.shape)
+    for W in (W64, W32):
+        torch.testing.assert_close(sparse_linear(x, W, b, backend="numba"), x @ w.T + b)
+        torch.testing.assert_close(sparse_matmul(W, x.T, backend="numba"), w @ x.T)
+    layer = SparseLinear(w.to_sparse_csr(), b)
+    assert choose_backend("csr", "cpu", torch.float32, batch) == "numba"
+    torch.testing.assert_close(layer(x), x @ w.T + b)
+    torch.testing.assert_close(layer(x.reshape(1, batch, 90)), (x @ w.T + b).reshape(1, batch, 70))
+
+
+def test_numba_backend_under_inference_mode_sees_in_place_changes():
+    """Inference tensors keep no version counter: the numba path packs them afresh each call."""
+    gen = torch.Generator().manual_seed(3)
+    w = torch.randn(30, 50, generator=gen) * (torch.rand(30, 50, generator=gen) < 0.3)
+    with torch.inference_mode():
+        layer = SparseLinear(w.to_sparse_csr(), backend="numba")  # its buffers inference tensors too
+        x = torch.randn(64, 50, generator=gen)
+        first = layer(x)
+        x.add_(1.0)
+        torch.testing.assert_close(layer(x), x @ w.T)
+        torch.testing.assert_close(first, (x - 1.0) @ w.T)

@@ -13,9 +13,9 @@ pattern costs three products per training step, each in proportion to the stored
   (the Triton CSR SDDMM where that product would not fit in 1 GiB).
 
 On the CPU, CSR in fp32 / fp64 with a batch of more than ``NUMBA_MIN_ROWS`` rows runs all three
-on the numba kernels of :mod:`sparse_lth.kernels.cpu_spmm` (the input gradient scatters from
-``W``'s own rows, so a step never gathers the values into the transposed order); smaller
-batches keep torch's MKL products, which win there. Columns must be sorted within each row.
+on the numba kernels of :mod:`sparse_lth.kernels.cpu_spmm` (the input gradient runs over a
+row-blocked transposed pattern built once, so a step never gathers the values into the
+transposed order); smaller batches keep torch's MKL products, which win there.
 
 ``sparse_lth::linear`` is the forward op; its registered backward calls ``sparse_lth::linear_t``
 (the product over the transposed pattern) and ``sparse_lth::sddmm``, so ``torch.compile`` sees
@@ -43,19 +43,18 @@ from typing import Optional
 import torch
 
 from sparse_lth import kernels
+from sparse_lth.kernels import cpu as cpu_rule
 from sparse_lth.backends import sparse_linear
 from sparse_lth.formats import _make
 
-__all__ = ["linear", "linear_t", "sddmm", "conv2d", "transpose_pattern", "sort_rows", "NUMBA_MIN_ROWS"]
+__all__ = ["linear", "linear_t", "sddmm", "conv2d", "transpose_pattern", "NUMBA_MIN_ROWS"]
 
 #: On CUDA a CSR weight gradient is sampled from the dense product when that fits in this.
 _DENSE_SAMPLE_BYTES = 1 << 30
 
 #: CPU CSR products of more rows than this run on the numba kernels (kernels/cpu_spmm.py), which
-#: compute 64 rows at a time. Measured on 2 cores, fp32 (4096 x 4096 at 10 / 30 %, 300 x 784,
-#: 100 x 300): at 60-64 rows numba ran the forward 1.0-1.9x, the input gradient 1.5-2.5x and the
-#: SDDMM 1.2-2.3x torch's MKL products; at 32 rows the forward 0.7-1.0x, at 8 rows 0.3-0.4x.
-NUMBA_MIN_ROWS = 40
+#: compute 64 rows at a time; the inference rule's threshold (kernels/cpu.py), where the figures are.
+NUMBA_MIN_ROWS = cpu_rule.NUMBA_MIN_ROWS
 
 
 def _numba_path(values: torch.Tensor, rows: int) -> bool:
@@ -93,23 +92,6 @@ def transpose_pattern(crow: torch.Tensor, col: torch.Tensor, shape: tuple[int, i
     return crow_t.to(crow.dtype), row_of[perm].to(col.dtype), perm
 
 
-def sort_rows(crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor
-              ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(col, values)`` with the entries of each (block) row in increasing column order, the
-    order the CPU input-gradient kernel needs (``to_sparse_csr`` gives it; a CSR built by hand
-    may not). Returned as given when already sorted.
-
-    >>> sort_rows(torch.tensor([0, 2]), torch.tensor([3, 1]), torch.tensor([1., 2.]))
-    (tensor([1, 3]), tensor([2., 1.]))
-    """
-    rows = _block_rows(crow, col.numel())
-    key = rows * (int(col.max()) + 1 if col.numel() else 1) + col.long()
-    if col.numel() < 2 or bool((key[1:] > key[:-1]).all()):
-        return col, values
-    order = torch.sort(key, stable=True).indices
-    return col[order], values[order]
-
-
 def _transposed_values(values: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
     v = values[perm]
     return v if v.dim() == 1 else v.transpose(1, 2).contiguous()
@@ -132,7 +114,7 @@ def linear(x: torch.Tensor, crow: torch.Tensor, col: torch.Tensor, values: torch
     what the backward pass multiplies by; without it only the forward runs. ``backend``: as
     :func:`~sparse_lth.backends.sparse_linear` takes it (the inference layer's, calibrated or
     forced). The indices are not checked here: the layer that owns them checks them once."""
-    if backend == "auto" and x.dtype == values.dtype and _numba_path(values, x.shape[0]):
+    if backend in ("auto", "numba") and x.dtype == values.dtype and _numba_path(values, x.shape[0]):
         return _cpu_spmm().cpu_csr_linear(x, crow, col, values, out_features)
     W = _make(_layout(values), crow, col, values, (out_features, x.shape[1]))
     return sparse_linear(x, W, backend=backend, check_invariants=False)
@@ -170,9 +152,9 @@ def linear_t(dy: torch.Tensor, crow: torch.Tensor, col: torch.Tensor, values: to
              crow_t: torch.Tensor, col_t: torch.Tensor, perm: torch.Tensor, in_features: int) -> torch.Tensor:
     """``dy @ W`` for ``dy`` [N, M] and ``W`` [M, in_features] given by its pattern and values and
     its transposed pattern (:func:`transpose_pattern`): the input gradient of :func:`linear`. The
-    numba path scatters from ``W``'s own rows (columns sorted within each row, as
-    ``to_sparse_csr`` and ``TrainableSparseLinear`` keep them); the others gather the values
-    into the transposed order and multiply by ``W.T`` as a product of its own."""
+    numba path reads the values in place through a row-blocked transposed pattern of its own;
+    the others gather the values into the transposed order and multiply by ``W.T`` as a
+    product of its own."""
     if dy.dtype == values.dtype and _numba_path(values, dy.shape[0]):
         return _cpu_spmm().cpu_csr_linear_t(dy, crow, col, values, crow_t, in_features)
     return linear(dy, crow_t, col_t, _transposed_values(values, perm), in_features)

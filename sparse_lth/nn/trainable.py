@@ -79,7 +79,7 @@ class TrainableSparseLinear(nn.Module):
         check_index_invariants(matrix, "weight")
         if max(*self.matrix_shape, col.numel()) <= torch.iinfo(torch.int32).max:
             crow, col = crow.to(torch.int32), col.to(torch.int32)  # half the index bytes
-        col, values = ops.sort_rows(crow, col, matrix.values())  # the CPU kernels' order
+        values = matrix.values()
         self.register_buffer("crow_indices", crow.contiguous())
         self.register_buffer("col_indices", col.contiguous())
         counted = self.matrix_shape if self.blocksize is None else (
