@@ -50,6 +50,7 @@ __all__ = [
     "MIN_WORK_PER_THREAD",
     "TORCH_MIN_BATCH",
     "NUMBA_MIN_ROWS",
+    "NUMBA_MIN_STORED",
 ]
 
 #: Multiply-adds (nnz x N) per thread below which adding a thread does not pay.
@@ -66,6 +67,11 @@ TORCH_MIN_BATCH = 2
 #: Measured on 2 cores against torch's MKL product (4096 x 4096 at 10 / 30 %, 300 x 784,
 #: 100 x 300): at 60-64 columns 1.0-1.9x, at 32 columns 0.7-1.0x, at 8 columns 0.3-0.4x.
 NUMBA_MIN_ROWS = 40
+#: ... and at least this many stored values: below, the kernel's fixed cost (a parallel launch,
+#: the packing of x) outweighs its speed (batch 48-1024: 300 x 64 at 11%, 2,030 values,
+#: 0.76-0.83x MKL at 48-64 rows; 10 x 100, 97 values, 0.57-0.94x; 300 x 784 at 7%, 16,550
+#: values, 1.3-2.3x; 1024 x 1024 at 10% 1.6-2.2x).
+NUMBA_MIN_STORED = 8192
 
 _FLOATS = (torch.float32, torch.float64)
 _UPCAST = (torch.float16, torch.bfloat16)
@@ -314,8 +320,8 @@ def cpu_bsr_matmul(W: torch.Tensor, X: torch.Tensor, threads: int | None = None,
 def auto_cpu_backend(layout: torch.layout, dtype: torch.dtype, batch: int, nnz: int | None = None) -> str:
     """The faster CPU path, ``"scipy"``, ``"torch"`` or ``"numba"``, for a product with ``batch`` columns.
 
-    A CSR product in fp32 / fp64 with more than ``NUMBA_MIN_ROWS`` (40) columns runs on the
-    numba kernel. Otherwise torch's CSR / BSR products (MKL, multi-threaded) win from
+    A CSR product in fp32 / fp64 with more than ``NUMBA_MIN_ROWS`` (40) columns and at least
+    ``NUMBA_MIN_STORED`` stored values (or an unknown ``nnz``) runs on the numba kernel. Otherwise torch's CSR / BSR products (MKL, multi-threaded) win from
     ``TORCH_MIN_BATCH`` (2) columns on, and for BSR at every batch; for CSR, scipy (threaded row blocks) wins at a single column
     (a matrix-vector product) once the ``nnz`` stored values give two threads
     ``MIN_WORK_PER_THREAD`` each. scipy is the only path for float16 / bfloat16, which torch's
@@ -329,7 +335,7 @@ def auto_cpu_backend(layout: torch.layout, dtype: torch.dtype, batch: int, nnz: 
     """
     if dtype not in _FLOATS:
         return "scipy"
-    if layout == torch.sparse_csr and batch > NUMBA_MIN_ROWS:
+    if layout == torch.sparse_csr and batch > NUMBA_MIN_ROWS and (nnz is None or nnz >= NUMBA_MIN_STORED):
         return "numba"
     if batch >= TORCH_MIN_BATCH or layout == torch.sparse_bsr:
         # BSR at one column too: MKL's BSR product beat threaded scipy for 32 and 64 blocks

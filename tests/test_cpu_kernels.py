@@ -190,8 +190,9 @@ def test_auto_cpu_backend_rule():
         assert cpu.NUMBA_MIN_ROWS == 40
         for n in (2, 3, 16, 40):
             assert auto(csr, dtype, n) == auto(csr, dtype, n, nnz=big) == "torch", n
-        for n in (41, 128, 4096):  # the numba kernel from 41 columns on, CSR only
-            assert auto(csr, dtype, n) == auto(csr, dtype, n, nnz=big) == "numba", n
+        for n in (41, 128, 4096):  # the numba kernel from 41 columns on, CSR only, with enough values
+            assert auto(csr, dtype, n) == auto(csr, dtype, n, nnz=cpu.NUMBA_MIN_STORED) == "numba", n
+            assert auto(csr, dtype, n, nnz=cpu.NUMBA_MIN_STORED - 1) == "torch", n
         for n in (1, 2, 128):
             assert auto(bsr, dtype, n, nnz=big) == "torch", n
     for dtype in (torch.float16, torch.bfloat16):  # torch's CPU sparse product refuses them

@@ -415,9 +415,9 @@ def test_replayed_call_plan_follows_the_layer(backend, threads):
 
 @pytest.mark.parametrize("batch", [41, 64, 130])
 def test_numba_backend_matches_dense_products(batch):
-    """The numba kernel behind backend "numba" (and auto's CSR pick above 40 rows) against
-    dense torch: sparse_linear with a bias, sparse_matmul, and a SparseLinear whose auto choice
-    it is; one and several 64-wide tiles, int32 and int64 indices."""
+    """The numba kernel behind backend "numba" (auto's CSR pick above 40 rows) against dense
+    torch: sparse_linear with a bias, sparse_matmul, and a SparseLinear on it; one and several
+    64-wide tiles, int32 and int64 indices."""
     gen = torch.Generator().manual_seed(batch)
     w = torch.randn(70, 90, generator=gen) * (torch.rand(70, 90, generator=gen) < 0.2)
     b = torch.randn(70, generator=gen)
@@ -427,8 +427,8 @@ def test_numba_backend_matches_dense_products(batch):
     for W in (W64, W32):
         torch.testing.assert_close(sparse_linear(x, W, b, backend="numba"), x @ w.T + b)
         torch.testing.assert_close(sparse_matmul(W, x.T, backend="numba"), w @ x.T)
-    layer = SparseLinear(w.to_sparse_csr(), b)
-    assert choose_backend("csr", "cpu", torch.float32, batch) == "numba"
+    layer = SparseLinear(w.to_sparse_csr(), b, backend="numba")
+    assert choose_backend("csr", "cpu", torch.float32, batch) == "numba"  # auto's pick for a large enough weight
     torch.testing.assert_close(layer(x), x @ w.T + b)
     torch.testing.assert_close(layer(x.reshape(1, batch, 90)), (x @ w.T + b).reshape(1, batch, 70))
 
