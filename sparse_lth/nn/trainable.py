@@ -36,12 +36,12 @@ __all__ = ["TrainableSparseLinear", "linear_with"]
 #: Without autograd (evaluation), an input of at least this many rows through a layer at least
 #: EVAL_DENSE_MIN_DENSITY dense multiplies a dense copy of the weight, made once per change of
 #: the values (the search's evaluation passes run that copy through oneDNN: ``onednn_eval``).
-#: Measured on 2 CPU cores, fp32, 5000 rows, the numba product against F.linear (MKL) on the
-#: copy: 4096 x 4096 at 5 / 10 / 20 % 433 / 633 / 1074 ms against 900-975 ms, oneDNN running
-#: the dense product about 1.5x faster than MKL; 4096 x 784 and 300 x 784 sparse won to 20 %
-#: against MKL. Training batches (60 rows) stay sparse.
+#: Measured on 2 CPU cores, fp32, 5000 rows, the numba product (tile-major panels) against a
+#: oneDNN linear on the copy: 4096 x 4096 at 10 / 20 / 30 / 40 % 271 / 513 / 754 / 951 ms
+#: against 833-848 ms (MKL 880-890 ms); 4096 x 784 61 / 94 / 127 / 162 ms against 194-196 ms.
+#: Training batches (60 rows) stay sparse.
 EVAL_DENSE_MIN_ROWS = 256
-EVAL_DENSE_MIN_DENSITY = 0.1
+EVAL_DENSE_MIN_DENSITY = 0.25
 
 def linear_with(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
     """A new ``nn.Linear`` holding copies of a dense [out, in] ``weight`` and ``bias``, on their
