@@ -16,7 +16,8 @@ Backends:
   :mod:`sparse_lth.kernels.cuda_rule` says it wins, on a dense copy it keeps); on the CPU
   the measured rule of :func:`sparse_lth.kernels.cpu.auto_cpu_backend` (scipy for a single
   column and for float16 / bfloat16, torch's MKL product for wider batches, numba for CSR
-  with more than 40 columns; see ``bench/cpu_crossover.md``); on any other device dense.
+  with more than 40 columns and 8,192 stored values; see ``bench/cpu_crossover.md``); on any
+  other device dense.
 
 >>> import torch
 >>> [choose_backend("csr", "cpu", torch.float32, batch=n) for n in (1, 16, 64)]
