@@ -321,9 +321,10 @@ def auto_cpu_backend(layout: torch.layout, dtype: torch.dtype, batch: int, nnz: 
     """The faster CPU path, ``"scipy"``, ``"torch"`` or ``"numba"``, for a product with ``batch`` columns.
 
     A CSR product in fp32 / fp64 with more than ``NUMBA_MIN_ROWS`` (40) columns and at least
-    ``NUMBA_MIN_STORED`` stored values (or an unknown ``nnz``) runs on the numba kernel. Otherwise torch's CSR / BSR products (MKL, multi-threaded) win from
-    ``TORCH_MIN_BATCH`` (2) columns on, and for BSR at every batch; for CSR, scipy (threaded row blocks) wins at a single column
-    (a matrix-vector product) once the ``nnz`` stored values give two threads
+    ``NUMBA_MIN_STORED`` stored values (or an unknown ``nnz``) runs on the numba kernel.
+    Otherwise torch's CSR / BSR products (MKL, multi-threaded) win from ``TORCH_MIN_BATCH`` (2)
+    columns on, and for BSR at every batch; for CSR, scipy (threaded row blocks) wins at a
+    single column (a matrix-vector product) once the ``nnz`` stored values give two threads
     ``MIN_WORK_PER_THREAD`` each. scipy is the only path for float16 / bfloat16, which torch's
     CPU sparse product refuses. Measurements: bench/cpu_crossover.md, bench/cpu_goals.py.
 

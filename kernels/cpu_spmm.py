@@ -242,8 +242,8 @@ def _scratch(slot: int, size: int, dtype: torch.dtype) -> np.ndarray:
 
 def _panel(x: torch.Tensor, slot: int) -> np.ndarray:
     """``x`` [N, K] as a flat tile-major panel (``_pack``: ``x.T`` zero-padded to ``_width(N)``
-    columns, [P / 64, K, 64]) in scratch ``slot``. Packed by numba, not torch: a torch op just before a numba kernel leaves
-    torch's OpenMP threads spinning on the cores the kernel needs."""
+    columns, [P / 64, K, 64]) in scratch ``slot``. Packed by numba, not torch: a torch op just
+    before a numba kernel leaves torch's OpenMP threads spinning on the cores the kernel needs."""
     n, k = x.shape
     # an inference tensor keeps no version counter: in-place changes would go unseen, so it is
     # packed afresh every call

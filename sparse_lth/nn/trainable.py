@@ -79,7 +79,6 @@ class TrainableSparseLinear(nn.Module):
         check_index_invariants(matrix, "weight")
         if max(*self.matrix_shape, col.numel()) <= torch.iinfo(torch.int32).max:
             crow, col = crow.to(torch.int32), col.to(torch.int32)  # half the index bytes
-        values = matrix.values()
         self.register_buffer("crow_indices", crow.contiguous())
         self.register_buffer("col_indices", col.contiguous())
         counted = self.matrix_shape if self.blocksize is None else (
@@ -88,7 +87,7 @@ class TrainableSparseLinear(nn.Module):
         self.register_buffer("crow_t", crow_t)
         self.register_buffer("col_t", col_t)
         self.register_buffer("perm", perm.to(crow.dtype))
-        self.values = nn.Parameter(values.detach().clone())
+        self.values = nn.Parameter(matrix.values().detach().clone())
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone())
 
     @classmethod
