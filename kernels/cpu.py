@@ -29,18 +29,23 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
-import scipy.sparse as sp
 import torch
 
 from .invariants import check_index_invariants
 
-try:  # The compiled loops behind ``csr_matrix @ X``. Private, but its signatures have been
-    # stable since scipy 1.8; calling them directly skips scipy's per-call validation and index
-    # dtype coercion (an O(nnz) copy of int64 indices) and lets each thread read the shared
-    # arrays in place. Without it the public constructors are used instead (same results).
-    from scipy.sparse import _sparsetools
-except ImportError:  # pragma: no cover - depends on the scipy build
-    _sparsetools = None
+
+@functools.cache
+def _scipy_loops():
+    """The compiled loops behind ``csr_matrix @ X``, or None. Private, but their signatures have
+    been stable since scipy 1.8; calling them directly skips scipy's per-call validation and index
+    dtype coercion (an O(nnz) copy of int64 indices) and lets each thread read the shared arrays
+    in place. Without them the public constructors are used instead (same results). Imported on
+    the first product: scipy.sparse costs 0.2 s of every command's start-up otherwise."""
+    try:
+        from scipy.sparse import _sparsetools
+    except ImportError:  # pragma: no cover - depends on the scipy build
+        return None
+    return _sparsetools
 
 __all__ = [
     "CpuSparseProduct",
@@ -184,6 +189,7 @@ class CpuSparseProduct:
         self.indptr, self.indices = _np(W.crow_indices()), _np(W.col_indices())
         self.shape = (int(W.shape[0]), int(W.shape[1]))
         self.csr = W.layout == torch.sparse_csr
+        self._loops = _scipy_loops()
         self.block = (1, 1) if self.csr else tuple(int(b) for b in values.shape[1:3])
         self.stored = int(self.indptr[-1]) if len(self.indptr) > 1 else 0
         self._blocks: dict[int, list[tuple[int, int]]] = {}
@@ -216,12 +222,13 @@ class CpuSparseProduct:
             single = work < 2 * MIN_WORK_PER_THREAD
         else:
             single = _num_threads(threads, work, M // R) == 1
-        if _sparsetools is None or not (self.stored and R and C) or not single:
+        loops = self._loops
+        if loops is None or not (self.stored and R and C) or not single:
             return None
         indptr, indices, data = self.indptr, self.indices, self.data
         if self.csr:
-            return functools.partial(_sparsetools.csr_matvec, M, K, indptr, indices, data)
-        return functools.partial(_sparsetools.bsr_matvec, M // R, K // C, R, C, indptr, indices, data)
+            return functools.partial(loops.csr_matvec, M, K, indptr, indices, data)
+        return functools.partial(loops.bsr_matvec, M // R, K // C, R, C, indptr, indices, data)
 
     def _into(self, x: np.ndarray, N: int, y: np.ndarray, threads: int | None) -> None:
         """The product of ``x`` (flat [K, N]) added into ``y``, its rows split over threads."""
@@ -242,8 +249,10 @@ class CpuSparseProduct:
         (M, K), (R, C) = self.shape, self.block
         indptr, indices, data = self.indptr, self.indices, self.data
         out = y[r0 * R:r1 * R].reshape(-1)  # a view: y is C-contiguous
-        csr = self.csr
-        if _sparsetools is None:  # public API: rebased copy of this block's row pointers
+        csr, loops = self.csr, self._loops
+        if loops is None:  # public API: rebased copy of this block's row pointers
+            import scipy.sparse as sp
+
             lo, hi = int(indptr[r0]), int(indptr[r1])
             if csr:
                 part = sp.csr_matrix((data[lo:hi], indices[lo:hi], indptr[r0:r1 + 1] - lo), shape=(r1 - r0, K))
@@ -254,13 +263,13 @@ class CpuSparseProduct:
         # indptr[r0:r1+1] keeps absolute offsets into the full indices / data arrays, so
         # nothing is rebased or copied; the loops accumulate into out.
         elif csr and N == 1:
-            _sparsetools.csr_matvec(r1 - r0, K, indptr[r0:r1 + 1], indices, data, x, out)
+            loops.csr_matvec(r1 - r0, K, indptr[r0:r1 + 1], indices, data, x, out)
         elif csr:
-            _sparsetools.csr_matvecs(r1 - r0, K, N, indptr[r0:r1 + 1], indices, data, x, out)
+            loops.csr_matvecs(r1 - r0, K, N, indptr[r0:r1 + 1], indices, data, x, out)
         elif N == 1:
-            _sparsetools.bsr_matvec(r1 - r0, K // C, R, C, indptr[r0:r1 + 1], indices, data, x, out)
+            loops.bsr_matvec(r1 - r0, K // C, R, C, indptr[r0:r1 + 1], indices, data, x, out)
         else:
-            _sparsetools.bsr_matvecs(r1 - r0, K // C, N, R, C, indptr[r0:r1 + 1], indices, data, x, out)
+            loops.bsr_matvecs(r1 - r0, K // C, N, R, C, indptr[r0:r1 + 1], indices, data, x, out)
 
 
 def cpu_csr_matmul(W: torch.Tensor, X: torch.Tensor, threads: int | None = None, *,

@@ -14,6 +14,7 @@ import hashlib
 import json
 import math
 import re
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +33,9 @@ from sparse_lth.training import OPTIMIZERS, SPARSE_TRAINING, TrainSettings, trai
 from sparse_lth.user_loop import TrainContext, TrainFn, early_stop, run_train_fn, seeded
 
 CONTROLS = ("random_reinit", "random_mask")
+#: The summary's JSON is rewritten after every round; its plot (~0.3 s to draw, and 0.3-0.5 s to
+#: import matplotlib the first time) only when the last drawing is this old, and at the end.
+PLOT_EVERY_S = 60.0
 ModelFn = Callable[[int], torch.nn.Module]
 _LABEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")  # model / dataset names go into a folder name
 # Fields added after the first release: left out of the digest while at their defaults, so the
@@ -348,9 +352,9 @@ class _Search:
         _check_ranks(config, train_fn)
         self.run_dir = Path(out_dir) / config.run_name()
         self.lock: run_files.RunLock | None = None
-        # The summary (JSON + plot, ~0.3-0.7 s) is rewritten after each round; at the end only
-        # if no round was written since (a resumed run that had nothing left to train).
-        self.summary_stale = True
+        # The summary is rewritten after each round (the plot at most every PLOT_EVERY_S on
+        # rank 0's clock) and, with the plot, at the end.
+        self.plotted_at = time.monotonic()  # of the last drawing; the start counts as one
         self.progress = progress and distributed.is_main()  # one set of bars, rank 0's
         try:
             # Rank 0 is the one writer: the lock comes before anything in the run directory is
@@ -518,18 +522,23 @@ class _Search:
                     for control in self.config.controls}
         return run_files.read_records(self.run_dir), controls
 
-    def write_summary(self) -> None:
+    def write_summary(self, plot: bool) -> None:
         ticket, controls = self.records()
         strip = lambda rows: [{k: v for k, v in row.items() if k != "history"} for row in rows]  # noqa: E731
         run_files.atomic_write_json({"ticket": strip(ticket), **{c: strip(rows) for c, rows in controls.items()}},
                                     self.run_dir / run_files.SUMMARY_FILE)
-        title = f"{self.config.model} on {self.config.dataset}, {self.config.iterations} iterations/round"
-        plot_rounds({"ticket": ticket, **controls}, self.run_dir / run_files.PLOT_FILE, title, self.config.metric)
+        if plot:
+            title = f"{self.config.model} on {self.config.dataset}, {self.config.iterations} iterations/round"
+            plot_rounds({"ticket": ticket, **controls}, self.run_dir / run_files.PLOT_FILE, title, self.config.metric)
 
-    def update_summary(self) -> None:
-        """Every rank: rank 0 writes the summary, and all ranks note it is current."""
-        self.write("writing the summary", self.write_summary)
-        self.summary_stale = False
+    def update_summary(self, final: bool = False) -> None:
+        """Every rank (a collective): rank 0 writes the summary, with the plot when ``final`` or
+        its last drawing is :data:`PLOT_EVERY_S` old."""
+        now = time.monotonic()
+        plot = final or now - self.plotted_at >= PLOT_EVERY_S
+        self.write("writing the summary", lambda: self.write_summary(plot))
+        if plot:
+            self.plotted_at = now
 
 
 def find_ticket(config: LotteryConfig, out_dir: str | Path, data_dir: str | Path | None = None,
@@ -570,8 +579,7 @@ def find_ticket(config: LotteryConfig, out_dir: str | Path, data_dir: str | Path
             search.run_ticket_rounds(bar)
             for control in config.controls:
                 search.run_control_rounds(control, bar)
-        if search.summary_stale:
-            search.update_summary()
+        search.update_summary(final=True)
         ticket_records, control_records = search.records()
         last = run_files.completed_rounds(search.run_dir)[-1]
         return Ticket(config=config, run_dir=search.run_dir, mask=Mask(run_files.read_mask(search.run_dir, last)),

@@ -23,6 +23,8 @@ FORBIDDEN = {
     "user_loop": {"training", "lottery", "kernels", "modules", "backends", "cli", "checkpoint"},
     "data": {"training", "lottery", "kernels", "modules", "backends", "cli"},
     "models": {"training", "lottery", "kernels", "modules", "backends", "cli"},
+    "optim": {"masks", "formats", "checkpoint", "pruning", "training", "lottery", "data", "models", "kernels",
+              "modules", "backends", "cli", "run_files", "user_loop", "distributed"},
     # deploy side, on top of checkpoints: measures a finished run, never searches or trains
     "run_report": {"training", "lottery", "user_loop", "distributed", "pruning", "data", "kernels", "cli"},
 }

@@ -81,3 +81,18 @@ def test_sparse_trained_layers_dense_enough_get_a_dense_copy_through_onednn():
     assert switched == 1
     torch.testing.assert_close(out, reference, rtol=1e-5, atol=1e-5)
     assert "forward" not in vars(dense_enough)
+
+
+def test_a_layer_without_bias_and_a_weight_changed_between_passes():
+    """No copy is taken: a pass sees the weight as it is, and a bias-less layer stays bias-less."""
+    torch.manual_seed(1)
+    layer, x = nn.Linear(20, 7, bias=False), torch.randn(MIN_ROWS, 20)
+    with torch.no_grad():
+        with onednn_linears(layer, rows=len(x)) as switched:
+            first = layer(x)
+            layer.weight.mul_(-2.0)  # an optimizer step, in place
+            second = layer(x)
+    assert switched == 1
+    weight = layer.weight.detach().double()
+    torch.testing.assert_close(first.double(), x.double() @ (weight / -2.0).T, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(second.double(), x.double() @ weight.T, rtol=1e-5, atol=1e-5)

@@ -84,7 +84,8 @@ def test_opcheck_registrations():
     for rows in (5, ops.NUMBA_MIN_ROWS + 1):  # MKL / numba on the CPU
         x = torch.randn(rows, 12, requires_grad=True)
         dy = torch.randn(rows, 8)
-        torch.library.opcheck(ops.linear, (x, crow, col, values, 8, crow_t, col_t, perm))
+        for backend in ("auto", "numba"):  # a weight this small: auto's forward is MKL's
+            torch.library.opcheck(ops.linear, (x, crow, col, values, 8, crow_t, col_t, perm, backend))
         torch.library.opcheck(ops.linear_t, (dy, crow, col, values.detach(), crow_t, col_t, perm, 12))
         torch.library.opcheck(ops.sddmm, (crow, col, values.detach(), dy, x.detach()))
 
@@ -233,3 +234,26 @@ def test_compile_fullgraph_and_export_see_the_custom_ops():
     exported = torch.export.export(layer, (torch.randn(8, 64),))
     targets = [str(node.target) for node in exported.graph.nodes]
     assert any("sparse_lth.linear" in t for t in targets), targets
+
+
+def test_auto_forward_follows_the_inference_rule(monkeypatch):
+    """``backend="auto"``: the numba forward from NUMBA_MIN_STORED stored values on, MKL below
+    (as eager inference picks); ``"numba"`` forces it. Results equal the dense product either way."""
+    from sparse_lth.kernels import cpu as cpu_rule
+    from sparse_lth.kernels import cpu_spmm
+
+    calls = []
+    real = cpu_spmm.cpu_csr_linear
+    monkeypatch.setattr(cpu_spmm, "cpu_csr_linear", lambda *a: calls.append(a[3].numel()) or real(*a))
+    rows = ops.NUMBA_MIN_ROWS + 1
+    for out, cols, backend, numba in ((8, 12, "auto", False), (8, 12, "numba", True),
+                                      (128, 128, "auto", True)):
+        torch.manual_seed(0)
+        dense = torch.randn(out, cols) * (torch.rand(out, cols) < 0.6)
+        W = dense.to_sparse_csr()
+        assert (W.values().numel() >= cpu_rule.NUMBA_MIN_STORED) == (out == 128)
+        x = torch.randn(rows, cols)
+        calls.clear()
+        y = ops.linear(x, W.crow_indices(), W.col_indices(), W.values(), out, backend=backend)
+        assert bool(calls) == numba, (out, backend)
+        torch.testing.assert_close(y, x @ dense.T)

@@ -15,7 +15,9 @@ pattern costs three products per training step, each in proportion to the stored
 On the CPU, CSR in fp32 / fp64 with a batch of more than ``NUMBA_MIN_ROWS`` rows runs all three
 on the numba kernels of :mod:`sparse_lth.kernels.cpu_spmm` (the input gradient runs over a
 row-blocked transposed pattern built once, so a step never gathers the values into the
-transposed order); smaller batches keep torch's MKL products, which win there.
+transposed order); smaller batches keep torch's MKL products, which win there, and so does the
+forward of a weight with fewer than ``NUMBA_MIN_STORED`` (8,192) stored values under ``backend
+"auto"``, as in eager inference.
 
 ``sparse_lth::linear`` is the forward op; its registered backward calls ``sparse_lth::linear_t``
 (the product over the transposed pattern) and ``sparse_lth::sddmm``, so ``torch.compile`` sees
@@ -114,7 +116,9 @@ def linear(x: torch.Tensor, crow: torch.Tensor, col: torch.Tensor, values: torch
     what the backward pass multiplies by; without it only the forward runs. ``backend``: as
     :func:`~sparse_lth.backends.sparse_linear` takes it (the inference layer's, calibrated or
     forced). The indices are not checked here: the layer that owns them checks them once."""
-    if backend in ("auto", "numba") and x.dtype == values.dtype and _numba_path(values, x.shape[0]):
+    # "auto" as the eager inference rule has it (kernels/cpu.py): MKL below NUMBA_MIN_STORED values
+    numba = backend == "numba" or (backend == "auto" and values.numel() >= cpu_rule.NUMBA_MIN_STORED)
+    if numba and x.dtype == values.dtype and _numba_path(values, x.shape[0]):
         return _cpu_spmm().cpu_csr_linear(x, crow, col, values, out_features)
     W = _make(_layout(values), crow, col, values, (out_features, x.shape[1]))
     return sparse_linear(x, W, backend=backend, check_invariants=False)
