@@ -142,3 +142,15 @@ def test_sparse_training_plan_auto_follows_the_measured_crossover(shape, density
     model = torch.nn.Sequential(torch.nn.Linear(shape[1], shape[0], device="meta"))
     mask = Mask({"0.weight": torch.arange(shape[0] * shape[1]).reshape(shape) < density * shape[0] * shape[1]})
     assert training.sparse_training_plan(model, mask, "auto") == {"0.weight": expected}
+
+
+def test_masks_that_keep_every_weight_are_not_multiplied(digits):
+    """Round 0's all-ones mask costs no multiply a step (x * 1 == x exactly); the others stay."""
+    model = build_model("lenet300", digits.input_shape, seed=0)
+    mask = Mask.ones_like(model)
+    pruned = prune_by_magnitude(model, mask, 0.5)
+    some = Mask({name: pruned[name] if name.startswith("fc1") else mask[name] for name in mask})
+    assert masked_weights(model, mask) == []
+    pairs = masked_weights(model, some)
+    assert [p is model.fc1.weight for p, _ in pairs] == [True]
+    assert torch.equal(pairs[0][1], pruned["fc1.weight"].float())
