@@ -7,9 +7,12 @@ steps (5,000 by default), validation (5,000 held-out training images) and test (
 evaluated every 100 steps, a 20% mask applied after every step. The numpy version is written
 out by hand (forward, cross-entropy, backward, Adam) with float32 arrays and one BLAS thread;
 the library's round is the whole CLI command (start-up included) for a 1-round search, whose
-two trainings are timed by the run's own records. Both print seconds; nothing is asserted.
+two trainings are timed by the run's own records. The two alternate (numpy, command, numpy, ...,
+numpy), and each command is set against the two numpy rounds beside it, so that a slow spell on a
+shared machine weighs on both sides; the median ratio is the figure. Nothing is asserted.
 
-    python bench/numpy_lenet.py            # Fashion-MNIST from /usr/share/datasets
+    python bench/numpy_lenet.py                # Fashion-MNIST from /usr/share/datasets, 3 commands
+    python bench/numpy_lenet.py --repeats 5
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 import argparse  # noqa: E402
 import json  # noqa: E402
+import statistics  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
@@ -113,18 +117,31 @@ def library_round(iterations: int) -> tuple[float, list[float]]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--iterations", type=int, default=5000)
+    ap.add_argument("--repeats", type=int, default=3, help="library commands, each between two numpy rounds")
     args = ap.parse_args()
     from sparse_lth.data import load_dataset
 
     data = load_dataset("fashion-mnist")
     arrays = [t.numpy().reshape(len(t), -1).astype(np.float32) if t.is_floating_point() else t.numpy()
               for split in (data.train, data.val, data.test) for t in (split.x, split.y)]
-    seconds, test_acc = numpy_round(*arrays, iterations=args.iterations)
-    print(f"numpy round: {seconds:.1f} s ({args.iterations} steps, evaluation every 100; test accuracy "
-          f"{100 * test_acc:.2f}%)")
-    whole, rounds = library_round(args.iterations)
-    print(f"sparse-lth search, 1 round (2 trainings): {whole:.1f} s whole command; trainings "
-          + " / ".join(f"{r:.1f} s" for r in rounds))
+
+    def numpy_seconds() -> float:
+        seconds, test_acc = numpy_round(*arrays, iterations=args.iterations)
+        print(f"numpy round: {seconds:.1f} s ({args.iterations} steps, evaluation every 100; test accuracy "
+              f"{100 * test_acc:.2f}%)", flush=True)
+        return seconds
+
+    ratios, before = [], numpy_seconds()
+    for _ in range(args.repeats):
+        whole, rounds = library_round(args.iterations)
+        after = numpy_seconds()
+        ratios.append(whole / (before + after))
+        print(f"sparse-lth search, 1 round (2 trainings): {whole:.1f} s whole command; trainings "
+              + " / ".join(f"{r:.1f} s" for r in rounds)
+              + f"; {ratios[-1]:.2f}x the two numpy rounds beside it", flush=True)
+        before = after
+    print(f"median: the whole command takes {statistics.median(ratios):.2f}x two numpy rounds "
+          f"(range {min(ratios):.2f}-{max(ratios):.2f}x, {len(ratios)} commands)")
 
 
 if __name__ == "__main__":

@@ -3,8 +3,6 @@
     torchrun --standalone --nproc_per_node 2 -m sparse_lth search --dataset digits --rounds 2
 """
 
-import sys
+from sparse_lth.cli import console_main
 
-from sparse_lth.cli import main
-
-sys.exit(main())
+console_main()

@@ -6,6 +6,7 @@ Each subcommand is a ``_cmd_<name>(args)`` function and a parser block in ``buil
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import sys
 import warnings
@@ -274,5 +275,15 @@ def main(argv: list[str] | None = None) -> int:
         return 130  # Ctrl-C: the user knows why it stopped; no traceback
 
 
+def console_main() -> NoReturn:
+    """The ``sparse-lth`` program (and ``python -m sparse_lth``): :func:`main`, then exit."""
+    code = main()
+    # torch leaves ~170,000 objects to the garbage collector, and the interpreter's collections on
+    # the way out took 0.35 s of a 25 s search here. Frozen, they are skipped; nothing is lost:
+    # every file the command wrote is closed by now, and the process ends anyway.
+    gc.freeze()
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    console_main()

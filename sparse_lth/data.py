@@ -122,7 +122,9 @@ def _load_idx_dataset(name: str, data_dir: str | Path | None) -> tuple[Split, Sp
                 images, labels = (read_idx(p) for p in files[part])
                 if len(images) != len(labels):
                     raise ValueError(f"{folder}: {part} has {len(images)} images but {len(labels)} labels")
-                x = torch.from_numpy(images.astype(np.float32) / 255.0).unsqueeze(1)
+                pixels = images.astype(np.float32)
+                pixels /= 255.0  # in place: one pass over 188 MB, not two
+                x = torch.from_numpy(pixels).unsqueeze(1)
                 splits.append(Split(x, torch.from_numpy(labels.astype(np.int64))))
             return splits[0], splits[1]
     hint = (
