@@ -25,6 +25,8 @@ FORBIDDEN = {
     "models": {"training", "lottery", "kernels", "modules", "backends", "cli"},
     "optim": {"masks", "formats", "checkpoint", "pruning", "training", "lottery", "data", "models", "kernels",
               "modules", "backends", "cli", "run_files", "user_loop", "distributed"},
+    "heap": {"masks", "formats", "checkpoint", "pruning", "training", "lottery", "data", "models", "kernels",
+             "modules", "backends", "cli", "run_files", "user_loop", "distributed", "optim"},
     # deploy side, on top of checkpoints: measures a finished run, never searches or trains
     "run_report": {"training", "lottery", "user_loop", "distributed", "pruning", "data", "kernels", "cli"},
 }
