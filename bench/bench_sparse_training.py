@@ -31,6 +31,7 @@ from torch import nn
 
 from harness import bench_devices, machine_info, run_speedup, size_config
 from sparse_lth.nn import TrainableSparseLinear
+from sparse_lth.optim import Adam
 
 BATCH = 64
 #: The interleaved budget of these benchmarks, in multiples of the size's usual one.
@@ -46,11 +47,9 @@ def _mask(out: int, inp: int, fmt: str, block: int | None, density: float, gen: 
     return tiles.repeat_interleave(block, 0).repeat_interleave(block, 1)
 
 
-def _state_bytes(params: list[torch.Tensor], opt: torch.optim.Optimizer) -> int:
-    total = sum(p.numel() * p.element_size() for p in params)
-    for state in opt.state.values():
-        total += sum(t.numel() * t.element_size() for t in state.values() if torch.is_tensor(t) and t.dim())
-    return total
+def _state_bytes(opt: Adam) -> int:
+    """The parameters' bytes and Adam's two moments (its step counts are scalars)."""
+    return sum(t.numel() * t.element_size() for t in [*opt.params, *opt.exp_avgs, *opt.exp_avg_sqs])
 
 
 def make_steps(width: int, fmt: str, block: int | None, density: float, device: str, dtype: torch.dtype, *,
@@ -73,9 +72,9 @@ def make_steps(width: int, fmt: str, block: int | None, density: float, device: 
     # a layer inside a network: the input's gradient is computed too (the transposed product)
     x = torch.randn(batch, inp, generator=gen).to(device=device, dtype=dtype).requires_grad_(input_grad)
     dy = torch.randn(batch, width, generator=gen).to(device=device, dtype=dtype)
-    # the search's own optimizer (training.make_optimizer): fused Adam, for both
-    opt_dense = torch.optim.Adam(dense.parameters(), lr=1e-3, fused=True)
-    opt_sparse = torch.optim.Adam(sparse.parameters(), lr=1e-3, fused=True)
+    # the search's own optimizer (training.make_optimizer): torch's fused Adam, for both
+    opt_dense = Adam(dense.parameters(), lr=1e-3)
+    opt_sparse = Adam(sparse.parameters(), lr=1e-3)
 
     def masked_dense_step() -> None:
         opt_dense.zero_grad()
@@ -120,8 +119,7 @@ def test_sparse_training_step(benchmark, pytestconfig, sparse_case, device, dtyp
     steps["sparse"]()
     tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=2e-2, atol=1e-3)
     torch.testing.assert_close(layers["sparse"].dense_weight(), layers["dense"].weight.detach(), **tol)
-    dense_bytes = _state_bytes(list(layers["dense"].parameters()), layers["opt_dense"])
-    sparse_bytes = _state_bytes(list(layers["sparse"].parameters()), layers["opt_sparse"])
+    dense_bytes, sparse_bytes = _state_bytes(layers["opt_dense"]), _state_bytes(layers["opt_sparse"])
     benchmark.group = f"sparse training step {width}x{width} B={BATCH} {device}"
     benchmark.extra_info.update({
         "kind": "sparse_training_step", "device": device, **machine_info(device), "dtype": str(dtype),
