@@ -1,10 +1,11 @@
 """Keep freed memory in the process's heap (glibc), so that each training step reuses its buffers.
 
-glibc hands a freed block larger than its mmap threshold (a few MB by default, 32 MB at most)
-back to the system, and maps a new one on the next request, whose pages are then faulted in and
-zeroed again. A training step of 784-4096-4096-10 frees and reallocates its 64 MB weight
-gradient every step: about 17,000 page faults a step, and 85-92 ms a step on this project's
-2-core VM against 70-77 ms with those blocks kept (bench/RESULTS.md). The price is a larger
+glibc hands a freed block larger than its mmap threshold (128 KB at first, raised to the size of
+blocks freed since, 32 MB at most) back to the system, and maps a new one on the next request,
+whose pages are then faulted in and zeroed again. A training step of 784-4096-4096-10 frees
+and reallocates its 64 MB weight gradient every step: about 17,000 page faults a step, and
+85-92 ms a step on this project's 2-core VM against 70-77 ms with those blocks kept
+(bench/RESULTS.md). The price is a larger
 resident set: memory freed stays with the process for its next request (755 against 650 MB in
 that run), so this is a setting for a program that trains, such as ``sparse-lth search``, not
 something a library should do behind a user's back.
