@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from sparse_lth import LotteryConfig, find_ticket, load_sparse, save_sparse
-from sparse_lth import cli
+from sparse_lth import cli, heap
 from sparse_lth.checkpoint import METADATA_KEY
 from sparse_lth.cli import main
 
@@ -327,3 +327,22 @@ def test_console_script_errors_are_one_line_without_traceback(run, tmp_path):
         assert proc.returncode == 2, proc.stderr
         assert "Traceback" not in proc.stderr and len(proc.stderr.splitlines()) == 1, proc.stderr
         assert expected in proc.stderr
+
+
+# -- process-wide settings: only in a process of the command's own -------------------------------
+def test_search_keeps_freed_memory_only_in_its_own_process(monkeypatch, tmp_path):
+    calls = []
+    monkeypatch.setattr(heap, "keep_freed_memory", lambda: calls.append("kept"))
+    assert main([*SEARCH, "--out", str(tmp_path / "a")]) == 0
+    assert calls == []  # called as a library (a test runner, a notebook): the user's heap is left alone
+    assert main([*SEARCH, "--out", str(tmp_path / "b")], own_process=True) == 0
+    assert calls == ["kept"]
+
+
+def test_console_main_runs_main_as_its_own_process(monkeypatch):
+    seen = {}
+    monkeypatch.setattr(cli, "main", lambda own_process=False: seen.setdefault("own_process", own_process) and 3)
+    monkeypatch.setattr(cli.gc, "freeze", lambda: seen.setdefault("frozen", True))
+    with pytest.raises(SystemExit) as exit_:
+        cli.console_main()
+    assert exit_.value.code == 3 and seen == {"own_process": True, "frozen": True}
