@@ -116,11 +116,10 @@ def linear(x: torch.Tensor, crow: torch.Tensor, col: torch.Tensor, values: torch
     what the backward pass multiplies by; without it only the forward runs. ``backend``: as
     :func:`~sparse_lth.backends.sparse_linear` takes it (the inference layer's, calibrated or
     forced). The indices are not checked here: the layer that owns them checks them once."""
-    if backend == "auto" and values.device.type == "cpu" and values.dim() == 1:
-        # the CPU rule eager inference follows too (numba from 41 rows and 8,192 stored values)
-        numba = cpu_rule.auto_cpu_backend(torch.sparse_csr, values.dtype, x.shape[0], values.numel()) == "numba"
-    else:
-        numba = backend == "numba"
+    # "auto": the CPU rule eager inference follows too (numba from 41 rows and 8,192 stored values);
+    # _numba_path then keeps CUDA and BSR off the numba kernel either way
+    numba = backend == "numba" or (backend == "auto" and cpu_rule.auto_cpu_backend(
+        _layout(values), values.dtype, x.shape[0], values.numel()) == "numba")
     if numba and x.dtype == values.dtype and _numba_path(values, x.shape[0]):
         return _cpu_spmm().cpu_csr_linear(x, crow, col, values, out_features)
     W = _make(_layout(values), crow, col, values, (out_features, x.shape[1]))
