@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from sparse_lth.kernels import _numba, cpu_spmm
-from sparse_lth.kernels.cpu_spmm import cpu_csr_linear, cpu_csr_linear_t, cpu_csr_sddmm
+from sparse_lth.kernels.cpu_spmm import cpu_csr_linear, cpu_csr_linear_backward, cpu_csr_linear_t, cpu_csr_sddmm
 from sparse_lth.nn import TrainableSparseLinear, ops
 
 SHAPES = [  # out, in, batch (one and several 64-wide tiles, padded), density
@@ -38,6 +38,34 @@ def test_three_products_match_dense(out, inp, batch, density, dtype, index):
     torch.testing.assert_close(cpu_csr_linear_t(dy, crow, col, values, crow_t, inp), dy @ dense)
     rows = torch.repeat_interleave(torch.arange(out), (crow[1:] - crow[:-1]).long())
     torch.testing.assert_close(cpu_csr_sddmm(crow, col, dy, x), (dy.T @ x)[rows, col.long()])
+    dx, dvalues = cpu_csr_linear_backward(dy, x, crow, col, values, crow_t)
+    torch.testing.assert_close(dx, dy @ dense)
+    torch.testing.assert_close(dvalues, (dy.T @ x)[rows, col.long()])
+
+
+def test_both_gradients_in_one_sweep_over_many_blocks_and_tiles(monkeypatch):
+    """The fused backward with blocks of a few rows (the work panel carried across blocks, empty
+    columns in a block skipped) and three tiles of batch entries (the dot products summed across
+    tiles), against dense torch, and equal to the two kernels it replaces."""
+    monkeypatch.setattr(cpu_spmm, "SLAB_ROWS", 3)
+    monkeypatch.setattr(cpu_spmm, "ENTRIES_PER_BLOCK", 5)
+    dense, crow, col, values = _pattern(45, 60, 0.15, torch.float64, torch.int32, seed=8)
+    dense[:, 7] = 0  # an empty column
+    W = dense.to_sparse_csr()
+    crow, col, values = W.crow_indices().int(), W.col_indices().int(), W.values()
+    crow_t, _, _ = ops.transpose_pattern(crow, col, (45, 60))
+    x, dy = torch.randn(150, 60, dtype=torch.float64), torch.randn(150, 45, dtype=torch.float64)
+    dx, dvalues = cpu_csr_linear_backward(dy, x, crow, col, values, crow_t)
+    rows = torch.repeat_interleave(torch.arange(45), (crow[1:] - crow[:-1]).long())
+    torch.testing.assert_close(dx, dy @ dense)
+    torch.testing.assert_close(dvalues, (dy.T @ x)[rows, col.long()])
+    torch.testing.assert_close(dx, cpu_csr_linear_t(dy, crow, col, values, crow_t, 60))
+    torch.testing.assert_close(dvalues, cpu_csr_sddmm(crow, col, dy, x))
+    assert cpu_spmm._blocked_pattern(crow, col, 60)[3] > 10  # many blocks, as meant
+    empty_dx, empty_dv = cpu_csr_linear_backward(dy[:0], x[:0], crow, col, values, crow_t)
+    assert empty_dx.shape == (0, 60) and torch.equal(empty_dv, torch.zeros_like(values))
+    with pytest.raises(ValueError, match="share N"):
+        cpu_csr_linear_backward(dy, x[:3], crow, col, values, crow_t)
 
 
 def test_strided_input_and_thread_counts_agree():
@@ -124,6 +152,7 @@ def test_input_gradient_over_many_row_blocks_follows_a_changed_pattern(monkeypat
     """The input gradient's row-blocked transposed pattern, with blocks of a few rows, and built
     again when the indices change in place (it is kept per col_indices tensor and version)."""
     monkeypatch.setattr(cpu_spmm, "ENTRIES_PER_BLOCK", 7)
+    monkeypatch.setattr(cpu_spmm, "SLAB_ROWS", 2)
     dense, crow, col, values = _pattern(50, 40, 0.3, torch.float32, torch.int32, seed=3)
     crow_t, _, _ = ops.transpose_pattern(crow, col, (50, 40))
     dy = torch.randn(70, 50)

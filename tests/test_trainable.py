@@ -88,6 +88,7 @@ def test_opcheck_registrations():
             torch.library.opcheck(ops.linear, (x, crow, col, values, 8, crow_t, col_t, perm, backend))
         torch.library.opcheck(ops.linear_t, (dy, crow, col, values.detach(), crow_t, col_t, perm, 12))
         torch.library.opcheck(ops.sddmm, (crow, col, values.detach(), dy, x.detach()))
+        torch.library.opcheck(ops.linear_backward, (dy, x.detach(), crow, col, values.detach(), crow_t, col_t, perm))
 
 
 def test_transpose_pattern_against_torch():

@@ -19,9 +19,11 @@ transposed order); smaller batches keep torch's MKL products, which win there, a
 forward of a weight with fewer than ``NUMBA_MIN_STORED`` (8,192) stored values under ``backend
 "auto"``, as in eager inference.
 
-``sparse_lth::linear`` is the forward op; its registered backward calls ``sparse_lth::linear_t``
-(the product over the transposed pattern) and ``sparse_lth::sddmm``, so ``torch.compile`` sees
-custom ops all the way. Double backward is not supported.
+``sparse_lth::linear`` is the forward op; its registered backward calls ``sparse_lth::linear_backward``
+(both gradients: on the numba path in one sweep, else the two ops below), or where only one
+gradient is needed ``sparse_lth::linear_t`` (the product over the transposed pattern) or
+``sparse_lth::sddmm``, so ``torch.compile`` sees custom ops all the way. Double backward is not
+supported.
 
 >>> import torch
 >>> dense = torch.tensor([[0., 2., 0.], [1., 0., 3.]])
@@ -49,7 +51,7 @@ from sparse_lth.kernels import cpu as cpu_rule
 from sparse_lth.backends import sparse_linear
 from sparse_lth.formats import _make
 
-__all__ = ["linear", "linear_t", "sddmm", "conv2d", "transpose_pattern", "NUMBA_MIN_ROWS"]
+__all__ = ["linear", "linear_t", "linear_backward", "sddmm", "conv2d", "transpose_pattern", "NUMBA_MIN_ROWS"]
 
 #: On CUDA a CSR weight gradient is sampled from the dense product when that fits in this.
 _DENSE_SAMPLE_BYTES = 1 << 30
@@ -140,12 +142,14 @@ def _linear_backward(ctx, dy):
     x, crow, col, values, crow_t, col_t, perm = ctx.saved_tensors
     dy = dy.contiguous()
     dx = dvalues = None
-    if ctx.needs_input_grad[0]:
-        if perm is None:
-            raise RuntimeError("sparse_lth::linear: the input gradient needs the transposed pattern "
-                               "(crow_t, col_t, perm from transpose_pattern)")
+    if ctx.needs_input_grad[0] and perm is None:
+        raise RuntimeError("sparse_lth::linear: the input gradient needs the transposed pattern "
+                           "(crow_t, col_t, perm from transpose_pattern)")
+    if ctx.needs_input_grad[0] and ctx.needs_input_grad[3]:
+        dx, dvalues = linear_backward(dy, x, crow, col, values, crow_t, col_t, perm)
+    elif ctx.needs_input_grad[0]:
         dx = linear_t(dy, crow, col, values, crow_t, col_t, perm, x.shape[1])
-    if ctx.needs_input_grad[3]:
+    elif ctx.needs_input_grad[3]:
         dvalues = sddmm(crow, col, values, dy, x)
     return dx, None, None, dvalues, None, None, None, None, None
 
@@ -169,6 +173,22 @@ def linear_t(dy: torch.Tensor, crow: torch.Tensor, col: torch.Tensor, values: to
 @linear_t.register_fake
 def _(dy, crow, col, values, crow_t, col_t, perm, in_features):
     return dy.new_empty((dy.shape[0], in_features))
+
+
+@torch.library.custom_op("sparse_lth::linear_backward", mutates_args=())
+def linear_backward(dy: torch.Tensor, x: torch.Tensor, crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor,
+                    crow_t: torch.Tensor, col_t: torch.Tensor, perm: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(linear_t(dy, ...), sddmm(..., dy, x))``: both gradients of :func:`linear`, the input's and
+    the values'. The numba path computes them in one sweep (``cpu_csr_linear_backward``); the
+    others call the two ops."""
+    if dy.dtype == x.dtype == values.dtype and _numba_path(values, dy.shape[0]):
+        return _cpu_spmm().cpu_csr_linear_backward(dy, x, crow, col, values, crow_t)
+    return linear_t(dy, crow, col, values, crow_t, col_t, perm, x.shape[1]), sddmm(crow, col, values, dy, x)
+
+
+@linear_backward.register_fake
+def _(dy, x, crow, col, values, crow_t, col_t, perm):
+    return dy.new_empty((dy.shape[0], x.shape[1])), values.new_empty(values.shape, dtype=x.dtype)
 
 
 @torch.library.custom_op("sparse_lth::sddmm", mutates_args=())
