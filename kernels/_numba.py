@@ -77,8 +77,8 @@ def prefetch(typingctx, array, index):
         pointer = cgutils.get_item_pointer(context, builder, array_type, data, [args[1]])
         i32 = ir.IntType(32)
         pointer = builder.bitcast(pointer, ir.IntType(8).as_pointer())  # "p0i8" typed, "p0" opaque
-        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), [pointer.type, i32, i32, i32]),
-                                            "llvm.prefetch." + pointer.type.intrinsic_name)
+        signature_ir = ir.FunctionType(ir.VoidType(), [pointer.type, i32, i32, i32])
+        fn = cgutils.get_or_insert_function(builder.module, signature_ir, "llvm.prefetch." + pointer.type.intrinsic_name)
         builder.call(fn, [pointer, i32(0), i32(3), i32(1)])  # read, locality 3, data cache
         return context.get_dummy_value()
     return types.void(array, types.uint64), codegen

@@ -21,13 +21,14 @@ and a kernel working on one tile reads one block (for K = 4096, 1 MB: a core's L
   straight into the [N, M] output.
 - Input gradient: the forward's loop over the transposed pattern, with ``W``'s rows cut into
   blocks of ``SLAB_ROWS`` rows or ``ENTRIES_PER_BLOCK`` stored values, whichever is more
-  (:func:`_blocked_pattern`, built once per pattern). For each block, each column of ``W`` accumulates that block's entries in registers,
-  their values read through an index from a slice of ``values`` that stays in L2 and their
-  ``dy`` rows from a slab that stays in L1, on top of the earlier blocks' sums kept in a [K, P]
-  work panel; each thread owns a range of columns (ranges of equal stored values). Measured
-  against adding each entry's scaled ``dy`` row into the work panel straight from ``W``'s rows
-  (four loads and four stores per weight), 1.2-1.7x faster; against the transposed product
-  reading ``values[perm]`` over the whole matrix (a cache miss per value), faster still.
+  (:func:`_blocked_pattern`, built once per pattern). For each block, each column of ``W``
+  accumulates that block's entries in registers, their values read through an index from a
+  slice of ``values`` that stays in L2 and their ``dy`` rows from a slab that stays in L1 / L2,
+  on top of the earlier blocks' sums kept in a [K, P] work panel; each thread owns a range of
+  columns (ranges of equal stored values). Measured against adding each entry's scaled ``dy``
+  row into the work panel straight from ``W``'s rows (four loads and four stores per weight),
+  1.2-1.7x faster; against the transposed product reading ``values[perm]`` over the whole
+  matrix (a cache miss per value), faster still.
 - SDDMM: one dot product of two panel rows per stored weight, the row's ``dy`` held in registers
   across the row's weights.
 - Both gradients (:func:`_backward_tb`): the input gradient's sweep, each column's ``x`` held in
