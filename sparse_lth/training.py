@@ -30,16 +30,17 @@ SPARSE_TRAINING = ("auto", "always", "never")
 #: ``sparse_training="auto"``: (at least this many weights, at most this density) pairs; a masked
 #: nn.Linear trains sparse when it meets one of them. Measured on 2 CPU cores, batch 60, fp32,
 #: one step of the layer (forward, backward, fused Adam), sparse on the numba kernels against
-#: masked dense with its mask in the weight's dtype (``bench/training_crossover.py``,
-#: bench/RESULTS.md, after the SDDMM's 2x): 4096 x 4096 5.4x at 10%, 1.66x at 40%, 1.43x at
-#: 50%, 1.02x at 60%; 4096 x 784 (a first layer) 1.37x at 50%, 1.12x at 60%, 0.99x at 70%;
-#: 1024 x 1024 1.46x at 30%, 1.13x at 40%, 0.96x at 50%; 300 x 784 (first) 1.27x at 10%, 0.99x
-#: at 30%; 100 x 300 lost at every density (0.5x: fixed costs). Each bound sits one step inside
-#: the measured break-even: in whole mlp4096 rounds (evaluation included) a layer's 1.03x at
-#: 50% had turned into 0.85x (an earlier rule, slower kernels). Smaller layers stay masked
-#: dense: LeNet-300-100's fc1 (235K weights) trained sparse at <= 10% made the whole 6-round
-#: command 3.5% slower (numba's start-up outweighs a gain on one small layer).
-SPARSE_TRAINING_RULE: tuple[tuple[int, float], ...] = ((1 << 21, 0.5), (1 << 20, 0.3))
+#: masked dense with its mask in the weight's dtype, in a process that keeps freed memory as the
+#: search's does (``bench/training_crossover.py``, bench/RESULTS.md, two runs, after the fused
+#: backward): 4096 x 4096 1.56-1.57x at 50%, 1.28-1.32x at 60%, 1.09-1.13x at 70%, 0.95-0.98x at
+#: 80%; 4096 x 784 (a first layer) 1.20-1.23x at 60%, 1.05-1.16x at 70%; 1024 x 1024 1.25-1.67x
+#: at 50%, 1.09-1.45x at 60%, 0.93-1.22x at 70%; 300 x 784 (first) and 100 x 300 not reliably
+#: (0.5-0.7x for 100 x 300: fixed costs). Each bound sits one step inside the measured
+#: break-even (a round also evaluates, which does not get faster; in whole mlp4096 rounds a
+#: layer's 1.03x at 50% had once turned into 0.85x). Smaller layers stay masked dense:
+#: LeNet-300-100's fc1 (235K weights) trained sparse at <= 10% made the whole 6-round command
+#: 3.5% slower (numba's start-up outweighs a gain on one small layer).
+SPARSE_TRAINING_RULE: tuple[tuple[int, float], ...] = ((1 << 21, 0.6), (1 << 20, 0.5))
 
 
 @dataclass(frozen=True)
@@ -163,8 +164,8 @@ def sparse_training_plan(model: nn.Module, mask: Mask, mode: str) -> dict[str, s
     """Per masked ``nn.Linear`` weight, how a round trains it: ``"sparse"`` (a
     :class:`~sparse_lth.nn.TrainableSparseLinear` over the mask's pattern) or ``"masked-dense"``.
     ``mode`` "always" trains every one sparse, "never" none, "auto" those that meet
-    :data:`SPARSE_TRAINING_RULE` (larger layers up to higher densities: 2^20 weights at 30%,
-    2^21 at 50%).
+    :data:`SPARSE_TRAINING_RULE` (larger layers up to higher densities: 2^20 weights at 50%,
+    2^21 at 60%).
 
     >>> from sparse_lth.models import build_model
     >>> model = build_model("lenet300", (1, 28, 28), 10)

@@ -132,9 +132,9 @@ def test_sparse_training_plan_auto_keeps_small_layers_dense():
 
 
 @pytest.mark.parametrize("shape,density,expected", [
-    ((4096, 4096), 0.45, "sparse"), ((4096, 4096), 0.55, "masked-dense"),
-    ((1024, 1024), 0.25, "sparse"), ((1024, 1024), 0.35, "masked-dense"),
-    ((4096, 784), 0.45, "sparse"), ((4096, 784), 0.55, "masked-dense"),
+    ((4096, 4096), 0.55, "sparse"), ((4096, 4096), 0.65, "masked-dense"),
+    ((1024, 1024), 0.45, "sparse"), ((1024, 1024), 0.55, "masked-dense"),
+    ((4096, 784), 0.55, "sparse"), ((4096, 784), 0.65, "masked-dense"),
     ((300, 784), 0.05, "masked-dense"), ((100, 300), 0.05, "masked-dense"),
 ])
 def test_sparse_training_plan_auto_follows_the_measured_crossover(shape, density, expected):

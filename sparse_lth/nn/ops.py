@@ -13,7 +13,7 @@ pattern costs three products per training step, each in proportion to the stored
   (the Triton CSR SDDMM where that product would not fit in 1 GiB).
 
 On the CPU, CSR in fp32 / fp64 with a batch of more than ``NUMBA_MIN_ROWS`` rows runs all three
-on the numba kernels of :mod:`sparse_lth.kernels.cpu_spmm` (the input gradient runs over a
+on the numba kernels of :mod:`sparse_lth.kernels.cpu_spmm` (the two gradients in one sweep over a
 row-blocked transposed pattern built once, so a step never gathers the values into the
 transposed order); smaller batches keep torch's MKL products, which win there, and so does the
 forward of a weight with fewer than ``NUMBA_MIN_STORED`` (8,192) stored values under ``backend
