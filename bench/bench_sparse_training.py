@@ -69,14 +69,24 @@ def make_steps(width: int, fmt: str, block: int | None, density: float, device: 
     # mul_ convert it again (a 64 MB temporary a step at 4096 x 4096, freshly faulted in)
     alive = mask.to(dtype)
     sparse = TrainableSparseLinear.from_linear(dense, mask=mask, format=fmt, blocksize=block or 32)
-    # a layer inside a network: the input's gradient is computed too (the transposed product)
-    x = torch.randn(batch, inp, generator=gen).to(device=device, dtype=dtype).requires_grad_(input_grad)
-    dy = torch.randn(batch, width, generator=gen).to(device=device, dtype=dtype)
+    # a layer inside a network: the input's gradient is computed too (the transposed product).
+    # Two inputs and output gradients in turn: a training step meets a new batch, so no step may
+    # find its input still packed from the step before (the CPU kernels keep the last one packed).
+    xs = [torch.randn(batch, inp, generator=gen).to(device=device, dtype=dtype).requires_grad_(input_grad)
+          for _ in range(2)]
+    dys = [torch.randn(batch, width, generator=gen).to(device=device, dtype=dtype) for _ in range(2)]
     # the search's own optimizer (training.make_optimizer): torch's fused Adam, for both
     opt_dense = Adam(dense.parameters(), lr=1e-3)
     opt_sparse = Adam(sparse.parameters(), lr=1e-3)
 
+    turns = {"dense": 0, "sparse": 0}
+
+    def batch_for(kind: str) -> tuple[torch.Tensor, torch.Tensor]:
+        turns[kind] += 1
+        return xs[turns[kind] % 2], dys[turns[kind] % 2]
+
     def masked_dense_step() -> None:
+        x, dy = batch_for("dense")
         opt_dense.zero_grad()
         dense(x).backward(dy)
         dense.weight.grad.mul_(alive)
@@ -85,6 +95,7 @@ def make_steps(width: int, fmt: str, block: int | None, density: float, device: 
             dense.weight.mul_(alive)
 
     def sparse_step() -> None:
+        x, dy = batch_for("sparse")
         opt_sparse.zero_grad()
         sparse(x).backward(dy)
         opt_sparse.step()

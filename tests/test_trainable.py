@@ -237,6 +237,66 @@ def test_compile_fullgraph_and_export_see_the_custom_ops():
     assert any("sparse_lth.linear" in t for t in targets), targets
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("bias,input_grad,train_values", [(True, True, True), (False, True, True),
+                                                          (True, False, True), (True, True, False)])
+def test_eager_numba_path_gives_the_dense_gradients(monkeypatch, dtype, bias, input_grad, train_values):
+    """A layer the numba kernels run (batch above NUMBA_MIN_ROWS, 8,192+ stored values) goes
+    through ops.linear_bias's autograd.Function in eager mode; its output and the gradients of
+    whatever requires one (input, values, bias) equal masked dense's."""
+    calls = []
+    real = ops._NumbaLinear.apply
+    monkeypatch.setattr(ops._NumbaLinear, "apply", lambda *a: calls.append(1) or real(*a))
+    dense, mask = _layer_and_mask(21, 130, 120, 0.6, dtype)
+    if not bias:
+        dense.bias = None
+    layer = TrainableSparseLinear.from_linear(dense, mask=mask)
+    layer.values.requires_grad_(train_values)
+    x = torch.randn(ops.NUMBA_MIN_ROWS + 9, 120, dtype=dtype, requires_grad=input_grad)
+    dy = torch.randn(x.shape[0], 130, dtype=dtype)
+    y = layer(x)
+    y.backward(dy)
+    assert calls, "the eager numba path was not taken"
+    x_ref = x.detach().clone().requires_grad_(input_grad)
+    w_ref = (dense.weight.detach() * mask).requires_grad_()
+    b_ref = None if dense.bias is None else dense.bias.detach().clone().requires_grad_()
+    y_ref = torch.nn.functional.linear(x_ref, w_ref, b_ref)
+    y_ref.backward(dy)
+    torch.testing.assert_close(y, y_ref)
+    assert (x.grad is None) == (not input_grad)
+    if input_grad:
+        torch.testing.assert_close(x.grad, x_ref.grad)
+    assert (layer.values.grad is None) == (not train_values)
+    if train_values:
+        grad = torch.sparse_csr_tensor(layer.crow_indices, layer.col_indices, layer.values.grad, (130, 120)).to_dense()
+        torch.testing.assert_close(grad, w_ref.grad * mask)
+    if bias:
+        torch.testing.assert_close(layer.bias.grad, b_ref.grad)
+
+
+def test_compile_leaves_the_eager_path_to_eager_mode(monkeypatch):
+    """Under torch.compile(fullgraph=True) a layer the numba kernels run stays on the custom ops
+    (the autograd.Function of the eager path calls numba on real tensors only), with the same
+    results as eager mode."""
+    calls = []
+    real = ops._NumbaLinear.apply
+    monkeypatch.setattr(ops._NumbaLinear, "apply", lambda *a: calls.append(1) or real(*a))
+    dense, mask = _layer_and_mask(22, 128, 128, 0.6)
+    layer = TrainableSparseLinear.from_linear(dense, mask=mask)
+    x = torch.randn(ops.NUMBA_MIN_ROWS + 10, 128, requires_grad=True)
+    x_eager = x.detach().clone().requires_grad_()
+    y_eager = layer(x_eager)
+    y_eager.sum().backward()
+    assert calls == [1]
+    grad_eager, layer.values.grad = layer.values.grad, None
+    y = torch.compile(layer, fullgraph=True)(x)
+    y.sum().backward()
+    assert calls == [1], "the compiled graph went through the eager path"
+    torch.testing.assert_close(y, y_eager)
+    torch.testing.assert_close(x.grad, x_eager.grad)
+    torch.testing.assert_close(layer.values.grad, grad_eager)
+
+
 def test_auto_forward_follows_the_inference_rule(monkeypatch):
     """``backend="auto"``: the numba forward from NUMBA_MIN_STORED stored values on, MKL below
     (as eager inference picks); ``"numba"`` forces it. Results equal the dense product either way."""

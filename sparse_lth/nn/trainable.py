@@ -123,7 +123,7 @@ class TrainableSparseLinear(nn.Module):
             raise ValueError(f"TrainableSparseLinear expects input [..., {self.in_features}], got {tuple(x.shape)}")
         rows, cols = self.matrix_shape
         lead = x.shape[:-1]
-        x2 = x.reshape(-1, self.in_features)
+        x2 = x if x.dim() == 2 else x.reshape(-1, self.in_features)
         if torch.compiler.is_compiling():
             pass  # the dense copy is an eager-mode cache; a compiled graph keeps the sparse product
         elif torch.is_grad_enabled():
@@ -132,13 +132,14 @@ class TrainableSparseLinear(nn.Module):
             return F.linear(x, weight, self.bias)
         if cols != self.in_features:
             x2 = F.pad(x2, (0, cols - self.in_features))
-        y = ops.linear(x2.contiguous(), self.crow_indices, self.col_indices, self.values, rows,
-                       self.crow_t, self.col_t, self.perm)
-        if rows != self.out_features:
-            y = y[:, : self.out_features]
-        if self.bias is not None:
-            y = y + self.bias
-        return y.reshape(*lead, self.out_features)
+        if rows == self.out_features:  # the bias joins the product (in place on its eager path)
+            y = ops.linear_bias(x2.contiguous(), self.crow_indices, self.col_indices, self.values, self.bias, rows,
+                                self.crow_t, self.col_t, self.perm)
+        else:  # BSR padded to whole blocks: the padding's rows dropped first
+            y = ops.linear(x2.contiguous(), self.crow_indices, self.col_indices, self.values, rows,
+                           self.crow_t, self.col_t, self.perm)[:, : self.out_features]
+            y = y if self.bias is None else y + self.bias
+        return y if x.dim() == 2 else y.reshape(*lead, self.out_features)
 
     def sparse_weight(self) -> SparseWeight:
         """The current weight (detached) with its logical shape, as ``save_sparse`` writes it."""
