@@ -1,7 +1,7 @@
-"""What the numba CPU kernels share: the compile cache, the register block, the thread count and
-lock, and work arrays kept between calls.
+"""What the numba CPU kernels share: the compile cache, the register block, a prefetch, the
+thread count and lock, and work arrays kept between calls.
 
-This module imports torch and numba only.
+This module imports torch, numba and numba's llvmlite (the IR of the prefetch intrinsic) only.
 """
 
 from __future__ import annotations

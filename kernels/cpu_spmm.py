@@ -127,6 +127,18 @@ def _spmm(ranges, crow, col, vals, panel, width, out):
                     out[p0 + q, m0 + i] = stage[i, q]
 
 
+@numba.njit(inline="always")
+def _resume(acc, work, at, first):
+    """Start a column's ``BLOCK`` accumulators for a block of rows: zero in the first block, else
+    the sum the earlier blocks left in ``work`` from ``at`` on."""
+    if first:
+        for q in range(BLOCK):
+            acc[q] = 0
+    else:
+        for q in range(BLOCK):
+            acc[q] = work[at + np.uint64(q)]
+
+
 @njit_cached(parallel=True, fastmath={"contract"})
 def _spmm_tb(kranges, ptr, rows, src, vals, panel, width, nblocks, k_, work, out):
     """out[n, k] = sum over entries j = (m, k) of vals[j] * dy[n, m], n < N (out [N, K]), dy given
@@ -147,15 +159,10 @@ def _spmm_tb(kranges, ptr, rows, src, vals, panel, width, nblocks, k_, work, out
         for b in range(nblocks):
             for k in range(k0, k1):
                 lo, hi = ptr[b * k_ + k], ptr[b * k_ + k + 1]
+                if b > 0 and lo == hi:
+                    continue  # nothing of this column in this block: its sum stays in work
                 wb = (tile * np.uint64(k_) + np.uint64(k)) * np.uint64(BLOCK)
-                if b == 0:
-                    for q in range(BLOCK):
-                        acc[q] = 0
-                elif lo == hi:
-                    continue
-                else:
-                    for q in range(BLOCK):
-                        acc[q] = work[wb + np.uint64(q)]
+                _resume(acc, work, wb, b == 0)
                 for j in range(lo, hi):
                     w = vals[src[j]]
                     base = (tile * m_ + np.uint64(rows[j])) * np.uint64(BLOCK)
@@ -188,15 +195,10 @@ def _backward_tb(kranges, ptr, rows, src, vals, panel, xpanel, width, nblocks, k
             for b in range(nblocks):
                 for k in range(k0, k1):
                     lo, hi = ptr[b * k_ + k], ptr[b * k_ + k + 1]
-                    wb = (tile * np.uint64(k_) + np.uint64(k)) * np.uint64(BLOCK)
-                    if b == 0:
-                        for q in range(BLOCK):
-                            acc[q] = 0
-                    elif lo == hi:
+                    if b > 0 and lo == hi:
                         continue
-                    else:
-                        for q in range(BLOCK):
-                            acc[q] = work[wb + np.uint64(q)]
+                    wb = (tile * np.uint64(k_) + np.uint64(k)) * np.uint64(BLOCK)
+                    _resume(acc, work, wb, b == 0)
                     for q in range(BLOCK):
                         xk[q] = xpanel[wb + np.uint64(q)]
                     for j in range(lo, hi):

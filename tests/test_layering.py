@@ -8,7 +8,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 STDLIB = set(sys.stdlib_module_names)
-KERNEL_THIRD_PARTY = {"torch", "triton", "numpy", "scipy", "numba"}
+KERNEL_THIRD_PARTY = {"torch", "triton", "numpy", "scipy", "numba", "llvmlite"}  # llvmlite: numba's IR, for intrinsics
 
 # module -> sparse_lth modules it must never import (directly)
 FORBIDDEN = {
