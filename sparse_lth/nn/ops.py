@@ -68,6 +68,15 @@ def _numba_path(values: torch.Tensor, rows: int) -> bool:
             and values.dtype in _cpu_spmm().DTYPES)
 
 
+def _numba_forward(x: torch.Tensor, values: torch.Tensor, backend: str = "auto") -> bool:
+    """Whether ``x @ W.T`` runs on the numba kernel: ``backend`` "numba", or "auto" where the CPU
+    rule eager inference follows picks it (numba from 41 rows and 8,192 stored values), for a
+    CPU CSR weight of ``x``'s dtype (:func:`_numba_path` keeps CUDA and BSR off it)."""
+    chosen = backend == "numba" or (backend == "auto" and cpu_rule.auto_cpu_backend(
+        _layout(values), values.dtype, x.shape[0], values.numel()) == "numba")
+    return chosen and x.dtype == values.dtype and _numba_path(values, x.shape[0])
+
+
 def _cpu_spmm():
     from sparse_lth.kernels import cpu_spmm  # numba, imported on first use
 
@@ -119,11 +128,7 @@ def linear(x: torch.Tensor, crow: torch.Tensor, col: torch.Tensor, values: torch
     what the backward pass multiplies by; without it only the forward runs. ``backend``: as
     :func:`~sparse_lth.backends.sparse_linear` takes it (the inference layer's, calibrated or
     forced). The indices are not checked here: the layer that owns them checks them once."""
-    # "auto": the CPU rule eager inference follows too (numba from 41 rows and 8,192 stored values);
-    # _numba_path then keeps CUDA and BSR off the numba kernel either way
-    numba = backend == "numba" or (backend == "auto" and cpu_rule.auto_cpu_backend(
-        _layout(values), values.dtype, x.shape[0], values.numel()) == "numba")
-    if numba and x.dtype == values.dtype and _numba_path(values, x.shape[0]):
+    if _numba_forward(x, values, backend):
         return _cpu_spmm().cpu_csr_linear(x, crow, col, values, out_features)
     W = _make(_layout(values), crow, col, values, (out_features, x.shape[1]))
     return sparse_linear(x, W, backend=backend, check_invariants=False)
@@ -176,8 +181,7 @@ def linear_bias(x: torch.Tensor, crow: torch.Tensor, col: torch.Tensor, values: 
     ...             *transpose_pattern(crow, col, (2, 3)))
     tensor([[12., 24.]])
     """
-    if not torch.compiler.is_compiling() and x.dtype == values.dtype and _numba_path(values, x.shape[0]) \
-            and cpu_rule.auto_cpu_backend(torch.sparse_csr, values.dtype, x.shape[0], values.numel()) == "numba":
+    if not torch.compiler.is_compiling() and _numba_forward(x, values):
         return _NumbaLinear.apply(x, values, bias, crow, col, crow_t, out_features)
     y = linear(x, crow, col, values, out_features, crow_t, col_t, perm)
     return y if bias is None else y + bias
