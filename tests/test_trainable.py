@@ -197,6 +197,48 @@ def test_cuda_gradients_match_masked_dense(fmt, block, out, inp, dtype):
     torch.testing.assert_close(grad_w.dense_weight().float(), w32.grad * mask, **tol)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (CUDA graphs)")
+@pytest.mark.parametrize("fmt,block", [("bsr", (32, 32)), ("bsr", (64, 64)), ("csr", None)])
+def test_cuda_graph_replays_the_sparse_step(fmt, block):
+    """A whole training step of the layer (forward, backward, the search's fused Adam) captured
+    in a CUDA graph and replayed on new batches gives the weights the same steps give eagerly."""
+    from sparse_lth.optim import Adam
+
+    dense, mask = _layer_and_mask(25, 256, 192, 0.2)
+    if fmt == "bsr":
+        mask = _block_mask(256, 192, block, 0.3, 26)
+    dense, mask = dense.cuda(), mask.cuda()
+    layers = [TrainableSparseLinear.from_linear(dense, mask=mask, format=fmt, blocksize=block or 32) for _ in range(2)]
+    opts = [Adam(layer.parameters(), lr=1e-2) for layer in layers]
+    batches = [(torch.randn(64, 192, device="cuda"), torch.randn(64, 256, device="cuda")) for _ in range(6)]
+    static_x, static_dy = batches[0][0].clone().requires_grad_(), batches[0][1].clone()
+
+    def step(layer, opt, x, dy):
+        opt.zero_grad()
+        layer(x).backward(dy)
+        opt.step()
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up (and Triton's autotuning) outside the capture
+        for x, dy in batches[:3]:
+            step(layers[0], opts[0], x.requires_grad_(), dy)
+            step(layers[1], opts[1], x, dy)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step(layers[0], opts[0], static_x, static_dy)
+    for x, dy in batches[3:]:
+        with torch.no_grad():
+            static_x.copy_(x)
+            static_dy.copy_(dy)
+        graph.replay()
+        step(layers[1], opts[1], x, dy)
+    torch.cuda.synchronize()
+    torch.testing.assert_close(layers[0].values, layers[1].values, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(layers[0].bias, layers[1].bias, rtol=1e-6, atol=1e-6)
+
+
 def test_evaluation_batches_use_a_dense_copy_that_follows_the_values():
     """Large no-grad batches multiply a cached dense weight; an optimizer step refreshes it."""
     from sparse_lth.nn import trainable
@@ -237,6 +279,19 @@ def test_compile_fullgraph_and_export_see_the_custom_ops():
     assert any("sparse_lth.linear" in t for t in targets), targets
 
 
+def _count_numba_calls(monkeypatch) -> dict[str, int]:
+    """Calls of each numba kernel of a trainable layer, counted as they happen."""
+    from sparse_lth.kernels import cpu_spmm
+
+    counts = {}
+    for name in ("cpu_csr_linear", "cpu_csr_linear_backward", "cpu_csr_linear_t", "cpu_csr_sddmm"):
+        counts[name] = 0
+        real = getattr(cpu_spmm, name)
+        monkeypatch.setattr(cpu_spmm, name, lambda *a, _n=name, _f=real: counts.__setitem__(_n, counts[_n] + 1)
+                            or _f(*a))
+    return counts
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("bias,input_grad,train_values", [(True, True, True), (False, True, True),
                                                           (True, False, True), (True, True, False)])
@@ -245,8 +300,9 @@ def test_eager_numba_path_gives_the_dense_gradients(monkeypatch, dtype, bias, in
     through ops.linear_bias's autograd.Function in eager mode; its output and the gradients of
     whatever requires one (input, values, bias) equal masked dense's."""
     calls = []
-    real = ops._NumbaLinear.apply
-    monkeypatch.setattr(ops._NumbaLinear, "apply", lambda *a: calls.append(1) or real(*a))
+    real = ops._EagerLinear.apply
+    monkeypatch.setattr(ops._EagerLinear, "apply", lambda *a: calls.append(1) or real(*a))
+    numba_calls = _count_numba_calls(monkeypatch)
     dense, mask = _layer_and_mask(21, 130, 120, 0.6, dtype)
     if not bias:
         dense.bias = None
@@ -256,7 +312,11 @@ def test_eager_numba_path_gives_the_dense_gradients(monkeypatch, dtype, bias, in
     dy = torch.randn(x.shape[0], 130, dtype=dtype)
     y = layer(x)
     y.backward(dy)
-    assert calls, "the eager numba path was not taken"
+    assert calls, "the eager path was not taken"
+    assert numba_calls["cpu_csr_linear"] == 1
+    expected = ("cpu_csr_linear_backward" if input_grad and train_values else
+                "cpu_csr_linear_t" if input_grad else "cpu_csr_sddmm")
+    assert {k for k, n in numba_calls.items() if n and k != "cpu_csr_linear"} == {expected}
     x_ref = x.detach().clone().requires_grad_(input_grad)
     w_ref = (dense.weight.detach() * mask).requires_grad_()
     b_ref = None if dense.bias is None else dense.bias.detach().clone().requires_grad_()
@@ -274,13 +334,49 @@ def test_eager_numba_path_gives_the_dense_gradients(monkeypatch, dtype, bias, in
         torch.testing.assert_close(layer.bias.grad, b_ref.grad)
 
 
+@pytest.mark.parametrize("fmt,block", [("csr", None), ("bsr", (16, 16)), ("bsr", (32, 16))])
+def test_eager_triton_path_gives_the_dense_gradients(monkeypatch, fmt, block):
+    """``linear_bias(..., backend="triton")``, the eager path as it runs on CUDA, here under the
+    Triton interpreter: the forward, the transposed product and the SDDMM all on the Triton
+    kernels, and the output and every gradient equal to masked dense's."""
+    from sparse_lth import kernels
+
+    calls = {}
+    for name in ("triton_csr_linear", "triton_bsr_linear", "triton_csr_sddmm", "triton_bsr_sddmm"):
+        real = getattr(kernels, name)
+        monkeypatch.setattr(kernels, name, lambda *a, _n=name, _f=real, **k: calls.__setitem__(_n, calls.get(_n, 0) + 1)
+                            or _f(*a, **k))
+    out, inp = 64, 96
+    dense, _ = _layer_and_mask(23, out, inp, 0.3)
+    mask = torch.rand(out, inp) < 0.3 if block is None else _block_mask(out, inp, block, 0.4, 24)
+    layer = TrainableSparseLinear.from_linear(dense, mask=mask, format=fmt, blocksize=block or 32)
+    x = torch.randn(5, inp, requires_grad=True)
+    dy = torch.randn(5, out)
+    y = ops.linear_bias(x, layer.crow_indices, layer.col_indices, layer.values, layer.bias, out,
+                        layer.crow_t, layer.col_t, layer.perm, backend="triton")
+    y.backward(dy)
+    kind = "csr" if block is None else "bsr"
+    assert calls == {f"triton_{kind}_linear": 2, f"triton_{kind}_sddmm": 1}
+    x_ref = x.detach().clone().requires_grad_()
+    w_ref = (dense.weight.detach() * mask).requires_grad_()
+    b_ref = dense.bias.detach().clone().requires_grad_()
+    y_ref = torch.nn.functional.linear(x_ref, w_ref, b_ref)
+    y_ref.backward(dy)
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-5, atol=1e-5)
+    layout = torch.sparse_csr if block is None else torch.sparse_bsr
+    grad = ops._make(layout, layer.crow_indices, layer.col_indices, layer.values.grad, (out, inp)).to_dense()
+    torch.testing.assert_close(grad, w_ref.grad * mask, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(layer.bias.grad, b_ref.grad)
+
+
 def test_compile_leaves_the_eager_path_to_eager_mode(monkeypatch):
     """Under torch.compile(fullgraph=True) a layer the numba kernels run stays on the custom ops
     (the autograd.Function of the eager path calls numba on real tensors only), with the same
     results as eager mode."""
     calls = []
-    real = ops._NumbaLinear.apply
-    monkeypatch.setattr(ops._NumbaLinear, "apply", lambda *a: calls.append(1) or real(*a))
+    real = ops._EagerLinear.apply
+    monkeypatch.setattr(ops._EagerLinear, "apply", lambda *a: calls.append(1) or real(*a))
     dense, mask = _layer_and_mask(22, 128, 128, 0.6)
     layer = TrainableSparseLinear.from_linear(dense, mask=mask)
     x = torch.randn(ops.NUMBA_MIN_ROWS + 10, 128, requires_grad=True)
@@ -318,3 +414,22 @@ def test_auto_forward_follows_the_inference_rule(monkeypatch):
         y = ops.linear(x, W.crow_indices(), W.col_indices(), W.values(), out, backend=backend)
         assert bool(calls) == numba, (out, backend)
         torch.testing.assert_close(y, x @ dense.T)
+
+
+def test_the_gpu_training_script_runs_dry(tmp_path):
+    """bench/gpu_training.py, the prepared GPU measurement of the sparse training step, end to
+    end on the CPU: every case measured (none failed), each step checked against masked dense."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    bench = Path(__file__).resolve().parents[1] / "bench"
+    proc = subprocess.run([sys.executable, str(bench / "gpu_training.py"), "--out", str(tmp_path), "--dry-run",
+                           "--calls", "1", "--reps", "1"], capture_output=True, text=True, timeout=300, cwd=bench)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads((tmp_path / "training.json").read_text())["rows"]
+    assert [(r["format"], r["block"], r["batch"]) for r in rows] == [
+        ("bsr", 32, 64), ("bsr", 64, 64), ("csr", None, 64), ("bsr", 32, 2048), ("bsr", 64, 2048)]
+    assert all("failed" not in r and set(r["ms"]) == {"dense", "sparse", "sparse_ops"} for r in rows), rows
+    assert all(r["check_max_abs_err"] <= 1e-5 for r in rows)

@@ -22,8 +22,9 @@ forward of a weight with fewer than ``NUMBA_MIN_STORED`` (8,192) stored values u
 ``sparse_lth::linear`` is the forward op; its registered backward calls ``sparse_lth::linear_backward``
 (both gradients: on the numba path in one sweep, else the two ops below), or where only one
 gradient is needed ``sparse_lth::linear_t`` (the product over the transposed pattern) or
-``sparse_lth::sddmm``, so ``torch.compile`` sees custom ops all the way. Double backward is not
-supported.
+``sparse_lth::sddmm``, so ``torch.compile`` sees custom ops all the way. Each op's body is a
+plain function (``_linear_impl`` and so on), which the layer's eager path (:func:`linear_bias`)
+calls without the ops' dispatch. Double backward is not supported.
 
 >>> import torch
 >>> dense = torch.tensor([[0., 2., 0.], [1., 0., 3.]])
@@ -42,6 +43,7 @@ tensor([[2., 4.]])
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Optional
 
 import torch
@@ -118,6 +120,15 @@ def _block_rows(crow: torch.Tensor, stored: int) -> torch.Tensor:
                                    output_size=stored)
 
 
+def _linear_impl(x: torch.Tensor, crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor,
+                 out_features: int, backend: str = "auto") -> torch.Tensor:
+    """The body of :func:`linear` (the forward), which the eager path calls without the op."""
+    if _numba_forward(x, values, backend):
+        return _cpu_spmm().cpu_csr_linear(x, crow, col, values, out_features)
+    W = _make(_layout(values), crow, col, values, (out_features, x.shape[1]))
+    return sparse_linear(x, W, backend=backend, check_invariants=False)
+
+
 @torch.library.custom_op("sparse_lth::linear", mutates_args=())
 def linear(x: torch.Tensor, crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor,
            out_features: int, crow_t: Optional[torch.Tensor] = None,
@@ -128,10 +139,7 @@ def linear(x: torch.Tensor, crow: torch.Tensor, col: torch.Tensor, values: torch
     what the backward pass multiplies by; without it only the forward runs. ``backend``: as
     :func:`~sparse_lth.backends.sparse_linear` takes it (the inference layer's, calibrated or
     forced). The indices are not checked here: the layer that owns them checks them once."""
-    if _numba_forward(x, values, backend):
-        return _cpu_spmm().cpu_csr_linear(x, crow, col, values, out_features)
-    W = _make(_layout(values), crow, col, values, (out_features, x.shape[1]))
-    return sparse_linear(x, W, backend=backend, check_invariants=False)
+    return _linear_impl(x, crow, col, values, out_features, backend)
 
 
 @linear.register_fake
@@ -144,19 +152,27 @@ def _linear_setup(ctx, inputs, output) -> None:
     ctx.save_for_backward(x, crow, col, values, crow_t, col_t, perm)
 
 
-def _linear_backward(ctx, dy):
-    x, crow, col, values, crow_t, col_t, perm = ctx.saved_tensors
-    dy = dy.contiguous()
-    dx = dvalues = None
-    if ctx.needs_input_grad[0] and perm is None:
+def _gradients(dy: torch.Tensor, saved: tuple, need_x: bool, need_values: bool, products: tuple
+               ) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """(dx, dvalues), each computed where needed, by ``products``: (both gradients, the product
+    over the transposed pattern, the SDDMM), the custom ops or their bodies."""
+    x, crow, col, values, crow_t, col_t, perm = saved
+    both, transposed, sampled = products
+    if need_x and perm is None:
         raise RuntimeError("sparse_lth::linear: the input gradient needs the transposed pattern "
                            "(crow_t, col_t, perm from transpose_pattern)")
-    if ctx.needs_input_grad[0] and ctx.needs_input_grad[3]:
-        dx, dvalues = linear_backward(dy, x, crow, col, values, crow_t, col_t, perm)
-    elif ctx.needs_input_grad[0]:
-        dx = linear_t(dy, crow, col, values, crow_t, col_t, perm, x.shape[1])
-    elif ctx.needs_input_grad[3]:
-        dvalues = sddmm(crow, col, values, dy, x)
+    if need_x and need_values:
+        return both(dy, x, crow, col, values, crow_t, col_t, perm)
+    if need_x:
+        return transposed(dy, crow, col, values, crow_t, col_t, perm, x.shape[1]), None
+    if need_values:
+        return None, sampled(crow, col, values, dy, x)
+    return None, None
+
+
+def _linear_backward(ctx, dy):
+    dx, dvalues = _gradients(dy.contiguous(), ctx.saved_tensors, ctx.needs_input_grad[0],
+                             ctx.needs_input_grad[3], (linear_backward, linear_t, sddmm))
     return dx, None, None, dvalues, None, None, None, None, None
 
 
@@ -165,14 +181,15 @@ linear.register_autograd(_linear_backward, setup_context=_linear_setup)
 
 def linear_bias(x: torch.Tensor, crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor,
                 bias: Optional[torch.Tensor], out_features: int, crow_t: torch.Tensor, col_t: torch.Tensor,
-                perm: torch.Tensor) -> torch.Tensor:
+                perm: torch.Tensor, backend: str = "auto") -> torch.Tensor:
     """``linear(x, ...) + bias`` for a layer that trains (the transposed pattern given), as
-    :class:`~sparse_lth.nn.TrainableSparseLinear` calls it. In eager mode, where the numba
-    kernels run the forward, an ``autograd.Function`` calls them straight (:class:`_NumbaLinear`):
-    the custom op's Python dispatch, its autograd wrapper and a separate bias node cost 0.1-0.25 ms
-    a step (4096 x 4096, batch 64, fp32: the step 0.92-0.96x at 2% density, 0.95-0.96x at 5%,
-    0.97-0.98x at 10%). Under ``torch.compile`` / ``torch.export`` and on every other path, the
-    custom ops.
+    :class:`~sparse_lth.nn.TrainableSparseLinear` calls it. In eager mode an ``autograd.Function``
+    (:class:`_EagerLinear`) runs the custom ops' own bodies, the same kernels, without their
+    dispatch: each custom op call costs tens of microseconds of Python (on CPU, 4096 x 4096,
+    batch 64, fp32, the step 0.92-0.96x at 2% density, 0.95-0.96x at 5%, 0.97-0.98x at 10%; on
+    an H200 the ops' dispatch was most of a 1.6 ms step whose kernels took 92 us). Under
+    ``torch.compile`` / ``torch.export``, the custom ops. ``backend`` as :func:`linear` takes it
+    (the backward's products follow it: "triton" runs all three on the Triton kernels).
 
     >>> dense = torch.tensor([[0., 2., 0.], [1., 0., 3.]])
     >>> W = dense.to_sparse_csr()
@@ -181,36 +198,41 @@ def linear_bias(x: torch.Tensor, crow: torch.Tensor, col: torch.Tensor, values: 
     ...             *transpose_pattern(crow, col, (2, 3)))
     tensor([[12., 24.]])
     """
-    if not torch.compiler.is_compiling() and _numba_forward(x, values):
-        return _NumbaLinear.apply(x, values, bias, crow, col, crow_t, out_features)
-    y = linear(x, crow, col, values, out_features, crow_t, col_t, perm)
+    if not torch.compiler.is_compiling():
+        return _EagerLinear.apply(x, values, bias, crow, col, crow_t, col_t, perm, out_features, backend)
+    y = linear(x, crow, col, values, out_features, crow_t, col_t, perm, backend)
     return y if bias is None else y + bias
 
 
-class _NumbaLinear(torch.autograd.Function):
-    """``x @ W.T + bias`` on the numba kernels, with the gradients the custom ops give (the same
-    kernels: ``cpu_csr_linear`` forward, ``cpu_csr_linear_backward`` both gradients in one sweep)."""
+class _EagerLinear(torch.autograd.Function):
+    """``x @ W.T + bias`` through the custom ops' bodies (:func:`_linear_impl`, and in the
+    backward :func:`_linear_backward_impl`, :func:`_linear_t_impl`, :func:`_sddmm_impl`): the
+    gradients the ops give, without their dispatch; the bias added in place."""
 
     @staticmethod
-    def forward(ctx, x, values, bias, crow, col, crow_t, out_features):
-        ctx.save_for_backward(x, values, crow, col, crow_t)
-        y = _cpu_spmm().cpu_csr_linear(x, crow, col, values, out_features)
+    def forward(ctx, x, values, bias, crow, col, crow_t, col_t, perm, out_features, backend):
+        ctx.save_for_backward(x, crow, col, values, crow_t, col_t, perm)
+        ctx.backend = backend
+        y = _linear_impl(x, crow, col, values, out_features, backend)
         return y if bias is None else y.add_(bias)  # y is new: the bias added in place
 
     @staticmethod
     def backward(ctx, dy):
-        x, values, crow, col, crow_t = ctx.saved_tensors
         need_x, need_values, need_bias = ctx.needs_input_grad[:3]
-        dy = dy.contiguous()
-        spmm = _cpu_spmm()
-        dx = dvalues = None
-        if need_x and need_values:
-            dx, dvalues = spmm.cpu_csr_linear_backward(dy, x, crow, col, values, crow_t)
-        elif need_x:
-            dx = spmm.cpu_csr_linear_t(dy, crow, col, values, crow_t, x.shape[1])
-        elif need_values:
-            dvalues = spmm.cpu_csr_sddmm(crow, col, dy, x)
-        return dx, dvalues, dy.sum(0) if need_bias else None, None, None, None, None
+        backend = ctx.backend
+        products = (partial(_linear_backward_impl, backend=backend), partial(_linear_t_impl, backend=backend),
+                    partial(_sddmm_impl, backend=backend))
+        dx, dvalues = _gradients(dy.contiguous(), ctx.saved_tensors, need_x, need_values, products)
+        return dx, dvalues, dy.sum(0) if need_bias else None, None, None, None, None, None, None, None
+
+
+def _linear_t_impl(dy: torch.Tensor, crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor,
+                   crow_t: torch.Tensor, col_t: torch.Tensor, perm: torch.Tensor, in_features: int,
+                   backend: str = "auto") -> torch.Tensor:
+    """The body of :func:`linear_t`."""
+    if backend in ("auto", "numba") and dy.dtype == values.dtype and _numba_path(values, dy.shape[0]):
+        return _cpu_spmm().cpu_csr_linear_t(dy, crow, col, values, crow_t, in_features)
+    return _linear_impl(dy, crow_t, col_t, _transposed_values(values, perm), in_features, backend)
 
 
 @torch.library.custom_op("sparse_lth::linear_t", mutates_args=())
@@ -221,9 +243,7 @@ def linear_t(dy: torch.Tensor, crow: torch.Tensor, col: torch.Tensor, values: to
     numba path reads the values in place through a row-blocked transposed pattern of its own;
     the others gather the values into the transposed order and multiply by ``W.T`` as a
     product of its own."""
-    if dy.dtype == values.dtype and _numba_path(values, dy.shape[0]):
-        return _cpu_spmm().cpu_csr_linear_t(dy, crow, col, values, crow_t, in_features)
-    return linear(dy, crow_t, col_t, _transposed_values(values, perm), in_features)
+    return _linear_t_impl(dy, crow, col, values, crow_t, col_t, perm, in_features)
 
 
 @linear_t.register_fake
@@ -231,15 +251,24 @@ def _(dy, crow, col, values, crow_t, col_t, perm, in_features):
     return dy.new_empty((dy.shape[0], in_features))
 
 
+def _linear_backward_impl(dy: torch.Tensor, x: torch.Tensor, crow: torch.Tensor, col: torch.Tensor,
+                          values: torch.Tensor, crow_t: torch.Tensor, col_t: torch.Tensor, perm: torch.Tensor,
+                          backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    """The body of :func:`linear_backward`."""
+    if (backend in ("auto", "numba") and dy.dtype == x.dtype == values.dtype
+            and _numba_path(values, dy.shape[0])):
+        return _cpu_spmm().cpu_csr_linear_backward(dy, x, crow, col, values, crow_t)
+    return (_linear_t_impl(dy, crow, col, values, crow_t, col_t, perm, x.shape[1], backend),
+            _sddmm_impl(crow, col, values, dy, x, backend))
+
+
 @torch.library.custom_op("sparse_lth::linear_backward", mutates_args=())
 def linear_backward(dy: torch.Tensor, x: torch.Tensor, crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor,
                     crow_t: torch.Tensor, col_t: torch.Tensor, perm: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(linear_t(dy, ...), sddmm(..., dy, x))``: both gradients of :func:`linear`, the input's and
     the values'. The numba path computes them in one sweep (``cpu_csr_linear_backward``); the
-    others call the two ops."""
-    if dy.dtype == x.dtype == values.dtype and _numba_path(values, dy.shape[0]):
-        return _cpu_spmm().cpu_csr_linear_backward(dy, x, crow, col, values, crow_t)
-    return linear_t(dy, crow, col, values, crow_t, col_t, perm, x.shape[1]), sddmm(crow, col, values, dy, x)
+    others call the two products."""
+    return _linear_backward_impl(dy, x, crow, col, values, crow_t, col_t, perm)
 
 
 @linear_backward.register_fake
@@ -247,29 +276,38 @@ def _(dy, x, crow, col, values, crow_t, col_t, perm):
     return dy.new_empty((dy.shape[0], x.shape[1])), values.new_empty(values.shape, dtype=x.dtype)
 
 
-@torch.library.custom_op("sparse_lth::sddmm", mutates_args=())
-def sddmm(crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor, dy: torch.Tensor,
-          x: torch.Tensor) -> torch.Tensor:
-    """``dy.T @ x`` [M, K] sampled at the pattern: a tensor shaped like ``values`` (1-D for CSR,
-    [blocks, br, bc] for BSR), in ``x``'s dtype. ``dy`` [N, M] and ``x`` [N, K] contiguous."""
+def _sddmm_impl(crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor, dy: torch.Tensor,
+                x: torch.Tensor, backend: str = "auto") -> torch.Tensor:
+    """The body of :func:`sddmm`; ``backend`` "triton" takes the Triton kernels on the CPU too
+    (under the interpreter: tests), as CUDA always does."""
+    triton = (x.device.type == "cuda" or backend == "triton") and kernels.has_triton() and x.dtype != torch.float64
     if values.dim() == 3:
-        return _bsr_sddmm(crow, col, values, dy, x)
-    if x.device.type == "cuda":
-        if dy.shape[1] * x.shape[1] * x.element_size() <= _DENSE_SAMPLE_BYTES:
-            # cuBLAS's dense dy.T @ x, then the stored positions: on an H200 (4096^3, bf16)
-            # 0.18 ms for the product against 3.8-16.6 ms for the Triton CSR SDDMM at 1-10%,
-            # whose gathers read one useful element per 32-byte sector (kernels/sddmm.py).
-            return (dy.t() @ x)[_block_rows(crow, col.numel()), col.long()]
-        if kernels.has_triton() and x.dtype != torch.float64:
-            return kernels.triton_csr_sddmm(crow, col, dy, x, check_invariants=False)
-    if x.dtype == dy.dtype == values.dtype and _numba_path(values, x.shape[0]):
+        return _bsr_sddmm(crow, col, values, dy, x, triton)
+    if x.device.type == "cuda" and dy.shape[1] * x.shape[1] * x.element_size() <= _DENSE_SAMPLE_BYTES:
+        # cuBLAS's dense dy.T @ x, then the stored positions: on an H200 (4096^3, bf16)
+        # 0.18 ms for the product against 3.8-16.6 ms for the Triton CSR SDDMM at 1-10%,
+        # whose gathers read one useful element per 32-byte sector (kernels/sddmm.py).
+        return (dy.t() @ x)[_block_rows(crow, col.numel()), col.long()]
+    if triton:
+        return kernels.triton_csr_sddmm(crow, col, dy, x, check_invariants=False)
+    if backend in ("auto", "numba") and x.dtype == dy.dtype == values.dtype and _numba_path(values, x.shape[0]):
         return _cpu_spmm().cpu_csr_sddmm(crow, col, dy, x)
     if x.dtype in (torch.float32, torch.float64):
         # zeros, not empty: sampled_addmm was seen to let NaN in uninitialized values through beta=0
         pattern = _make(torch.sparse_csr, crow, col, torch.zeros_like(values), (dy.shape[1], x.shape[1]))
         return torch.sparse.sampled_addmm(pattern, dy.t(), x, beta=0.0).values()
     # torch's CPU sampled_addmm is float32 / float64 only: half types in float32, then rounded.
-    return sddmm(crow, col, values.float(), dy.float(), x.float()).to(x.dtype)
+    return _sddmm_impl(crow, col, values.float(), dy.float(), x.float(), backend).to(x.dtype)
+
+
+@torch.library.custom_op("sparse_lth::sddmm", mutates_args=())
+def sddmm(crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor, dy: torch.Tensor,
+          x: torch.Tensor) -> torch.Tensor:
+    """``dy.T @ x`` [M, K] sampled at the pattern: a tensor shaped like ``values`` (1-D for CSR,
+    [blocks, br, bc] for BSR), in ``x``'s dtype. ``dy`` [N, M] and ``x`` [N, K] contiguous.
+    On CUDA the Triton BSR SDDMM, and for CSR the dense cuBLAS product sampled at the pattern
+    (the Triton CSR SDDMM where that product would not fit in 1 GiB)."""
+    return _sddmm_impl(crow, col, values, dy, x)
 
 
 @sddmm.register_fake
@@ -278,9 +316,9 @@ def _(crow, col, values, dy, x):
 
 
 def _bsr_sddmm(crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor, dy: torch.Tensor,
-               x: torch.Tensor) -> torch.Tensor:
+               x: torch.Tensor, triton: bool) -> torch.Tensor:
     nblocks, br, bc = values.shape
-    if x.device.type == "cuda" and kernels.has_triton() and x.dtype != torch.float64:
+    if triton:
         return kernels.triton_bsr_sddmm(crow, col, (br, bc), dy, x, check_invariants=False)
     if nblocks == 0 or dy.shape[0] == 0:
         return torch.zeros(values.shape, dtype=x.dtype, device=x.device)

@@ -132,12 +132,11 @@ class TrainableSparseLinear(nn.Module):
             return F.linear(x, weight, self.bias)
         if cols != self.in_features:
             x2 = F.pad(x2, (0, cols - self.in_features))
-        if rows == self.out_features:  # the bias joins the product (in place on its eager path)
-            y = ops.linear_bias(x2.contiguous(), self.crow_indices, self.col_indices, self.values, self.bias, rows,
-                                self.crow_t, self.col_t, self.perm)
-        else:  # BSR padded to whole blocks: the padding's rows dropped first
-            y = ops.linear(x2.contiguous(), self.crow_indices, self.col_indices, self.values, rows,
-                           self.crow_t, self.col_t, self.perm)[:, : self.out_features]
+        padded = rows != self.out_features  # BSR padded to whole blocks: the padding's rows dropped first
+        y = ops.linear_bias(x2.contiguous(), self.crow_indices, self.col_indices, self.values,
+                            None if padded else self.bias, rows, self.crow_t, self.col_t, self.perm)
+        if padded:
+            y = y[:, : self.out_features]
             y = y if self.bias is None else y + self.bias
         return y if x.dim() == 2 else y.reshape(*lead, self.out_features)
 
