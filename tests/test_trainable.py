@@ -393,6 +393,19 @@ def test_compile_leaves_the_eager_path_to_eager_mode(monkeypatch):
     torch.testing.assert_close(layer.values.grad, grad_eager)
 
 
+def test_jit_trace_records_the_custom_op():
+    """torch.jit.trace of a layer records ``sparse_lth::linear`` (the eager path's kernels are
+    invisible to a tracer) and the traced module gives the eager output on a new input."""
+    dense, mask = _layer_and_mask(27, 128, 128, 0.6)
+    layer = TrainableSparseLinear.from_linear(dense, mask=mask)
+    x = torch.randn(ops.NUMBA_MIN_ROWS + 3, 128)
+    with torch.no_grad():
+        traced = torch.jit.trace(layer, x)
+        assert "sparse_lth::linear" in str(traced.graph)
+        x2 = torch.randn_like(x)
+        torch.testing.assert_close(traced(x2), layer(x2))
+
+
 def test_auto_forward_follows_the_inference_rule(monkeypatch):
     """``backend="auto"``: the numba forward from NUMBA_MIN_STORED stored values on, MKL below
     (as eager inference picks); ``"numba"`` forces it. Results equal the dense product either way."""

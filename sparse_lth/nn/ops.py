@@ -188,8 +188,9 @@ def linear_bias(x: torch.Tensor, crow: torch.Tensor, col: torch.Tensor, values: 
     dispatch: each custom op call costs tens of microseconds of Python (on CPU, 4096 x 4096,
     batch 64, fp32, the step 0.92-0.96x at 2% density, 0.95-0.96x at 5%, 0.97-0.98x at 10%; on
     an H200 the ops' dispatch was most of a 1.6 ms step whose kernels took 92 us). Under
-    ``torch.compile`` / ``torch.export``, the custom ops. ``backend`` as :func:`linear` takes it
-    (the backward's products follow it: "triton" runs all three on the Triton kernels).
+    ``torch.compile``, ``torch.export`` and ``torch.jit.trace``, the custom ops. ``backend`` as
+    :func:`linear` takes it (the backward's products follow it: "triton" runs all three on the
+    Triton kernels).
 
     >>> dense = torch.tensor([[0., 2., 0.], [1., 0., 3.]])
     >>> W = dense.to_sparse_csr()
@@ -198,7 +199,7 @@ def linear_bias(x: torch.Tensor, crow: torch.Tensor, col: torch.Tensor, values: 
     ...             *transpose_pattern(crow, col, (2, 3)))
     tensor([[12., 24.]])
     """
-    if not torch.compiler.is_compiling():
+    if not (torch.compiler.is_compiling() or torch.jit.is_tracing()):  # a tracer must see the ops
         return _EagerLinear.apply(x, values, bias, crow, col, crow_t, col_t, perm, out_features, backend)
     y = linear(x, crow, col, values, out_features, crow_t, col_t, perm, backend)
     return y if bias is None else y + bias
