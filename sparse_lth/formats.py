@@ -70,15 +70,24 @@ _SPARSE_LAYOUTS = (torch.sparse_csr, torch.sparse_bsr)
 
 
 # -- small helpers ------------------------------------------------------------------------------
+_beta_warning_spent = False  # torch warns "BSR is beta" once per process, on the first BSR tensor
+
+
 def _make(layout: torch.layout, crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor,
           size: tuple[int, int]) -> torch.Tensor:
     """Build the torch tensor; invariants are checked by us, and torch's "BSR is beta" warning
-    on every construction says nothing to our users."""
+    says nothing to our users. It comes once per process: only the first BSR tensor is built
+    inside a warnings filter (10 us a call, in a training step that builds two)."""
+    global _beta_warning_spent
+    if layout == torch.sparse_csr:
+        return torch.sparse_csr_tensor(crow, col, values, size=size, check_invariants=False)
+    if _beta_warning_spent:
+        return torch.sparse_bsr_tensor(crow, col, values, size=size, check_invariants=False)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*Sparse (BSR|CSR) tensor support is in beta.*")
-        if layout == torch.sparse_csr:
-            return torch.sparse_csr_tensor(crow, col, values, size=size, check_invariants=False)
-        return torch.sparse_bsr_tensor(crow, col, values, size=size, check_invariants=False)
+        tensor = torch.sparse_bsr_tensor(crow, col, values, size=size, check_invariants=False)
+    _beta_warning_spent = True
+    return tensor
 
 
 def _blocksize(blocksize: Any, name: str) -> tuple[int, int]:

@@ -319,3 +319,18 @@ def test_available_memory_reads_the_machine():
         reference = int(line.split()[1]) * 1024
         assert abs(available - reference) < 0.25 * reference  # read moments apart on a busy machine
     assert available is None or available > 0
+
+
+def test_building_bsr_tensors_never_shows_torchs_beta_notice():
+    """formats._make keeps torch's once-per-process "BSR is beta" notice from users (in a fresh
+    process, with every warning an error), however many tensors it builds."""
+    import subprocess
+    import sys
+
+    code = ("import torch\nfrom sparse_lth.formats import _make\n"
+            "for _ in range(3):\n"
+            "    _make(torch.sparse_bsr, torch.tensor([0, 1]), torch.tensor([0]), torch.ones(1, 2, 2), (2, 2))\n"
+            "    _make(torch.sparse_csr, torch.tensor([0, 1]), torch.tensor([0]), torch.ones(1), (1, 1))\n")
+    proc = subprocess.run([sys.executable, "-W", "error::UserWarning", "-c", code], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]

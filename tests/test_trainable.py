@@ -446,3 +446,18 @@ def test_the_gpu_training_script_runs_dry(tmp_path):
         ("bsr", 32, 64), ("bsr", 64, 64), ("csr", None, 64), ("bsr", 32, 2048), ("bsr", 64, 2048)]
     assert all("failed" not in r and set(r["ms"]) == {"dense", "sparse", "sparse_ops"} for r in rows), rows
     assert all(r["check_max_abs_err"] <= 1e-5 for r in rows)
+
+
+def test_the_step_host_cost_script_runs(tmp_path):
+    """bench/step_host_cost.py (the host's share of a step, Triton kernels stubbed) end to end:
+    one line per step, each a positive time."""
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "bench" / "step_host_cost.py"
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    times = dict(re.findall(r"^(\w+)\s+([\d.]+) us a step", proc.stdout, re.M))
+    assert set(times) == {"dense", "sparse_eager", "sparse_ops"} and all(float(t) > 0 for t in times.values())

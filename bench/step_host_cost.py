@@ -1,0 +1,99 @@
+#!/usr/bin/env python
+"""The host's share of a training step: Python, autograd and dispatch, with the Triton kernels
+stubbed out. On a GPU a small step (4096 x 4096 at batch 64) is bound by this, not by the
+kernels (an H200 worked 92 us of a 1.6 ms sparse step), so a CPU can say what a path costs
+there before a GPU measures it.
+
+One tiny layer (128 x 128, BSR 32 x 32 at half the blocks, batch 64, one thread) takes three
+steps, timed interleaved (medians of 15 bursts of 200 steps):
+
+* ``dense``: the masked-dense step (``bench_sparse_training``'s, on ``nn.Linear``);
+* ``sparse_eager``: ``ops.linear_bias`` with the Triton backend: the layer's eager path;
+* ``sparse_ops``: ``ops.linear`` and its registered backward, the custom ops' dispatch.
+
+The Triton launchers return empty tensors (a launch itself costs 15-45 us on an H200,
+bench/launch_cost.py); everything else (the sparse tensors built, the values gathered into the
+transposed order, the checks, autograd, the fused Adam) runs as in a step.
+
+    TRITON_INTERPRET=1 python bench/step_host_cost.py
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import time
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # the Triton backend accepts CPU tensors
+
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+from sparse_lth import kernels  # noqa: E402
+from sparse_lth.nn import TrainableSparseLinear, ops  # noqa: E402
+from sparse_lth.optim import Adam  # noqa: E402
+
+WIDTH, BATCH, BLOCK = 128, 64, 32
+
+
+def _stub_kernels() -> None:
+    kernels.triton_bsr_linear = lambda W, x, **_: torch.empty(x.shape[0], W.shape[0], dtype=x.dtype)
+    kernels.triton_bsr_sddmm = lambda crow, col, block, dy, x, **_: torch.empty(col.numel(), *block, dtype=x.dtype)
+
+
+def steps() -> dict:
+    gen = torch.Generator().manual_seed(0)
+    dense = nn.Linear(WIDTH, WIDTH)
+    tiles = torch.rand(WIDTH // BLOCK, WIDTH // BLOCK, generator=gen) < 0.5
+    mask = tiles.repeat_interleave(BLOCK, 0).repeat_interleave(BLOCK, 1)
+    alive = mask.float()
+    sparse = TrainableSparseLinear.from_linear(dense, mask=mask, format="bsr", blocksize=BLOCK)
+    x = torch.randn(BATCH, WIDTH, generator=gen).requires_grad_()
+    dy = torch.randn(BATCH, WIDTH, generator=gen)
+    opt_dense, opt_sparse = Adam(dense.parameters()), Adam(sparse.parameters())
+    pattern = (sparse.crow_indices, sparse.col_indices, sparse.values)
+    transposed = (sparse.crow_t, sparse.col_t, sparse.perm)
+
+    def dense_step() -> None:
+        opt_dense.zero_grad()
+        dense(x).backward(dy)
+        dense.weight.grad.mul_(alive)
+        opt_dense.step()
+        with torch.no_grad():
+            dense.weight.mul_(alive)
+
+    def sparse_eager() -> None:
+        opt_sparse.zero_grad()
+        ops.linear_bias(x, *pattern, sparse.bias, WIDTH, *transposed, backend="triton").backward(dy)
+        opt_sparse.step()
+
+    def sparse_ops() -> None:
+        opt_sparse.zero_grad()
+        (ops.linear(x, *pattern, WIDTH, *transposed, "triton") + sparse.bias).backward(dy)
+        opt_sparse.step()
+
+    return {"dense": dense_step, "sparse_eager": sparse_eager, "sparse_ops": sparse_ops}
+
+
+def main() -> None:
+    torch.set_num_threads(1)
+    _stub_kernels()
+    timed = steps()
+    for step in timed.values():
+        for _ in range(50):
+            step()
+    bursts: dict[str, list[float]] = {name: [] for name in timed}
+    for _ in range(15):
+        for name, step in timed.items():
+            start = time.perf_counter()
+            for _ in range(200):
+                step()
+            bursts[name].append((time.perf_counter() - start) / 200 * 1e6)
+    dense = statistics.median(bursts["dense"])
+    for name, times in bursts.items():
+        us = statistics.median(times)
+        print(f"{name:13s} {us:7.1f} us a step  ({us / dense:.2f}x the masked-dense step's host time)")
+
+
+if __name__ == "__main__":
+    main()
