@@ -70,23 +70,23 @@ _SPARSE_LAYOUTS = (torch.sparse_csr, torch.sparse_bsr)
 
 
 # -- small helpers ------------------------------------------------------------------------------
-_beta_warning_spent = False  # torch warns "BSR is beta" once per process, on the first BSR tensor
+_beta_notice_spent = False  # torch's "CSR / BSR is beta" notice: once per process, either layout
 
 
 def _make(layout: torch.layout, crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor,
           size: tuple[int, int]) -> torch.Tensor:
-    """Build the torch tensor; invariants are checked by us, and torch's "BSR is beta" warning
-    says nothing to our users. It comes once per process: only the first BSR tensor is built
-    inside a warnings filter (10 us a call, in a training step that builds two)."""
-    global _beta_warning_spent
-    if layout == torch.sparse_csr:
-        return torch.sparse_csr_tensor(crow, col, values, size=size, check_invariants=False)
-    if _beta_warning_spent:
-        return torch.sparse_bsr_tensor(crow, col, values, size=size, check_invariants=False)
+    """Build the torch tensor; invariants are checked by us, and torch's "sparse CSR / BSR is
+    beta" notice says nothing to our users. torch gives it once per process, on the first
+    compressed tensor of either layout: only our first is built inside a warnings filter (10 us
+    a call, in a training step that builds two)."""
+    global _beta_notice_spent
+    build = torch.sparse_csr_tensor if layout == torch.sparse_csr else torch.sparse_bsr_tensor
+    if _beta_notice_spent:
+        return build(crow, col, values, size=size, check_invariants=False)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*Sparse (BSR|CSR) tensor support is in beta.*")
-        tensor = torch.sparse_bsr_tensor(crow, col, values, size=size, check_invariants=False)
-    _beta_warning_spent = True
+        tensor = build(crow, col, values, size=size, check_invariants=False)
+    _beta_notice_spent = True
     return tensor
 
 
