@@ -25,7 +25,7 @@ timeout -k 10 90 python3 -W ignore bench/gpu_training.py --out "$OUT" --budget 7
 echo "== conv"
 timeout -k 10 80 python3 -W ignore bench/gpu_conv.py --out "$OUT" 2>&1 | tail -17
 echo "== stress"
-timeout -k 10 55 python3 -W ignore bench/gpu_stress.py --out "$OUT" --budget 40 2>&1 | tail -4
+timeout -k 10 45 python3 -W ignore bench/gpu_stress.py --out "$OUT" --budget 32 2>&1 | tail -4
 echo "== tests"
 timeout -k 15 -s INT 110 python3 -m pytest -v -p no:cacheprovider -n 8 -rfE \
   tests/test_bsr_decode.py tests/test_bsr_tma.py tests/test_csr_padded.py \
