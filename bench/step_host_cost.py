@@ -7,7 +7,7 @@ there before a GPU measures it.
 One tiny layer (128 x 128, BSR 32 x 32 at half the blocks, batch 64, one thread) takes three
 steps, timed interleaved (medians of 15 bursts of 200 steps):
 
-* ``dense``: the masked-dense step (``bench_sparse_training``'s, on ``nn.Linear``);
+* ``dense``: the masked-dense step (``bench_sparse_training.make_steps``'s, on ``nn.Linear``);
 * ``sparse_eager``: ``ops.linear_bias`` with the Triton backend: the layer's eager path;
 * ``sparse_ops``: ``ops.linear`` and its registered backward, the custom ops' dispatch.
 
@@ -27,11 +27,10 @@ import time
 os.environ.setdefault("TRITON_INTERPRET", "1")  # the Triton backend accepts CPU tensors
 
 import torch  # noqa: E402
-from torch import nn  # noqa: E402
 
+from bench_sparse_training import make_steps  # noqa: E402  (bench/ is on the path when run as a script)
 from sparse_lth import kernels  # noqa: E402
-from sparse_lth.nn import TrainableSparseLinear, ops  # noqa: E402
-from sparse_lth.optim import Adam  # noqa: E402
+from sparse_lth.nn import ops  # noqa: E402
 
 WIDTH, BATCH, BLOCK = 128, 64, 32
 
@@ -42,37 +41,26 @@ def _stub_kernels() -> None:
 
 
 def steps() -> dict:
-    gen = torch.Generator().manual_seed(0)
-    dense = nn.Linear(WIDTH, WIDTH)
-    tiles = torch.rand(WIDTH // BLOCK, WIDTH // BLOCK, generator=gen) < 0.5
-    mask = tiles.repeat_interleave(BLOCK, 0).repeat_interleave(BLOCK, 1)
-    alive = mask.float()
-    sparse = TrainableSparseLinear.from_linear(dense, mask=mask, format="bsr", blocksize=BLOCK)
+    """The masked-dense step of bench_sparse_training and two sparse steps of its layer."""
+    made, layers, _ = make_steps(WIDTH, "bsr", BLOCK, 0.5, "cpu", torch.float32, batch=BATCH)
+    sparse, opt = layers["sparse"], layers["opt_sparse"]
+    gen = torch.Generator().manual_seed(1)
     x = torch.randn(BATCH, WIDTH, generator=gen).requires_grad_()
     dy = torch.randn(BATCH, WIDTH, generator=gen)
-    opt_dense, opt_sparse = Adam(dense.parameters()), Adam(sparse.parameters())
     pattern = (sparse.crow_indices, sparse.col_indices, sparse.values)
     transposed = (sparse.crow_t, sparse.col_t, sparse.perm)
 
-    def dense_step() -> None:
-        opt_dense.zero_grad()
-        dense(x).backward(dy)
-        dense.weight.grad.mul_(alive)
-        opt_dense.step()
-        with torch.no_grad():
-            dense.weight.mul_(alive)
-
     def sparse_eager() -> None:
-        opt_sparse.zero_grad()
+        opt.zero_grad()
         ops.linear_bias(x, *pattern, sparse.bias, WIDTH, *transposed, backend="triton").backward(dy)
-        opt_sparse.step()
+        opt.step()
 
     def sparse_ops() -> None:
-        opt_sparse.zero_grad()
+        opt.zero_grad()
         (ops.linear(x, *pattern, WIDTH, *transposed, "triton") + sparse.bias).backward(dy)
-        opt_sparse.step()
+        opt.step()
 
-    return {"dense": dense_step, "sparse_eager": sparse_eager, "sparse_ops": sparse_ops}
+    return {"dense": made["dense"], "sparse_eager": sparse_eager, "sparse_ops": sparse_ops}
 
 
 def main() -> None:
