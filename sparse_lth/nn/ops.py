@@ -70,6 +70,13 @@ def _numba_path(values: torch.Tensor, rows: int) -> bool:
             and values.dtype in _cpu_spmm().DTYPES)
 
 
+def _numba_gradient(backend: str, values: torch.Tensor, rows: int, *operands: torch.Tensor) -> bool:
+    """Whether a gradient product runs on the numba kernels: no other backend forced, every
+    operand in the values' dtype, and :func:`_numba_path`."""
+    return (backend in ("auto", "numba") and all(t.dtype == values.dtype for t in operands)
+            and _numba_path(values, rows))
+
+
 def _numba_forward(x: torch.Tensor, values: torch.Tensor, backend: str = "auto") -> bool:
     """Whether ``x @ W.T`` runs on the numba kernel: ``backend`` "numba", or "auto" where the CPU
     rule eager inference follows picks it (numba from 41 rows and 8,192 stored values), for a
@@ -231,7 +238,7 @@ def _linear_t_impl(dy: torch.Tensor, crow: torch.Tensor, col: torch.Tensor, valu
                    crow_t: torch.Tensor, col_t: torch.Tensor, perm: torch.Tensor, in_features: int,
                    backend: str = "auto") -> torch.Tensor:
     """The body of :func:`linear_t`."""
-    if backend in ("auto", "numba") and dy.dtype == values.dtype and _numba_path(values, dy.shape[0]):
+    if _numba_gradient(backend, values, dy.shape[0], dy):
         return _cpu_spmm().cpu_csr_linear_t(dy, crow, col, values, crow_t, in_features)
     return _linear_impl(dy, crow_t, col_t, _transposed_values(values, perm), in_features, backend)
 
@@ -256,8 +263,7 @@ def _linear_backward_impl(dy: torch.Tensor, x: torch.Tensor, crow: torch.Tensor,
                           values: torch.Tensor, crow_t: torch.Tensor, col_t: torch.Tensor, perm: torch.Tensor,
                           backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
     """The body of :func:`linear_backward`."""
-    if (backend in ("auto", "numba") and dy.dtype == x.dtype == values.dtype
-            and _numba_path(values, dy.shape[0])):
+    if _numba_gradient(backend, values, dy.shape[0], dy, x):
         return _cpu_spmm().cpu_csr_linear_backward(dy, x, crow, col, values, crow_t)
     return (_linear_t_impl(dy, crow, col, values, crow_t, col_t, perm, x.shape[1], backend),
             _sddmm_impl(crow, col, values, dy, x, backend))
@@ -291,7 +297,7 @@ def _sddmm_impl(crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor, dy:
         return (dy.t() @ x)[_block_rows(crow, col.numel()), col.long()]
     if triton:
         return kernels.triton_csr_sddmm(crow, col, dy, x, check_invariants=False)
-    if backend in ("auto", "numba") and x.dtype == dy.dtype == values.dtype and _numba_path(values, x.shape[0]):
+    if _numba_gradient(backend, values, x.shape[0], dy, x):
         return _cpu_spmm().cpu_csr_sddmm(crow, col, dy, x)
     if x.dtype in (torch.float32, torch.float64):
         # zeros, not empty: sampled_addmm was seen to let NaN in uninitialized values through beta=0
