@@ -105,6 +105,17 @@ def make_steps(width: int, fmt: str, block: int | None, density: float, device: 
     return steps, layers, mask
 
 
+def check_one_step(steps: dict[str, Callable[[], None]], layers: dict[str, nn.Module], dtype: torch.dtype) -> float:
+    """One step of each from the same start: the same weights after it (rounding apart); returns
+    the largest difference."""
+    steps["dense"]()
+    steps["sparse"]()
+    sparse, dense = layers["sparse"].dense_weight(), layers["dense"].weight.detach()
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=2e-2, atol=1e-3)
+    torch.testing.assert_close(sparse, dense, **tol)
+    return float((sparse.float() - dense.float()).abs().max())
+
+
 def _cases(config: pytest.Config) -> list:
     out = []
     for device in bench_devices(config):
@@ -125,11 +136,7 @@ def test_sparse_training_step(benchmark, pytestconfig, sparse_case, device, dtyp
     cfg = size_config(pytestconfig)
     width = cfg.mlp_width
     steps, layers, mask = make_steps(width, fmt, block, density, device, dtype)
-    # One step of each from the same start: the same weights after it (fp32 rounding apart).
-    steps["dense"]()
-    steps["sparse"]()
-    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=2e-2, atol=1e-3)
-    torch.testing.assert_close(layers["sparse"].dense_weight(), layers["dense"].weight.detach(), **tol)
+    check_one_step(steps, layers, dtype)
     dense_bytes, sparse_bytes = _state_bytes(layers["opt_dense"]), _state_bytes(layers["opt_sparse"])
     benchmark.group = f"sparse training step {width}x{width} B={BATCH} {device}"
     benchmark.extra_info.update({

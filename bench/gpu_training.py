@@ -31,14 +31,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
-from bench_sparse_training import make_steps  # bench/ is on the path when run as a script
+from bench_sparse_training import check_one_step, make_steps  # bench/ is on the path when run as a script
+from harness import interleaved
 
 CASES = [("bsr", 32, 64), ("bsr", 64, 64), ("csr", None, 64), ("bsr", 32, 2048), ("bsr", 64, 2048)]
 DENSITY = 0.05
@@ -74,34 +74,9 @@ def through_the_ops(layer, opt) -> Callable[[], None]:
     return step
 
 
-def interleaved_ms(steps: dict[str, Callable[[], None]], calls: int, reps: int, sync, budget_end: float
-                   ) -> dict[str, float]:
-    """Median wall ms per step of each of ``steps``, alternated in bursts of ``calls`` steps."""
-    times: dict[str, list[float]] = {name: [] for name in steps}
-    for step in steps.values():  # a first call of each outside the clock (first-use costs)
-        step()
-    for _ in range(reps):
-        for name, step in steps.items():
-            sync()
-            start = time.perf_counter()
-            for _ in range(calls):
-                step()
-            sync()
-            times[name].append((time.perf_counter() - start) / calls * 1e3)
-        if time.perf_counter() > budget_end:
-            break
-    return {name: statistics.median(t) for name, t in times.items()}
-
-
-def measure(fmt: str, block: int | None, batch: int, width: int, device: str, dtype: torch.dtype, args,
-            budget_end: float) -> dict:
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+def measure(fmt: str, block: int | None, batch: int, width: int, device: str, dtype: torch.dtype, args) -> dict:
     steps, layers, _ = make_steps(width, fmt, block, DENSITY, device, dtype, batch=batch)
-    steps["dense"]()
-    steps["sparse"]()
-    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=2e-2, atol=1e-3)
-    err = (layers["sparse"].dense_weight().float() - layers["dense"].weight.detach().float()).abs().max()
-    torch.testing.assert_close(layers["sparse"].dense_weight(), layers["dense"].weight.detach(), **tol)
+    err = check_one_step(steps, layers, dtype)
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(batch, width, generator=gen).to(device, dtype).requires_grad_()
     dy = torch.randn(batch, width, generator=gen).to(device, dtype)
@@ -115,7 +90,10 @@ def measure(fmt: str, block: int | None, batch: int, width: int, device: str, dt
             except Exception as exc:  # noqa: BLE001 - recorded, the other steps still timed
                 errors[f"{name}_graph"] = f"{type(exc).__name__}: {exc}"[:400]
                 torch.cuda.synchronize()
-    ms = interleaved_ms(timed, args.calls, args.reps, sync, budget_end)
+    for step in timed.values():  # a first call of each outside the clock (first-use costs)
+        step()
+    seconds = interleaved(timed, device, args.reps, dict.fromkeys(timed, args.calls)).seconds
+    ms = {name: s * 1e3 for name, s in seconds.items()}
     return {"format": fmt, "block": block, "batch": batch, "shape": [width, width], "density": DENSITY,
             "dtype": str(dtype), "stored": int(layers["sparse"].values.numel()), "check_max_abs_err": float(err),
             "ms": ms, "speedup_vs_dense": {k: ms["dense"] / v for k, v in ms.items() if k != "dense"},
@@ -140,7 +118,7 @@ def main() -> None:
             skipped.append(f"{fmt}{block or ''} B={batch}")
             continue
         try:
-            rows.append(measure(fmt, block, batch, width, device, dtype, args, start + args.budget * 0.9))
+            rows.append(measure(fmt, block, batch, width, device, dtype, args))
         except Exception as exc:  # noqa: BLE001 - the next case still runs
             rows.append({"format": fmt, "block": block, "batch": batch, "failed": f"{type(exc).__name__}: {exc}"[:600]})
         row = rows[-1]

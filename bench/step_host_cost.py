@@ -21,14 +21,13 @@ transposed order, the checks, autograd, the fused Adam) runs as in a step.
 from __future__ import annotations
 
 import os
-import statistics
-import time
 
 os.environ.setdefault("TRITON_INTERPRET", "1")  # the Triton backend accepts CPU tensors
 
 import torch  # noqa: E402
 
 from bench_sparse_training import make_steps  # noqa: E402  (bench/ is on the path when run as a script)
+from harness import interleaved  # noqa: E402
 from sparse_lth import kernels  # noqa: E402
 from sparse_lth.nn import ops  # noqa: E402
 
@@ -70,17 +69,11 @@ def main() -> None:
     for step in timed.values():
         for _ in range(50):
             step()
-    bursts: dict[str, list[float]] = {name: [] for name in timed}
-    for _ in range(15):
-        for name, step in timed.items():
-            start = time.perf_counter()
-            for _ in range(200):
-                step()
-            bursts[name].append((time.perf_counter() - start) / 200 * 1e6)
-    dense = statistics.median(bursts["dense"])
-    for name, times in bursts.items():
-        us = statistics.median(times)
-        print(f"{name:13s} {us:7.1f} us a step  ({us / dense:.2f}x the masked-dense step's host time)")
+    seconds = interleaved(timed, "cpu", 15, dict.fromkeys(timed, 200)).seconds
+    dense = seconds["dense"]
+    for name, s in seconds.items():
+        us = s * 1e6
+        print(f"{name:13s} {us:7.1f} us a step  ({s / dense:.2f}x the masked-dense step's host time)")
 
 
 if __name__ == "__main__":
