@@ -18,7 +18,7 @@ import triton
 
 from sparse_lth.kernels.bsr_decode import DECODE_CONFIGS, SEARCH, decode_configs
 from sparse_lth.kernels.compiled import compile_jobs, job
-from sparse_lth.kernels.conv import LAUNCH as CONV_LAUNCH
+from sparse_lth.kernels.conv import conv_launch
 from sparse_lth.kernels.csr import CSR_CONFIGS
 
 ELEM = {"fp16": 2, "bf16": 2, "fp32": 4}
@@ -39,6 +39,15 @@ def _bsr(br: int, block_n: int, warps: int, stages: int, *, x_t=False, dtype="fp
     what = f"{br}x{br} blocks, BLOCK_N {block_n}{', x rows' if x_t else ''}"
     return _job("bsr_tma" if tma else "bsr", what, {"num_warps": warps, "num_stages": stages},
                 k, dtype, stage_bytes=(br * br + br * block_n) * ELEM[dtype])
+
+
+def _conv(block: int, pixels: int) -> dict:
+    """The conv's launch for square blocks at ``pixels`` outputs (3x3, stride 1, 64 channels)."""
+    launch = conv_launch(block, block, 2, pixels)
+    return _job("bsr_conv2d", f"3x3, {block}x{block} blocks, {launch['BLOCK_P']} pixels", launch,
+                {"KW": 3, "SH": 1, "SW": 1, "PH": 1, "PW": 1, "DH": 1, "DW": 1, "HAS_BIAS": True, "BR": block,
+                 "BC": block, "OUT_CHANNELS_LAST": True, "EVEN_C": True, "DOT_PRECISION": "ieee"},
+                aligned=("C", "O"), stage_bytes=(launch["BLOCK_P"] + block) * block * 2)
 
 
 def _csr_configs() -> list[tuple[str, triton.Config]]:
@@ -64,8 +73,7 @@ def jobs() -> list[dict]:
           for c in decode_configs(DECODE_CONFIGS, np_, br, bc, 2)[:1]],
         _job("bsr_sddmm", "64x64 blocks", {"num_warps": 4, "num_stages": 3},
              {"BR": 64, "BC": 64, "DOT_PRECISION": "ieee", "UPCAST": False, "BLOCK_N": 64}),
-        _job("bsr_conv2d", "3x3, 64x64 blocks", CONV_LAUNCH,  # the launch the conv always uses
-             {"HAS_BIAS": True, "BR": 64, "BC": 64, "DOT_PRECISION": "ieee"}),
+        *[_conv(br, pixels) for br, pixels in ((32, 32 * 56 * 56), (32, 7 * 7), (64, 32 * 56 * 56))],
     ]
     return rows
 

@@ -4,8 +4,11 @@
 
 Each shape: a dense conv weight pruned to whole (32 output x 32 input channel) tiles per tap,
 kept at ``--density``; ``triton_bsr_conv2d`` checked against ``F.conv2d`` on the masked weight,
-then both timed as the median of ``--reps`` bursts of ``--calls`` calls (host wall time per call,
-one synchronize a burst: what a model pays), cuDNN with ``torch.backends.cudnn.benchmark`` on.
+then both timed interleaved (``harness.interleaved``: ``--reps`` rounds of a ``--calls``-call
+burst each, medians; host wall time per call, one synchronize a burst: what a model pays), cuDNN
+with ``torch.backends.cudnn.benchmark`` on. Every point twice: with an NCHW input (the Triton
+conv copies it to channels-last first, and its output is NCHW) and a channels-last one (read in
+place; what an fp16 CNN on tensor cores usually runs, cuDNN included).
 
     python3 bench/gpu_conv.py --out $OUT        # on the GPU machine: conv.json, a table on stdout
 
@@ -18,17 +21,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 from pathlib import Path
 
-from launch_cost import per_call_us  # bench/ is on the path when run as a script
+from harness import interleaved  # bench/ is on the path when run as a script
 
 # (batch, channels, map size): ResNet-50-like 3x3 stages, at batch 1 and 32
 SHAPES = [(b, c, hw) for b in (1, 32) for c, hw in ((64, 56), (128, 28), (256, 14), (512, 7))]
 DRY_SHAPES = [(1, 32, 6), (2, 32, 5)]
-
-
-def per_call_ms(fn, calls: int, reps: int, sync) -> float:
-    return per_call_us(fn, calls, reps, sync) / 1e3
+FORMATS = ("nchw", "channels_last")
 
 
 def main() -> None:
@@ -48,7 +49,6 @@ def main() -> None:
 
     device = "cpu" if args.dry_run else "cuda"
     dtypes = (torch.float32,) if args.dry_run else (torch.float16, torch.bfloat16)
-    sync = (lambda: None) if args.dry_run else torch.cuda.synchronize
     torch.backends.cudnn.benchmark = True
     rows = []
     gen = torch.Generator().manual_seed(0)
@@ -57,23 +57,33 @@ def main() -> None:
         mask = tiles.repeat_interleave(32, 0).repeat_interleave(32, 1)
         for dtype in dtypes:
             w = (torch.randn(channels, channels, 3, 3, generator=gen) * mask).to(device, dtype)
-            x = torch.randn(batch, channels, hw, hw, generator=gen).to(device, dtype)
             crow, col, values = conv_weight_to_bsr(w, mask.to(device), (32, 32))
-            sparse = lambda: triton_bsr_conv2d(x, crow, col, values, out_channels=channels,  # noqa: E731
-                                               kernel_size=(3, 3), padding=(1, 1))
-            dense = lambda: F.conv2d(x, w, padding=1)  # noqa: E731
-            err = (sparse().float() - dense().float()).abs().max().item()
-            scale = dense().float().abs().max().item()
-            ms_dense = per_call_ms(dense, args.calls, args.reps, sync)
-            ms_sparse = per_call_ms(sparse, args.calls, args.reps, sync)
-            rows.append({"batch": batch, "channels": channels, "hw": hw, "dtype": str(dtype).split(".")[-1],
-                         "density_blocks": float(tiles.float().mean()), "block": [32, 32],
-                         "max_abs_err": err, "scale": scale, "cudnn_ms": ms_dense, "sparse_ms": ms_sparse,
-                         "speedup": ms_dense / ms_sparse})
-            r = rows[-1]
-            print(f"B={batch:<3} C={channels:<4} {hw:>3}x{hw:<3} {r['dtype']:<9} blocks {r['density_blocks']:.2f} "
-                  f"cuDNN {ms_dense:.4f} ms  sparse {ms_sparse:.4f} ms  {r['speedup']:.2f}x  err {err:.2g}/{scale:.2g}",
-                  flush=True)
+            nchw = torch.randn(batch, channels, hw, hw, generator=gen).to(device, dtype)
+            for fmt in FORMATS:
+                # channels-last: the input and cuDNN's weight both, as model.to(memory_format=...) leaves them
+                x, wd = ((nchw, w) if fmt == "nchw" else
+                         (nchw.to(memory_format=torch.channels_last), w.to(memory_format=torch.channels_last)))
+                fns = {"cudnn": lambda x=x, wd=wd: F.conv2d(x, wd, padding=1),
+                       "sparse": lambda x=x: triton_bsr_conv2d(x, crow, col, values, out_channels=channels,
+                                                               kernel_size=(3, 3), padding=(1, 1))}
+                got, want = fns["sparse"](), fns["cudnn"]()
+                err = (got.float() - want.float()).abs().max().item()
+                scale = want.float().abs().max().item()
+                times = interleaved(fns, device, args.reps, {name: args.calls for name in fns}).seconds
+                rows.append({"batch": batch, "channels": channels, "hw": hw, "dtype": str(dtype).split(".")[-1],
+                             "format": fmt, "density_blocks": float(tiles.float().mean()), "block": [32, 32],
+                             "max_abs_err": err, "scale": scale, "cudnn_ms": times["cudnn"] * 1e3,
+                             "sparse_ms": times["sparse"] * 1e3, "speedup": times["cudnn"] / times["sparse"],
+                             "sparse_channels_last_out": got.is_contiguous(memory_format=torch.channels_last)
+                             and not got.is_contiguous()})
+                r = rows[-1]
+                print(f"B={batch:<3} C={channels:<4} {hw:>3}x{hw:<3} {r['dtype']:<9} {fmt:<13} blocks "
+                      f"{r['density_blocks']:.2f} cuDNN {r['cudnn_ms']:.4f} ms  sparse {r['sparse_ms']:.4f} ms  "
+                      f"{r['speedup']:.2f}x  err {err:.2g}/{scale:.2g}", flush=True)
+    print("summary (speed-up over cuDNN: min / median / max over the shapes):")
+    for key in sorted({(r["batch"], r["format"], r["dtype"]) for r in rows}):
+        s = [r["speedup"] for r in rows if (r["batch"], r["format"], r["dtype"]) == key]
+        print(f"  batch {key[0]:<3} {key[1]:<13} {key[2]:<9} {min(s):.2f} / {statistics.median(s):.2f} / {max(s):.2f}x")
     info = {"device": "cpu (dry run)" if args.dry_run else torch.cuda.get_device_name(),
             "torch": torch.__version__, "rows": rows}
     args.out.mkdir(parents=True, exist_ok=True)

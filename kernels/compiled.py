@@ -65,6 +65,8 @@ def code_facts(ptx: str, sass: str | None = None) -> dict:
         "ld16": len(re.findall(load + r"(?:v4\.[bfsu]32|v2\.[bfsu]64)\b", ptx)),
         "ld8": len(re.findall(load + r"(?:v2\.[bfsu]32|v4\.[bfsu]16)\b", ptx)),
         "ld_scalar": len(re.findall(load + r"[bfsu](?:8|16|32|64)\s", ptx)),
+        "ld_2byte": len(re.findall(load + r"[bfsu]16\s", ptx)),  # one 16-bit element a thread: a gather's worst case
+        "cp_async16": len(re.findall(r"cp\.async\.c[ag]\.shared\.global \[[^\]]*\], \[[^\]]*\], 0x10\b", ptx)),
         "ptx_hash": hashlib.sha1(re.sub(r"//.*", "", ptx).encode()).hexdigest()[:12],
     }
     if sass is not None:
@@ -99,10 +101,11 @@ def _signature(fn, job: dict) -> tuple[dict, dict]:
             signature[name] = "i32"
         # What a launch sees with torch allocations and layer-sized M, K, N: aligned pointers,
         # sizes and strides divisible by 16 (the case that vectorizes and pipelines most); a
-        # job lists what it cannot assume (decode's N is 1 .. 16) in "unaligned".
+        # job lists what it cannot assume (decode's N is 1 .. 16) in "unaligned", and other
+        # arguments to take as multiples of 16 (a conv's channel counts) in "aligned".
         if name in job.get("unaligned", ()):
             continue
-        if name.endswith("_ptr") or name in ("M", "N", "K", "stride_x", "stride_y"):
+        if name.endswith("_ptr") or name in ("M", "N", "K", "stride_x", "stride_y") + tuple(job.get("aligned", ())):
             attrs[(i,)] = [["tt.divisibility", 16]]
     return signature, attrs
 

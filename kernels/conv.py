@@ -7,16 +7,25 @@ innermost, ``C`` padded with zero channels to ``Cp``, a multiple of the block wi
 channels"). :func:`conv_weight_to_bsr` builds it from a dense weight and a mask; a block is
 stored when the mask keeps any of its entries (a block-pruned ticket keeps whole blocks).
 
-The product, for output pixels p = (n, oy, ox) flattened: one program per (block row, tile of
-BLOCK_P pixels) accumulates in fp32 ``tl.dot(W block [BR, BC], X slice [BC, BLOCK_P])`` over its
-row's stored blocks, where the X slice is gathered straight from the NCHW input at the block's
-tap (``iy = oy * sh - ph + ky * dh``, likewise ``ix``; zero outside the image and past ``C``): no
-im2col buffer. Consecutive pixels read consecutive addresses along a row (stride 1), so the
-gathers coalesce. fp16 / bf16 run on tensor cores; fp32 follows cuDNN's convolutions, TF32
-while ``torch.backends.cudnn.allow_tf32`` is on (torch's default), else IEEE. Blocks BR, BC: powers of two from 16 to 128.
+The product, for output pixels p = (n, oy, ox) flattened: one program per (tile of BLOCK_P
+pixels, block row) accumulates in fp32 ``tl.dot(X slice [BLOCK_P, BC], W block^T [BC, BR])``
+over its row's stored blocks, where the X slice is gathered straight from the input at the
+block's tap (``iy = oy * sh - ph + ky * dh``, likewise ``ix``; zero outside the image and past
+``C``): no im2col buffer. Pixels are the dot's M (64 or 128, :func:`conv_launch`), so every block
+shape runs on Hopper's wgmma, which needs 64 rows. A channels-last input (NHWC memory,
+``x.to(memory_format=torch.channels_last)``) gives each pixel's BC channels as one run of
+adjacent addresses, loaded 16 bytes at a time, and the output comes back channels-last, as
+``F.conv2d`` keeps it; an NCHW input is gathered along pixel rows (a warp's loads coalesce) and
+gives NCHW. fp16 / bf16 run on tensor cores; fp32 follows cuDNN's convolutions, TF32 while
+``torch.backends.cudnn.allow_tf32`` is on (torch's default), else IEEE. Blocks BR, BC: powers of
+two from 16 to 128. Stride, padding, dilation and the kernel width are compile-time constants:
+a model compiles one kernel per conv geometry.
 
-Written and tested under ``TRITON_INTERPRET=1`` against ``F.conv2d`` and compiled for sm_90 and
-sm_80; not yet timed on a GPU (no tuning table: one launch shape, LAUNCH below).
+Written and tested under ``TRITON_INTERPRET=1`` against ``F.conv2d``, compiled for sm_90 and
+sm_80 (tests/test_kernel_compile.py reads the code: wgmma, 16-byte channel loads, no spills).
+The first version (NCHW only, [BR, BLOCK_P] tiles of 32 pixels over 8 warps) ran 0.63-0.92x
+cuDNN at batch 1 and 0.29-0.57x at batch 32 on an H200 (bench/RESULTS.md); this one is not yet
+timed on a GPU.
 """
 
 from __future__ import annotations
@@ -25,60 +34,97 @@ import torch
 import triton
 import triton.language as tl
 
-from ._triton import is_interpreting, on_device
+from ._triton import HOPPER_SHARED_BYTES, is_interpreting, on_device, shared_limit_of
 
 __all__ = ["conv_weight_to_bsr", "triton_bsr_conv2d"]
 
 _BLOCK_SIZES = (16, 32, 64, 128)
+_WIDE_TILE_PIXELS = 4096  # from here on 128 pixels a program still gives a full GPU's worth of programs
+_SHARED_SLACK = 1024  # the pipeline's barriers and the epilogue's scratch, over its buffers
 
 
 @triton.jit
 def _bsr_conv2d_kernel(
     x_ptr, crow_ptr, col_ptr, val_ptr, bias_ptr, out_ptr,
-    C, H, W, O, OH, OW, P, CP, KW,
-    SH, SW, PH, PW, DH, DW,
+    C, H, W, O, OH, OW, P, BLOCKS_PER_TAP, BLOCK_ROWS,
+    KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
+    DH: tl.constexpr, DW: tl.constexpr,
     HAS_BIAS: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr, BLOCK_P: tl.constexpr,
+    OUT_CHANNELS_LAST: tl.constexpr,  # out in NHWC memory (torch.channels_last), else NCHW; x always NHWC
+    EVEN_C: tl.constexpr,  # C a multiple of BC: no channel mask, so channel runs load as vectors
     DOT_PRECISION: tl.constexpr,  # "ieee" or "tf32"; only fp32 operands read it
 ):
-    rb = tl.program_id(0)
-    pid_p = tl.program_id(1)
-    p = pid_p.to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)
+    # Block rows vary fastest: the programs that share a tile of pixels run together and find
+    # its input in L2.
+    pid = tl.program_id(0)
+    rb = pid % BLOCK_ROWS
+    p = (pid // BLOCK_ROWS) * BLOCK_P + tl.arange(0, BLOCK_P)  # int32: P < 2**31 (launcher)
     p_ok = p < P
     n = p // (OH * OW)
     rest = p - n * (OH * OW)
     oy = rest // OW
     ox = rest - oy * OW
+    iy0 = oy * SH - PH
+    ix0 = ox * SW - PW
+    # Element offset in x (NHWC) of each pixel's first tap: negative where the tap falls in the
+    # padding (those lanes are masked). A pixel's BC channels are adjacent: 16-byte loads.
+    x_pix = n.to(tl.int64) * H * W * C + (iy0 * W + ix0).to(tl.int64) * C
     ci = tl.arange(0, BC)
     ri = tl.arange(0, BR)
-    acc = tl.zeros((BR, BLOCK_P), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_P, BR), dtype=tl.float32)
     start = tl.load(crow_ptr + rb).to(tl.int64)  # block k's values at k * BR * BC: past 2**31 on big layers
     stop = tl.load(crow_ptr + rb + 1).to(tl.int64)
     for k in range(start, stop):
-        col0 = tl.load(col_ptr + k).to(tl.int64) * BC
-        tap = col0 // CP
-        c = col0 - tap * CP + ci  # this block's input channels
+        col = tl.load(col_ptr + k)
+        tap = col // BLOCKS_PER_TAP
+        c0 = (col - tap * BLOCKS_PER_TAP) * BC  # this block's first input channel
         ky = tap // KW
         kx = tap - ky * KW
-        iy = oy * SH - PH + ky * DH
-        ix = ox * SW - PW + kx * DW
+        iy = iy0 + ky * DH
+        ix = ix0 + kx * DW
         inside = p_ok & (iy >= 0) & (iy < H) & (ix >= 0) & (ix < W)
-        xs = tl.load(x_ptr + ((n * C)[None, :] + c[:, None]) * (H * W) + (iy * W + ix)[None, :],
-                     mask=(c < C)[:, None] & inside[None, :], other=0.0)
-        w = tl.load(val_ptr + k * (BR * BC) + ri[:, None] * BC + ci[None, :])
-        acc = tl.dot(w, xs, acc, input_precision=DOT_PRECISION)
+        ptrs = x_ptr + (x_pix + (ky * DH * W + kx * DW) * C + c0)[:, None] + ci[None, :]
+        if EVEN_C:
+            xs = tl.load(ptrs, mask=inside[:, None], other=0.0)
+        else:
+            xs = tl.load(ptrs, mask=inside[:, None] & (c0 + ci < C)[None, :], other=0.0)
+        w = tl.load(val_ptr + k * (BR * BC) + ri[:, None] * BC + ci[None, :])  # [BR, BC]
+        acc = tl.dot(xs, tl.trans(w), acc, input_precision=DOT_PRECISION)
     o = rb * BR + ri
     o_ok = o < O
     if HAS_BIAS:
-        acc += tl.load(bias_ptr + o, mask=o_ok, other=0.0).to(tl.float32)[:, None]
-    out = out_ptr + ((n * O)[None, :] + o[:, None]) * (OH * OW) + rest[None, :]
-    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=o_ok[:, None] & p_ok[None, :])
+        acc += tl.load(bias_ptr + o, mask=o_ok, other=0.0).to(tl.float32)[None, :]
+    if OUT_CHANNELS_LAST:
+        out = out_ptr + p.to(tl.int64)[:, None] * O + o[None, :]
+    else:
+        out = out_ptr + (n.to(tl.int64) * O * OH * OW + rest)[:, None] + (o * (OH * OW)).to(tl.int64)[None, :]
+    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=p_ok[:, None] & o_ok[None, :])
 
 
-# 32 pixels a program over 8 warps: the gathered X slice's addresses and masks ([BC, BLOCK_P]
-# of them) fit in registers. With 64 pixels over 4 warps, triton 3.6's ptxas (the GPU image's)
-# spilled 485 words and dropped wgmma for 64 x 64 blocks; 32 over 8 compiles without spills and
-# on tensor cores with triton 3.6 and 3.9 alike (tests/test_kernel_compile.py).
-LAUNCH = {"BLOCK_P": 32, "num_warps": 8, "num_stages": 3}
+def conv_launch(br: int, bc: int, elem_bytes: int, pixels: int, shared_limit: int = HOPPER_SHARED_BYTES, *,
+                tensor_cores: bool = True) -> dict:
+    """The launch for [br, bc] blocks, ``elem_bytes`` operands and ``pixels`` = N * OH * OW
+    outputs; ``tensor_cores`` False for IEEE fp32 (FMA).
+
+    Pixels are the dot's M: 64 or 128 a program (one Hopper warpgroup's wgmma rows, or two)
+    whatever the block, so 16- and 32-row blocks run on wgmma too; 64 where the map is small
+    (batch 1: more programs) and for fp32 (TF32), 32 on FMA, and 8 warps for fp32: larger fp32
+    tiles spill (compile test, triton 3.6 and 3.9). As many pipeline stages (up to 3) as shared
+    memory holds.
+
+    >>> conv_launch(32, 32, 2, 32 * 56 * 56)
+    {'BLOCK_P': 128, 'num_warps': 4, 'num_stages': 3}
+    >>> conv_launch(32, 32, 2, 7 * 7)["BLOCK_P"], conv_launch(32, 32, 4, 7 * 7, tensor_cores=False)["BLOCK_P"]
+    (64, 32)
+    """
+    if not tensor_cores:
+        block_p = 32
+    else:
+        block_p = 128 if elem_bytes < 4 and pixels >= _WIDE_TILE_PIXELS else 64
+    stage = (block_p + br) * bc * elem_bytes
+    stages = next((s for s in (3, 2) if s * stage + _SHARED_SLACK <= shared_limit), 1)
+    warps = 8 if elem_bytes == 4 or block_p * br >= 128 * 128 else 4
+    return {"BLOCK_P": block_p, "num_warps": warps, "num_stages": stages}
 
 
 def conv_weight_to_bsr(weight: torch.Tensor, mask: torch.Tensor | None, blocksize: tuple[int, int]
@@ -123,7 +169,9 @@ def triton_bsr_conv2d(x: torch.Tensor, crow: torch.Tensor, col: torch.Tensor, va
                       dilation: tuple[int, int] = (1, 1)) -> torch.Tensor:
     """``F.conv2d(x, W, bias, stride, padding, dilation)`` for ``x`` [N, C, H, W] and ``W`` given by
     :func:`conv_weight_to_bsr` (``out_channels`` = O). CUDA tensors, or CPU ones under
-    ``TRITON_INTERPRET=1``; float32 / float16 / bfloat16. Returns [N, O, OH, OW] in x's dtype.
+    ``TRITON_INTERPRET=1``; float32 / float16 / bfloat16. Returns [N, O, OH, OW] in x's dtype,
+    channels-last in memory when x is (read in place; any other x is copied to channels-last
+    first and the output is NCHW).
 
     >>> import torch.nn.functional as F
     >>> w = torch.randn(16, 8, 3, 3) * (torch.rand(16, 8, 3, 3) < 0.3)
@@ -154,18 +202,30 @@ def triton_bsr_conv2d(x: torch.Tensor, crow: torch.Tensor, col: torch.Tensor, va
     OW = (W + 2 * PW - DW * (KW - 1) - 1) // SW + 1
     if OH < 1 or OW < 1:
         raise ValueError(f"triton_bsr_conv2d: input {H}x{W} is smaller than the kernel's reach")
-    out = torch.empty((N, out_channels, OH, OW), dtype=x.dtype, device=x.device)
     P = N * OH * OW
+    if max(P, out_channels * OH * OW, C * H * W) >= 2**31:  # the kernel's int32 offsets within an image
+        raise ValueError(f"triton_bsr_conv2d: at most 2**31 - 1 output pixels, and elements an image in and out; "
+                         f"got {P} pixels, {C * H * W} in and {out_channels * OH * OW} out "
+                         "(split the batch or the map)")
+    # The kernel reads NHWC (torch's channels_last): an NCHW input is copied into it, one pass
+    # over x. The output keeps the input's format, as F.conv2d does.
+    out_channels_last = not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+    out = torch.empty((N, out_channels, OH, OW), dtype=x.dtype, device=x.device,
+                      memory_format=torch.channels_last if out_channels_last else torch.contiguous_format)
     if P == 0 or out_channels == 0:
         return out
     if bias is not None and bias.shape != (out_channels,):
         raise ValueError(f"triton_bsr_conv2d: bias must be [{out_channels}], got {tuple(bias.shape)}")
     precision = "tf32" if x.dtype == torch.float32 and x.is_cuda and torch.backends.cudnn.allow_tf32 else "ieee"
-    grid = (crow.numel() - 1, triton.cdiv(P, LAUNCH["BLOCK_P"]))
+    launch = conv_launch(BR, BC, x.element_size(), P, shared_limit_of(x),
+                         tensor_cores=x.dtype != torch.float32 or precision == "tf32")
+    block_rows = crow.numel() - 1
     with on_device(x):
-        _bsr_conv2d_kernel[grid](
-            x.contiguous(), crow, col, values.contiguous(), bias if bias is not None else values, out,
-            C, H, W, out_channels, OH, OW, P, cp, KW, SH, SW, PH, PW, DH, DW,
-            HAS_BIAS=bias is not None, BR=BR, BC=BC, DOT_PRECISION=precision, **LAUNCH,
+        _bsr_conv2d_kernel[(block_rows * triton.cdiv(P, launch["BLOCK_P"]),)](
+            x.contiguous(memory_format=torch.channels_last), crow, col, values.contiguous(),
+            bias if bias is not None else values, out,
+            C, H, W, out_channels, OH, OW, P, cp // BC, block_rows,
+            KW=KW, SH=SH, SW=SW, PH=PH, PW=PW, DH=DH, DW=DW, HAS_BIAS=bias is not None, BR=BR, BC=BC,
+            OUT_CHANNELS_LAST=out_channels_last, EVEN_C=C % BC == 0, DOT_PRECISION=precision, **launch,
         )
     return out

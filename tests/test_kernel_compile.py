@@ -193,15 +193,22 @@ def test_every_bsr_block_shape_keeps_a_config():
 
 
 def test_block_sparse_conv_compiles_for_sm90_and_sm80_on_tensor_cores():
-    """kernels/conv.py: every dtype and block shape it takes builds for both targets, within
-    shared memory, on tensor cores for 16-bit operands (wgmma on sm_90 with 64-row blocks, and
-    HGMMA in its SASS) and FMA for IEEE fp32, with no spills on sm_90."""
+    """kernels/conv.py with the launch ``conv_launch`` gives each block shape, dtype and output
+    format (3x3, stride 1, channel counts multiples of 16): within shared memory on both
+    targets; 16-bit operands on tensor cores (wgmma on sm_90 for every block shape, pixels being
+    the dot's 64 or 128 rows; HGMMA in its SASS) with the input's channels arriving in 16-byte
+    asynchronous copies and never as 2-byte loads; fp32 on FMA (IEEE) or tensor cores (TF32);
+    no spills on sm_90."""
     pytest.importorskip("triton")
-    from sparse_lth.kernels.conv import LAUNCH
+    from sparse_lth.kernels.conv import conv_launch
 
-    jobs = [job("bsr_conv2d", LAUNCH, {"HAS_BIAS": True, "BR": br, "BC": bc, "DOT_PRECISION": "ieee"},
-                arch=arch, dtype=dtype, sass=arch == 90)
-            for arch in ARCHS for dtype in DTYPES for br, bc in ((16, 16), (32, 32), (64, 64), (128, 32))]
+    geometry = {"KW": 3, "SH": 1, "SW": 1, "PH": 1, "PW": 1, "DH": 1, "DW": 1, "HAS_BIAS": True, "EVEN_C": True}
+    jobs = [job("bsr_conv2d", conv_launch(br, bc, ELEM_BYTES[dtype], 32 * 56 * 56, SMEM_LIMIT[arch],
+                                          tensor_cores=dtype != "fp32" or precision == "tf32"),
+                {**geometry, "BR": br, "BC": bc, "OUT_CHANNELS_LAST": out_nhwc, "DOT_PRECISION": precision},
+                arch=arch, dtype=dtype, sass=arch == 90, aligned=("C", "O"))
+            for arch in ARCHS for dtype in DTYPES for br, bc in ((16, 16), (32, 32), (64, 64), (128, 32))
+            for out_nhwc in (True, False) for precision in (("ieee", "tf32") if dtype == "fp32" else ("ieee",))]
     results = _run(jobs)
     assert len(results) == len(jobs)
     for r in results:
@@ -210,12 +217,15 @@ def test_block_sparse_conv_compiles_for_sm90_and_sm80_on_tensor_cores():
         if r["arch"] == 90:
             assert r["spills"] == 0, f"{what}: {r['spills']} local-memory accesses"
             assert r["hgmma"] == r["wgmma"], f"{what}: wgmma in the PTX but not in the SASS"
-        if r["dtype"] == "fp32":
+        tensor_cores = r["dtype"] != "fp32" or r["constexprs"]["DOT_PRECISION"] == "tf32"
+        if not tensor_cores:
             assert not (r["mma_sync"] or r["wgmma"]), f"{what}: IEEE fp32 used tensor cores"
-        elif r["arch"] == 90 and r["constexprs"]["BR"] >= 64:
+        elif r["arch"] == 90:
             assert r["wgmma"], f"{what}: no wgmma"
         else:
-            assert r["mma_sync"] or r["wgmma"], f"{what}: no tensor-core mma"
+            assert r["mma_sync"], f"{what}: no tensor-core mma"
+        if r["dtype"] != "fp32":
+            assert r["ld_2byte"] == 0 and r["cp_async16"] > 0, f"{what}: channels not loaded 16 bytes at a time"
 
 
 def test_exhaustive_compile():

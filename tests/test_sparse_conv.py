@@ -303,17 +303,23 @@ def test_a_sparse_conv_model_compiles_whole_and_exports_with_the_custom_op(backe
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (the Triton block-sparse conv)")
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
 @pytest.mark.parametrize("padding", [1, "same", 0])
-def test_the_sparse_path_on_cuda_is_the_triton_conv(padding):
+def test_the_sparse_path_on_cuda_is_the_triton_conv(padding, channels_last):
     torch.manual_seed(5)
     conv = nn.Conv2d(48, 40, (3, 3) if padding != "same" else (4, 4), padding=padding).cuda().half()
     mask = torch.rand(conv.weight.shape, device="cuda") < 0.2
     layer = SparseConv2d.from_conv(conv, mask=mask, backend="sparse")
     assert layer.backend_candidates(torch.zeros(1, 48, 9, 9, device="cuda", dtype=torch.half)) == ["dense", "sparse"]
     x = torch.randn(2, 48, 9, 9, device="cuda", dtype=torch.half)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
     with torch.inference_mode():
         expected = F.conv2d(x.float(), (conv.weight * mask).float(), conv.bias.float(), padding=padding)
-        torch.testing.assert_close(layer(x).float(), expected, rtol=2e-2, atol=2e-2)
+        y = layer(x)
+        torch.testing.assert_close(y.float(), expected, rtol=2e-2, atol=2e-2)
+    # the memory format F.conv2d would give (padding="same" pads with F.pad first, which keeps it)
+    assert y.is_contiguous(memory_format=torch.channels_last) == channels_last
 
 
 @pytest.mark.parametrize("n,c,h,w,pad_top,pad_left,hph,wph", [

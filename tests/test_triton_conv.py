@@ -61,6 +61,28 @@ def test_block_sparse_conv_matches_the_masked_dense_conv(case, dtype, density, b
     assert_within_three_way(y.cpu(), exact, at_dtype, dtype)
 
 
+@pytest.mark.parametrize("layout", ["channels_last", "sliced"])
+def test_any_input_layout_gives_the_conv_and_keeps_channels_last(layout):
+    """The kernel reads NHWC: a channels-last input is read in place and gives a channels-last
+    output (as F.conv2d keeps it); any other input (here a strided slice) is copied and gives
+    NCHW. C = 20 is not a multiple of the block width (the channel mask)."""
+    from sparse_lth.kernels import conv_weight_to_bsr, triton_bsr_conv2d
+
+    w, mask, x, bias = _case(CASES[1], torch.float32, 0.5, False)
+    wide = torch.randn(1, 40, 7, 5, generator=seeded("wide"))
+    x = x.to(memory_format=torch.channels_last) if layout == "channels_last" else wide[:, ::2]
+    assert not x.is_contiguous()
+    crow, col, values = conv_weight_to_bsr(w, mask, (16, 16))
+    y = triton_bsr_conv2d(x.to(DEVICE), crow.to(DEVICE), col.to(DEVICE), values.to(DEVICE), bias.to(DEVICE),
+                          out_channels=24, kernel_size=(3, 3), stride=(2, 2), padding=(1, 1))
+    wm = (w * mask).double()
+    exact = F.conv2d(x.double(), wm, bias.double(), 2, 1)
+    at_dtype = F.conv2d(x.to(DEVICE), wm.float().to(DEVICE), bias.to(DEVICE), 2, 1).cpu()
+    assert_within_three_way(y.cpu(), exact, at_dtype, torch.float32)
+    assert y.is_contiguous(memory_format=torch.channels_last) == (layout == "channels_last")
+    assert y.is_contiguous() == (layout != "channels_last")
+
+
 def test_stored_blocks_follow_the_mask_and_the_layout():
     from sparse_lth.kernels import conv_weight_to_bsr
 
@@ -93,6 +115,10 @@ def test_bad_arguments_are_refused():
         triton_bsr_conv2d(x, *args, out_channels=40, kernel_size=(3, 3))
     with pytest.raises(ValueError, match="smaller than the kernel"):
         triton_bsr_conv2d(x[..., :2, :2], *args, out_channels=16, kernel_size=(3, 3))
+    # 2**31 + 2**19 elements, none stored
+    huge = torch.zeros(1, 16, 1, 1, device=DEVICE).expand(1, 16, 2**14, 2**13 + 2)
+    with pytest.raises(ValueError, match="2\\*\\*31"):
+        triton_bsr_conv2d(huge, *args, out_channels=16, kernel_size=(3, 3))
 
 
 def test_the_gpu_conv_script_runs_dry(tmp_path):
@@ -107,4 +133,5 @@ def test_the_gpu_conv_script_runs_dry(tmp_path):
                            "--reps", "1"], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = json.loads((tmp_path / "conv.json").read_text())["rows"]
-    assert len(rows) == 2 and all(r["max_abs_err"] <= 1e-3 * max(r["scale"], 1.0) for r in rows)
+    assert len(rows) == 4 and all(r["max_abs_err"] <= 1e-3 * max(r["scale"], 1.0) for r in rows)
+    assert [r["sparse_channels_last_out"] for r in rows] == [r["format"] == "channels_last" for r in rows]

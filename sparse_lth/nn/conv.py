@@ -296,7 +296,7 @@ class SparseConv2d(nn.Module):
         if bsr is None:
             block = (32 if self.out_channels > 16 else 16, min(32, max(16, 1 << (self.in_channels - 1).bit_length())))
             bsr = cache["bsr"] = conv_weight_to_bsr(self.dense_weight(), None, block)
-        return triton_bsr_conv2d(x.contiguous(), *bsr, self.bias, out_channels=self.out_channels,
+        return triton_bsr_conv2d(x, *bsr, self.bias, out_channels=self.out_channels,
                                  kernel_size=self.kernel_size, stride=self.stride, padding=padding,
                                  dilation=self.dilation)
 
