@@ -8,7 +8,9 @@ then both timed interleaved (``harness.interleaved``: ``--reps`` rounds of a ``-
 burst each, medians; host wall time per call, one synchronize a burst: what a model pays), cuDNN
 with ``torch.backends.cudnn.benchmark`` on. Every point twice: with an NCHW input (the Triton
 conv copies it to channels-last first, and its output is NCHW) and a channels-last one (read in
-place; what an fp16 CNN on tensor cores usually runs, cuDNN included).
+place; what an fp16 CNN on tensor cores usually runs, cuDNN included). On the GPU both calls are
+also captured in CUDA graphs and replayed (``graph_speedup``): the GPU's own time, without the
+host's launch cost that bounds a batch-1 call (what a model under CUDA graphs pays).
 
     python3 bench/gpu_conv.py --out $OUT        # on the GPU machine: conv.json, a table on stdout
 
@@ -24,7 +26,7 @@ import os
 import statistics
 from pathlib import Path
 
-from harness import interleaved  # bench/ is on the path when run as a script
+from harness import graphed, interleaved  # bench/ is on the path when run as a script
 
 # (batch, channels, map size): ResNet-50-like 3x3 stages, at batch 1 and 32
 SHAPES = [(b, c, hw) for b in (1, 32) for c, hw in ((64, 56), (128, 28), (256, 14), (512, 7))]
@@ -69,21 +71,37 @@ def main() -> None:
                 got, want = fns["sparse"](), fns["cudnn"]()
                 err = (got.float() - want.float()).abs().max().item()
                 scale = want.float().abs().max().item()
+                errors = {}
+                if device == "cuda":  # both calls captured in CUDA graphs: the GPU's time, no launch cost
+                    for name in ("cudnn", "sparse"):
+                        try:
+                            fns[f"{name}_graph"] = graphed(fns[name])
+                        except Exception as exc:  # noqa: BLE001 - recorded, the eager calls still timed
+                            errors[f"{name}_graph"] = f"{type(exc).__name__}: {exc}"[:300]
+                            torch.cuda.synchronize()
                 times = interleaved(fns, device, args.reps, {name: args.calls for name in fns}).seconds
                 rows.append({"batch": batch, "channels": channels, "hw": hw, "dtype": str(dtype).split(".")[-1],
                              "format": fmt, "density_blocks": float(tiles.float().mean()), "block": [32, 32],
                              "max_abs_err": err, "scale": scale, "cudnn_ms": times["cudnn"] * 1e3,
                              "sparse_ms": times["sparse"] * 1e3, "speedup": times["cudnn"] / times["sparse"],
                              "sparse_channels_last_out": got.is_contiguous(memory_format=torch.channels_last)
-                             and not got.is_contiguous()})
+                             and not got.is_contiguous(),
+                             "graph_speedup": (times["cudnn_graph"] / times["sparse_graph"]
+                                               if {"cudnn_graph", "sparse_graph"} <= times.keys() else None),
+                             "graph_ms": {k[:-6]: v * 1e3 for k, v in times.items() if k.endswith("_graph")},
+                             "errors": errors})
                 r = rows[-1]
                 print(f"B={batch:<3} C={channels:<4} {hw:>3}x{hw:<3} {r['dtype']:<9} {fmt:<13} blocks "
                       f"{r['density_blocks']:.2f} cuDNN {r['cudnn_ms']:.4f} ms  sparse {r['sparse_ms']:.4f} ms  "
-                      f"{r['speedup']:.2f}x  err {err:.2g}/{scale:.2g}", flush=True)
+                      f"{r['speedup']:.2f}x  graphed {r['graph_speedup'] or float('nan'):.2f}x  "
+                      f"err {err:.2g}/{scale:.2g}", flush=True)
     print("summary (speed-up over cuDNN: min / median / max over the shapes):")
     for key in sorted({(r["batch"], r["format"], r["dtype"]) for r in rows}):
-        s = [r["speedup"] for r in rows if (r["batch"], r["format"], r["dtype"]) == key]
-        print(f"  batch {key[0]:<3} {key[1]:<13} {key[2]:<9} {min(s):.2f} / {statistics.median(s):.2f} / {max(s):.2f}x")
+        for what in ("speedup", "graph_speedup"):
+            s = [r[what] for r in rows if (r["batch"], r["format"], r["dtype"]) == key and r[what] is not None]
+            if s:
+                print(f"  batch {key[0]:<3} {key[1]:<13} {key[2]:<9} {what:<13} "
+                      f"{min(s):.2f} / {statistics.median(s):.2f} / {max(s):.2f}x")
     info = {"device": "cpu (dry run)" if args.dry_run else torch.cuda.get_device_name(),
             "torch": torch.__version__, "rows": rows}
     args.out.mkdir(parents=True, exist_ok=True)

@@ -23,7 +23,7 @@ python3 -c "import sparse_lth.kernels" 2>/dev/null \
 echo "== training"
 timeout -k 10 90 python3 -W ignore bench/gpu_training.py --out "$OUT" --budget 70 2>&1 | tail -8
 echo "== conv"
-timeout -k 10 80 python3 -W ignore bench/gpu_conv.py --out "$OUT" 2>&1 | tail -17
+timeout -k 10 80 python3 -W ignore bench/gpu_conv.py --out "$OUT" 2>&1 | tail -20
 echo "== stress"
 timeout -k 10 45 python3 -W ignore bench/gpu_stress.py --out "$OUT" --budget 32 2>&1 | tail -4
 echo "== tests"

@@ -38,25 +38,10 @@ from pathlib import Path
 import torch
 
 from bench_sparse_training import check_one_step, make_steps  # bench/ is on the path when run as a script
-from harness import interleaved
+from harness import graphed, interleaved
 
 CASES = [("bsr", 32, 64), ("bsr", 64, 64), ("csr", None, 64), ("bsr", 32, 2048), ("bsr", 64, 2048)]
 DENSITY = 0.05
-
-
-def graphed(step: Callable[[], None]) -> Callable[[], None]:
-    """``step`` captured whole in a CUDA graph (after three warm-up steps on a side stream, which
-    also run Triton's autotuner outside the capture): its replay."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step()
-    return graph.replay
 
 
 def through_the_ops(layer, opt) -> Callable[[], None]:

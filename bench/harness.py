@@ -203,6 +203,22 @@ def synchronize(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def graphed(step: Callable[[], None]) -> Callable[[], None]:
+    """``step`` captured whole in a CUDA graph (after three warm-up calls on a side stream, which
+    also run Triton's compiler and autotuner outside the capture): its replay. What a model run
+    under CUDA graphs pays per call: the GPU's time, not the host's launches."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    return graph.replay
+
+
 def timed_call(fn: Callable[[], object], device: str) -> float:
     """Seconds one call takes, the device synchronized on both sides."""
     synchronize(device)
