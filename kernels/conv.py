@@ -189,7 +189,8 @@ def triton_bsr_conv2d(x: torch.Tensor, crow: torch.Tensor, col: torch.Tensor, va
     if x.dtype != values.dtype or x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise ValueError(f"triton_bsr_conv2d: x and values must share float32 / float16 / bfloat16, got "
                          f"{x.dtype} and {values.dtype}")
-    if not (x.is_cuda or is_interpreting()) or len({x.device, crow.device, col.device, values.device}) != 1:
+    devices = {x.device, crow.device, col.device, values.device} | ({bias.device} if bias is not None else set())
+    if not (x.is_cuda or is_interpreting()) or len(devices) != 1:
         raise ValueError("triton_bsr_conv2d: every tensor on one CUDA device (or the CPU under TRITON_INTERPRET=1)")
     N, C, H, W = x.shape
     (KH, KW), (SH, SW), (PH, PW), (DH, DW) = kernel_size, stride, padding, dilation

@@ -111,6 +111,8 @@ def test_bad_arguments_are_refused():
     args = (crow.to(DEVICE), col.to(DEVICE), values.to(DEVICE))
     with pytest.raises(ValueError, match="share"):
         triton_bsr_conv2d(x.double(), *args, out_channels=16, kernel_size=(3, 3))
+    with pytest.raises(ValueError, match="one CUDA device"):
+        triton_bsr_conv2d(x, *args, torch.zeros(16, device="meta"), out_channels=16, kernel_size=(3, 3))
     with pytest.raises(ValueError, match="crow"):
         triton_bsr_conv2d(x, *args, out_channels=40, kernel_size=(3, 3))
     with pytest.raises(ValueError, match="smaller than the kernel"):
