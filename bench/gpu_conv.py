@@ -26,7 +26,7 @@ import os
 import statistics
 from pathlib import Path
 
-from harness import graphed, interleaved  # bench/ is on the path when run as a script
+from harness import add_graphed, interleaved  # bench/ is on the path when run as a script
 
 # (batch, channels, map size): ResNet-50-like 3x3 stages, at batch 1 and 32
 SHAPES = [(b, c, hw) for b in (1, 32) for c, hw in ((64, 56), (128, 28), (256, 14), (512, 7))]
@@ -71,14 +71,8 @@ def main() -> None:
                 got, want = fns["sparse"](), fns["cudnn"]()
                 err = (got.float() - want.float()).abs().max().item()
                 scale = want.float().abs().max().item()
-                errors = {}
-                if device == "cuda":  # both calls captured in CUDA graphs: the GPU's time, no launch cost
-                    for name in ("cudnn", "sparse"):
-                        try:
-                            fns[f"{name}_graph"] = graphed(fns[name])
-                        except Exception as exc:  # noqa: BLE001 - recorded, the eager calls still timed
-                            errors[f"{name}_graph"] = f"{type(exc).__name__}: {exc}"[:300]
-                            torch.cuda.synchronize()
+                # both calls also captured in CUDA graphs: the GPU's time, no launch cost
+                errors = add_graphed(fns, ("cudnn", "sparse")) if device == "cuda" else {}
                 times = interleaved(fns, device, args.reps, {name: args.calls for name in fns}).seconds
                 rows.append({"batch": batch, "channels": channels, "hw": hw, "dtype": str(dtype).split(".")[-1],
                              "format": fmt, "density_blocks": float(tiles.float().mean()), "block": [32, 32],

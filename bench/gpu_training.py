@@ -38,7 +38,7 @@ from pathlib import Path
 import torch
 
 from bench_sparse_training import check_one_step, make_steps  # bench/ is on the path when run as a script
-from harness import graphed, interleaved
+from harness import add_graphed, interleaved
 
 CASES = [("bsr", 32, 64), ("bsr", 64, 64), ("csr", None, 64), ("bsr", 32, 2048), ("bsr", 64, 2048)]
 DENSITY = 0.05
@@ -67,14 +67,7 @@ def measure(fmt: str, block: int | None, batch: int, width: int, device: str, dt
     dy = torch.randn(batch, width, generator=gen).to(device, dtype)
     ops_step = through_the_ops(layers["sparse"], layers["opt_sparse"])
     timed = {"dense": steps["dense"], "sparse": steps["sparse"], "sparse_ops": lambda: ops_step(x, dy)}
-    errors = {}
-    if device == "cuda":
-        for name in ("dense", "sparse"):
-            try:
-                timed[f"{name}_graph"] = graphed(steps[name])
-            except Exception as exc:  # noqa: BLE001 - recorded, the other steps still timed
-                errors[f"{name}_graph"] = f"{type(exc).__name__}: {exc}"[:400]
-                torch.cuda.synchronize()
+    errors = add_graphed(timed, ("dense", "sparse")) if device == "cuda" else {}
     for step in timed.values():  # a first call of each outside the clock (first-use costs)
         step()
     seconds = interleaved(timed, device, args.reps, dict.fromkeys(timed, args.calls)).seconds

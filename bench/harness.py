@@ -219,6 +219,19 @@ def graphed(step: Callable[[], None]) -> Callable[[], None]:
     return graph.replay
 
 
+def add_graphed(fns: dict[str, Callable[[], object]], names: tuple[str, ...]) -> dict[str, str]:
+    """Add ``<name>_graph``, the :func:`graphed` replay of ``fns[name]``, for each of ``names``;
+    returns the captures that failed, by key, with their errors (the eager calls still run)."""
+    errors = {}
+    for name in names:
+        try:
+            fns[f"{name}_graph"] = graphed(fns[name])
+        except Exception as exc:  # noqa: BLE001 - recorded, the rest still timed
+            errors[f"{name}_graph"] = f"{type(exc).__name__}: {exc}"[:400]
+            torch.cuda.synchronize()
+    return errors
+
+
 def timed_call(fn: Callable[[], object], device: str) -> float:
     """Seconds one call takes, the device synchronized on both sides."""
     synchronize(device)
