@@ -278,15 +278,26 @@ def test_bsr_linear_and_transposed_x(dtype):
 @pytest.mark.parametrize("config", _unique_tiles(bsr_mod.BSR_CONFIGS, ("BLOCK_N",)),
                          ids=lambda c: "n{BLOCK_N}".format(**c.kwargs))
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=IDS.get)
-def test_bsr_every_tile_config(config, dtype):
-    gen = seeded("bsr-config", config.kwargs["BLOCK_N"], dtype)
-    M, K, N = 32, 64, config.kwargs["BLOCK_N"] + 5
-    W = random_bsr(M, K, (16, 16), 0.6, dtype, gen)
-    X = rand_dense(K, N, dtype=dtype, gen=gen)
-    out = nan_like((M, N), dtype)
-    bsr_mod._launch(W, X, out, N=N, x_t=False, stride_x=N, y_t=False, stride_y=N,
-                    kernel=bsr_mod._bsr_kernel, **config.kwargs)
-    assert_three_way(out, W, X)
+@pytest.mark.parametrize("block", [(16, 16), (32, 16), (64, 32)], ids=lambda b: f"{b[0]}x{b[1]}")
+@pytest.mark.parametrize("linear", [False, True], ids=["matmul", "linear"])
+def test_bsr_every_tile_config(config, dtype, block, linear):
+    """Each BLOCK_N of the row kernel, both layouts, blocks under 64 rows (from BLOCK_N 64 on,
+    the dot swapped: X's columns as its rows) and of 64."""
+    gen = seeded("bsr-config", config.kwargs["BLOCK_N"], dtype, block, linear)
+    M, K, N = 64, 64, config.kwargs["BLOCK_N"] + 5
+    W = random_bsr(M, K, block, 0.6, dtype, gen)
+    if linear:  # x [N, K] read as X = x.T, y [N, M] written as Y = y.T
+        x = rand_dense(N, K, dtype=dtype, gen=gen)
+        out = nan_like((N, M), dtype)
+        bsr_mod._launch(W, x, out, N=N, x_t=True, stride_x=K, y_t=True, stride_y=M,
+                        kernel=bsr_mod._bsr_kernel, **config.kwargs)
+        assert_three_way(out, W, x, linear=True)
+    else:
+        X = rand_dense(K, N, dtype=dtype, gen=gen)
+        out = nan_like((M, N), dtype)
+        bsr_mod._launch(W, X, out, N=N, x_t=False, stride_x=N, y_t=False, stride_y=N,
+                        kernel=bsr_mod._bsr_kernel, **config.kwargs)
+        assert_three_way(out, W, X)
 
 
 def test_bsr_pruning_keeps_fitting_configs():
