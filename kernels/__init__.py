@@ -86,6 +86,14 @@ def triton_bsr_conv2d(x, crow, col, values, bias=None, **geometry):
     return impl(x, crow, col, values, bias, **geometry)
 
 
+def prepare_bsr_conv2d(x, crow, col, values, bias=None, **geometry):
+    """``triton_bsr_conv2d``'s checks done once for inputs like ``x``: a callable conv (see ``conv.py``)."""
+    require_triton()
+    from .conv import prepare_bsr_conv2d as impl
+
+    return impl(x, crow, col, values, bias, **geometry)
+
+
 def conv_weight_to_bsr(weight, mask, blocksize):
     """A conv weight [O, C, KH, KW] as the BSR that ``triton_bsr_conv2d`` reads (see ``conv.py``)."""
     require_triton()
@@ -95,7 +103,8 @@ def conv_weight_to_bsr(weight, mask, blocksize):
 
 
 __all__ += ["has_triton", "triton_csr_matmul", "triton_csr_linear", "pad_csr", "triton_bsr_matmul",
-            "triton_bsr_linear", "triton_csr_sddmm", "triton_bsr_sddmm", "triton_bsr_conv2d", "conv_weight_to_bsr"]
+            "triton_bsr_linear", "triton_csr_sddmm", "triton_bsr_sddmm", "triton_bsr_conv2d", "prepare_bsr_conv2d",
+            "conv_weight_to_bsr"]
 
 # --- CPU kernels (scipy.sparse, row blocks on a thread pool) -----------------------------------
 from .cpu import auto_cpu_backend, cpu_bsr_matmul, cpu_csr_matmul  # noqa: E402

@@ -30,13 +30,15 @@ timed on a GPU.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
 
 from ._triton import HOPPER_SHARED_BYTES, is_interpreting, on_device, shared_limit_of
 
-__all__ = ["conv_weight_to_bsr", "triton_bsr_conv2d"]
+__all__ = ["conv_weight_to_bsr", "triton_bsr_conv2d", "prepare_bsr_conv2d", "ConvLaunch", "conv_launch"]
 
 _BLOCK_SIZES = (16, 32, 64, 128)
 _WIDE_TILE_PIXELS = 4096  # from here on 128 pixels a program still gives a full GPU's worth of programs
@@ -171,7 +173,8 @@ def triton_bsr_conv2d(x: torch.Tensor, crow: torch.Tensor, col: torch.Tensor, va
     :func:`conv_weight_to_bsr` (``out_channels`` = O). CUDA tensors, or CPU ones under
     ``TRITON_INTERPRET=1``; float32 / float16 / bfloat16. Returns [N, O, OH, OW] in x's dtype,
     channels-last in memory when x is (read in place; any other x is copied to channels-last
-    first and the output is NCHW).
+    first and the output is NCHW). :func:`prepare_bsr_conv2d` does its checks once for calls
+    that repeat.
 
     >>> import torch.nn.functional as F
     >>> w = torch.randn(16, 8, 3, 3) * (torch.rand(16, 8, 3, 3) < 0.3)
@@ -179,6 +182,50 @@ def triton_bsr_conv2d(x: torch.Tensor, crow: torch.Tensor, col: torch.Tensor, va
     >>> crow, col, values = conv_weight_to_bsr(w, None, (16, 16))
     >>> y = triton_bsr_conv2d(x, crow, col, values, out_channels=16, kernel_size=(3, 3), padding=(1, 1))
     >>> torch.allclose(y, F.conv2d(x, w, padding=1), atol=1e-4)
+    True
+    """
+    return prepare_bsr_conv2d(x, crow, col, values, bias, out_channels=out_channels, kernel_size=kernel_size,
+                              stride=stride, padding=padding, dilation=dilation)(x)
+
+
+@dataclass(frozen=True)
+class ConvLaunch:
+    """One block-sparse conv, checked for one input signature (shape, dtype, device, memory
+    format, TF32 switch): calling it with such an input launches the kernel and returns the
+    output, with none of :func:`triton_bsr_conv2d`'s checks (a few microseconds of Python a
+    call at batch 1, where a GPU conv's time is mostly the host's). Made by
+    :func:`prepare_bsr_conv2d`."""
+
+    weights: tuple[torch.Tensor, ...]  # crow, col, values, bias (values when there is none)
+    sizes: tuple[int, ...]  # the kernel's runtime integers, in its order
+    constexprs: dict
+    programs: int  # 0: an empty output, nothing launched
+    out_shape: tuple[int, int, int, int]
+    out_channels_last: bool
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.empty(self.out_shape, dtype=x.dtype, device=x.device,
+                          memory_format=torch.channels_last if self.out_channels_last else torch.contiguous_format)
+        if self.programs:
+            with on_device(x):
+                _bsr_conv2d_kernel[(self.programs,)](x.contiguous(memory_format=torch.channels_last), *self.weights,
+                                                     out, *self.sizes, **self.constexprs)
+        return out
+
+
+def prepare_bsr_conv2d(x: torch.Tensor, crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor,
+                       bias: torch.Tensor | None = None, *, out_channels: int, kernel_size: tuple[int, int],
+                       stride: tuple[int, int] = (1, 1), padding: tuple[int, int] = (0, 0),
+                       dilation: tuple[int, int] = (1, 1)) -> ConvLaunch:
+    """:func:`triton_bsr_conv2d`'s checks and launch choice for inputs like ``x``, done once: the
+    returned :class:`ConvLaunch` runs the conv on any input of ``x``'s shape, dtype, device and
+    memory format (what ``SparseConv2d`` keeps per input size on CUDA).
+
+    >>> w = torch.randn(16, 8, 3, 3) * (torch.rand(16, 8, 3, 3) < 0.3)
+    >>> conv = prepare_bsr_conv2d(torch.empty(2, 8, 6, 6), *conv_weight_to_bsr(w, None, (16, 16)),
+    ...                           out_channels=16, kernel_size=(3, 3), padding=(1, 1))
+    >>> x = torch.randn(2, 8, 6, 6)
+    >>> torch.allclose(conv(x), torch.nn.functional.conv2d(x, w, padding=1), atol=1e-4)
     True
     """
     if x.dim() != 4:
@@ -211,22 +258,16 @@ def triton_bsr_conv2d(x: torch.Tensor, crow: torch.Tensor, col: torch.Tensor, va
     # The kernel reads NHWC (torch's channels_last): an NCHW input is copied into it, one pass
     # over x. The output keeps the input's format, as F.conv2d does.
     out_channels_last = not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
-    out = torch.empty((N, out_channels, OH, OW), dtype=x.dtype, device=x.device,
-                      memory_format=torch.channels_last if out_channels_last else torch.contiguous_format)
-    if P == 0 or out_channels == 0:
-        return out
     if bias is not None and bias.shape != (out_channels,):
         raise ValueError(f"triton_bsr_conv2d: bias must be [{out_channels}], got {tuple(bias.shape)}")
     precision = "tf32" if x.dtype == torch.float32 and x.is_cuda and torch.backends.cudnn.allow_tf32 else "ieee"
     launch = conv_launch(BR, BC, x.element_size(), P, shared_limit_of(x),
                          tensor_cores=x.dtype != torch.float32 or precision == "tf32")
     block_rows = crow.numel() - 1
-    with on_device(x):
-        _bsr_conv2d_kernel[(block_rows * triton.cdiv(P, launch["BLOCK_P"]),)](
-            x.contiguous(memory_format=torch.channels_last), crow, col, values.contiguous(),
-            bias if bias is not None else values, out,
-            C, H, W, out_channels, OH, OW, P, cp // BC, block_rows,
-            KW=KW, SH=SH, SW=SW, PH=PH, PW=PW, DH=DH, DW=DW, HAS_BIAS=bias is not None, BR=BR, BC=BC,
-            OUT_CHANNELS_LAST=out_channels_last, EVEN_C=C % BC == 0, DOT_PRECISION=precision, **launch,
-        )
-    return out
+    programs = block_rows * triton.cdiv(P, launch["BLOCK_P"]) if P and out_channels else 0
+    return ConvLaunch(
+        (crow, col, values.contiguous(), bias if bias is not None else values),
+        (C, H, W, out_channels, OH, OW, P, cp // BC, block_rows),
+        dict(KW=KW, SH=SH, SW=SW, PH=PH, PW=PW, DH=DH, DW=DW, HAS_BIAS=bias is not None, BR=BR, BC=BC,
+             OUT_CHANNELS_LAST=out_channels_last, EVEN_C=C % BC == 0, DOT_PRECISION=precision, **launch),
+        programs, (N, out_channels, OH, OW), out_channels_last)

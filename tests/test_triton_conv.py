@@ -83,6 +83,41 @@ def test_any_input_layout_gives_the_conv_and_keeps_channels_last(layout):
     assert y.is_contiguous() == (layout != "channels_last")
 
 
+def test_the_layers_prepared_launches_match_the_conv_and_stay_few(monkeypatch):
+    """SparseConv2d's Triton path (run here directly: under the interpreter on the CPU, or on
+    CUDA) checks each input signature once and keeps the prepared launch: the same signature
+    again prepares nothing, another memory format is another launch, at most _KEPT_LAUNCHES are
+    kept; every output equals F.conv2d's on the masked weight."""
+    from sparse_lth.kernels import conv as conv_mod
+    from sparse_lth.nn import conv as layer_mod
+
+    torch.manual_seed(3)
+    dense = torch.nn.Conv2d(20, 24, 3, padding=1)
+    mask = torch.rand(dense.weight.shape) < 0.4
+    layer = layer_mod.SparseConv2d.from_conv(dense, mask=mask, backend="sparse").to(DEVICE)
+    prepared = []
+    real = conv_mod.prepare_bsr_conv2d
+    monkeypatch.setattr(conv_mod, "prepare_bsr_conv2d",
+                        lambda x, *a, **k: prepared.append(tuple(x.shape)) or real(x, *a, **k))
+    cache = layer._cache()
+    with torch.no_grad():
+        for shape, channels_last in [((1, 20, 6, 6), False), ((1, 20, 6, 6), False), ((1, 20, 6, 6), True)] + [
+                ((n, 20, 5, 5), False) for n in range(2, 2 + layer_mod._KEPT_LAUNCHES)]:
+            x = torch.randn(shape, device=DEVICE)
+            if channels_last:
+                x = x.to(memory_format=torch.channels_last)
+            y = layer._triton(x, cache)
+            expected = F.conv2d(x.double(), (dense.weight * mask).double().to(DEVICE), dense.bias.double().to(DEVICE),
+                                padding=1)
+            assert_within_three_way(y.cpu(), expected.cpu(), F.conv2d(x, (dense.weight * mask).to(DEVICE),
+                                                                      dense.bias.to(DEVICE), padding=1).cpu(),
+                                    torch.float32)
+            assert y.is_contiguous(memory_format=torch.channels_last) == channels_last
+    assert prepared[:2] == [(1, 20, 6, 6), (1, 20, 6, 6)]  # once for NCHW, once for channels-last
+    assert len(prepared) == 2 + layer_mod._KEPT_LAUNCHES
+    assert sum(isinstance(k, tuple) and k[0] == "triton" for k in cache) == layer_mod._KEPT_LAUNCHES
+
+
 def test_stored_blocks_follow_the_mask_and_the_layout():
     from sparse_lth.kernels import conv_weight_to_bsr
 
@@ -137,3 +172,15 @@ def test_the_gpu_conv_script_runs_dry(tmp_path):
     rows = json.loads((tmp_path / "conv.json").read_text())["rows"]
     assert len(rows) == 4 and all(r["max_abs_err"] <= 1e-3 * max(r["scale"], 1.0) for r in rows)
     assert [r["sparse_channels_last_out"] for r in rows] == [r["format"] == "channels_last" for r in rows]
+
+
+def test_the_conv_host_cost_script_runs():
+    """bench/conv_host_cost.py (the host's share of a conv call, the kernel stubbed) end to end."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "bench" / "conv_host_cost.py"
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert [line.split()[0] for line in proc.stdout.splitlines()] == ["public", "layer", "empty"]

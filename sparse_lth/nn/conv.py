@@ -54,6 +54,7 @@ def _kernels():
 CONV_BACKENDS = ("auto", "sparse", "dense")
 
 _INT32_MAX = 2**31 - 1
+_KEPT_LAUNCHES = 8  # CUDA: prepared Triton launches kept, one per input signature
 
 
 class SparseConv2d(nn.Module):
@@ -278,7 +279,7 @@ class SparseConv2d(nn.Module):
         """The block-sparse Triton conv (:mod:`sparse_lth.kernels.conv`) over a BSR copy of the
         weight laid out by tap and input channel, made on first use: blocks of 32 output x up to
         32 input channels, a block stored where the weight keeps any entry of it."""
-        from sparse_lth.kernels import conv_weight_to_bsr, has_triton, triton_bsr_conv2d
+        from sparse_lth.kernels import conv_weight_to_bsr, has_triton, prepare_bsr_conv2d
 
         if not has_triton():
             raise ValueError("SparseConv2d: backend 'sparse' on CUDA needs Triton; use 'dense' or 'auto'")
@@ -292,13 +293,21 @@ class SparseConv2d(nn.Module):
             padding = (top, left)
         else:
             padding = self.padding
-        bsr = cache.get("bsr")
-        if bsr is None:
-            block = (32 if self.out_channels > 16 else 16, min(32, max(16, 1 << (self.in_channels - 1).bit_length())))
-            bsr = cache["bsr"] = conv_weight_to_bsr(self.dense_weight(), None, block)
-        return triton_bsr_conv2d(x, *bsr, self.bias, out_channels=self.out_channels,
-                                 kernel_size=self.kernel_size, stride=self.stride, padding=padding,
-                                 dilation=self.dilation)
+        # the launch, checked once per input signature (at batch 1 the checks cost as much as the kernel)
+        channels_last = not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+        key = ("triton", x.shape, x.dtype, x.device, channels_last, torch.backends.cudnn.allow_tf32)
+        launch = cache.get(key)
+        if launch is None:
+            for old in [k for k in cache if isinstance(k, tuple) and k[0] == "triton"][:-_KEPT_LAUNCHES + 1]:
+                del cache[old]  # a few input signatures kept
+            bsr = cache.get("bsr")
+            if bsr is None:
+                block = (32 if self.out_channels > 16 else 16, min(32, max(16, 1 << (self.in_channels - 1).bit_length())))
+                bsr = cache["bsr"] = conv_weight_to_bsr(self.dense_weight(), None, block)
+            launch = cache[key] = prepare_bsr_conv2d(x, *bsr, self.bias, out_channels=self.out_channels,
+                                                     kernel_size=self.kernel_size, stride=self.stride,
+                                                     padding=padding, dilation=self.dilation)
+        return launch(x)
 
     def extra_repr(self) -> str:
         geometry = f", stride={self.stride}" if self.stride != (1, 1) else ""
