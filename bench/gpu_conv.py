@@ -3,7 +3,8 @@
 3x3 convs at 90% block sparsity with 32 x 32 blocks, fp16 / bf16, ResNet-like stages.
 
 Each shape: a dense conv weight pruned to whole (32 output x 32 input channel) tiles per tap,
-kept at ``--density``; ``triton_bsr_conv2d`` checked against ``F.conv2d`` on the masked weight,
+kept at ``--density``; the Triton conv as ``SparseConv2d`` runs it (``prepare_bsr_conv2d``'s
+launch, checked once) checked against ``F.conv2d`` on the masked weight,
 then both timed interleaved (``harness.interleaved``: ``--reps`` rounds of a ``--calls``-call
 burst each, medians; host wall time per call, one synchronize a burst: what a model pays), cuDNN
 with ``torch.backends.cudnn.benchmark`` on. Every point twice: with an NCHW input (the Triton
@@ -47,7 +48,7 @@ def main() -> None:
     import torch
     import torch.nn.functional as F
 
-    from sparse_lth.kernels import conv_weight_to_bsr, triton_bsr_conv2d
+    from sparse_lth.kernels import conv_weight_to_bsr, prepare_bsr_conv2d
 
     device = "cpu" if args.dry_run else "cuda"
     dtypes = (torch.float32,) if args.dry_run else (torch.float16, torch.bfloat16)
@@ -65,9 +66,11 @@ def main() -> None:
                 # channels-last: the input and cuDNN's weight both, as model.to(memory_format=...) leaves them
                 x, wd = ((nchw, w) if fmt == "nchw" else
                          (nchw.to(memory_format=torch.channels_last), w.to(memory_format=torch.channels_last)))
+                # the launch SparseConv2d keeps for this input (its checks done once, here)
+                launch = prepare_bsr_conv2d(x, crow, col, values, out_channels=channels, kernel_size=(3, 3),
+                                            padding=(1, 1))
                 fns = {"cudnn": lambda x=x, wd=wd: F.conv2d(x, wd, padding=1),
-                       "sparse": lambda x=x: triton_bsr_conv2d(x, crow, col, values, out_channels=channels,
-                                                               kernel_size=(3, 3), padding=(1, 1))}
+                       "sparse": lambda x=x, launch=launch: launch(x)}
                 got, want = fns["sparse"](), fns["cudnn"]()
                 err = (got.float() - want.float()).abs().max().item()
                 scale = want.float().abs().max().item()
