@@ -53,6 +53,13 @@ def main() -> None:
     device = "cpu" if args.dry_run else "cuda"
     dtypes = (torch.float32,) if args.dry_run else (torch.float16, torch.bfloat16)
     torch.backends.cudnn.benchmark = True
+    args.out.mkdir(parents=True, exist_ok=True)
+    device_name = "cpu (dry run)" if args.dry_run else torch.cuda.get_device_name()
+
+    def save(rows: list[dict]) -> None:
+        info = {"device": device_name, "torch": torch.__version__, "rows": rows}
+        (args.out / "conv.json").write_text(json.dumps(info, indent=1))
+
     rows = []
     gen = torch.Generator().manual_seed(0)
     for batch, channels, hw in (DRY_SHAPES if args.dry_run else SHAPES):
@@ -92,6 +99,7 @@ def main() -> None:
                       f"{r['density_blocks']:.2f} cuDNN {r['cudnn_ms']:.4f} ms  sparse {r['sparse_ms']:.4f} ms  "
                       f"{r['speedup']:.2f}x  graphed {r['graph_speedup'] or float('nan'):.2f}x  "
                       f"err {err:.2g}/{scale:.2g}", flush=True)
+                save(rows)  # after every point: a run cut short by its timeout keeps what it measured
     print("summary (speed-up over cuDNN: min / median / max over the shapes):")
     for key in sorted({(r["batch"], r["format"], r["dtype"]) for r in rows}):
         for what in ("speedup", "graph_speedup"):
@@ -99,10 +107,6 @@ def main() -> None:
             if s:
                 print(f"  batch {key[0]:<3} {key[1]:<13} {key[2]:<9} {what:<13} "
                       f"{min(s):.2f} / {statistics.median(s):.2f} / {max(s):.2f}x")
-    info = {"device": "cpu (dry run)" if args.dry_run else torch.cuda.get_device_name(),
-            "torch": torch.__version__, "rows": rows}
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "conv.json").write_text(json.dumps(info, indent=1))
 
 
 if __name__ == "__main__":

@@ -41,7 +41,7 @@ from ._triton import HOPPER_SHARED_BYTES, is_interpreting, on_device, shared_lim
 __all__ = ["conv_weight_to_bsr", "triton_bsr_conv2d", "prepare_bsr_conv2d", "ConvLaunch", "conv_launch"]
 
 _BLOCK_SIZES = (16, 32, 64, 128)
-_WIDE_TILE_PIXELS = 4096  # from here on 128 pixels a program still gives a full GPU's worth of programs
+_WIDE_TILE_PIXELS = 4096  # 128-pixel tiles from here on: 32 or more programs a block row (a guess, untimed)
 _SHARED_SLACK = 1024  # the pipeline's barriers and the epilogue's scratch, over its buffers
 
 
