@@ -90,6 +90,14 @@ def main() -> None:
     device = "cpu" if args.dry_run else "cuda"
     dtype = torch.float32 if args.dry_run else torch.bfloat16
     width = 512 if args.dry_run else 4096
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    def save(rows: list[dict], skipped: list[str]) -> None:
+        info = {"device": "cpu (dry run)" if args.dry_run else torch.cuda.get_device_name(),
+                "torch": torch.__version__, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                "seconds": time.perf_counter() - start, "skipped": skipped, "rows": rows}
+        (args.out / "training.json").write_text(json.dumps(info, indent=1))
+
     rows, skipped = [], []
     for fmt, block, batch in CASES:
         if time.perf_counter() - start > args.budget * 0.8:
@@ -104,11 +112,8 @@ def main() -> None:
         print(f"{fmt}{block or ''} B={batch}: dense {row.get('ms', {}).get('dense', float('nan')):.3f} ms  {speed}"
               f"{'  FAILED ' + row['failed'] if 'failed' in row else ''}"
               f"{'  ' + str(row['errors']) if row.get('errors') else ''}", flush=True)
-    info = {"device": "cpu (dry run)" if args.dry_run else torch.cuda.get_device_name(),
-            "torch": torch.__version__, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-            "seconds": time.perf_counter() - start, "skipped": skipped, "rows": rows}
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "training.json").write_text(json.dumps(info, indent=1))
+        save(rows, skipped)  # after every case: a run its timeout cuts keeps what it measured
+    save(rows, skipped)
     if skipped:
         print("skipped (budget):", ", ".join(skipped))
 
