@@ -77,7 +77,7 @@ def main() -> None:
                 launch = prepare_bsr_conv2d(x, crow, col, values, out_channels=channels, kernel_size=(3, 3),
                                             padding=(1, 1))
                 fns = {"cudnn": lambda x=x, wd=wd: F.conv2d(x, wd, padding=1),
-                       "sparse": lambda x=x, launch=launch: launch(x)}
+                       "sparse": lambda x=x, launch=launch: launch(x)}  # no bias
                 got, want = fns["sparse"](), fns["cudnn"]()
                 err = (got.float() - want.float()).abs().max().item()
                 scale = want.float().abs().max().item()

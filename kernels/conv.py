@@ -185,7 +185,7 @@ def triton_bsr_conv2d(x: torch.Tensor, crow: torch.Tensor, col: torch.Tensor, va
     True
     """
     return prepare_bsr_conv2d(x, crow, col, values, bias, out_channels=out_channels, kernel_size=kernel_size,
-                              stride=stride, padding=padding, dilation=dilation)(x)
+                              stride=stride, padding=padding, dilation=dilation)(x, bias)
 
 
 @dataclass(frozen=True)
@@ -196,20 +196,23 @@ class ConvLaunch:
     call at batch 1, where a GPU conv's time is mostly the host's). Made by
     :func:`prepare_bsr_conv2d`."""
 
-    weights: tuple[torch.Tensor, ...]  # crow, col, values, bias (values when there is none)
+    weights: tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # crow, col, values
     sizes: tuple[int, ...]  # the kernel's runtime integers, in its order
     constexprs: dict
     programs: int  # 0: an empty output, nothing launched
     out_shape: tuple[int, int, int, int]
     out_channels_last: bool
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """The conv of ``x``, plus ``bias`` (given exactly when the launch was prepared with one:
+        the layer passes its current bias each call)."""
         out = torch.empty(self.out_shape, dtype=x.dtype, device=x.device,
                           memory_format=torch.channels_last if self.out_channels_last else torch.contiguous_format)
         if self.programs:
             with on_device(x):
-                _bsr_conv2d_kernel[(self.programs,)](x.contiguous(memory_format=torch.channels_last), *self.weights,
-                                                     out, *self.sizes, **self.constexprs)
+                _bsr_conv2d_kernel[(self.programs,)](
+                    x.contiguous(memory_format=torch.channels_last), *self.weights,
+                    bias if self.constexprs["HAS_BIAS"] else self.weights[2], out, *self.sizes, **self.constexprs)
         return out
 
 
@@ -219,7 +222,8 @@ def prepare_bsr_conv2d(x: torch.Tensor, crow: torch.Tensor, col: torch.Tensor, v
                        dilation: tuple[int, int] = (1, 1)) -> ConvLaunch:
     """:func:`triton_bsr_conv2d`'s checks and launch choice for inputs like ``x``, done once: the
     returned :class:`ConvLaunch` runs the conv on any input of ``x``'s shape, dtype, device and
-    memory format (what ``SparseConv2d`` keeps per input size on CUDA).
+    memory format (what ``SparseConv2d`` keeps per input size on CUDA); ``bias`` is checked here
+    and given to each call (``launch(x, bias)``), so a bias replaced later is the one added.
 
     >>> w = torch.randn(16, 8, 3, 3) * (torch.rand(16, 8, 3, 3) < 0.3)
     >>> conv = prepare_bsr_conv2d(torch.empty(2, 8, 6, 6), *conv_weight_to_bsr(w, None, (16, 16)),
@@ -266,7 +270,7 @@ def prepare_bsr_conv2d(x: torch.Tensor, crow: torch.Tensor, col: torch.Tensor, v
     block_rows = crow.numel() - 1
     programs = block_rows * triton.cdiv(P, launch["BLOCK_P"]) if P and out_channels else 0
     return ConvLaunch(
-        (crow, col, values.contiguous(), bias if bias is not None else values),
+        (crow, col, values.contiguous()),
         (C, H, W, out_channels, OH, OW, P, cp // BC, block_rows),
         dict(KW=KW, SH=SH, SW=SW, PH=PH, PW=PW, DH=DH, DW=DW, HAS_BIAS=bias is not None, BR=BR, BC=BC,
              OUT_CHANNELS_LAST=out_channels_last, EVEN_C=C % BC == 0, DOT_PRECISION=precision, **launch),

@@ -116,6 +116,12 @@ def test_the_layers_prepared_launches_match_the_conv_and_stay_few(monkeypatch):
     assert prepared[:2] == [(1, 20, 6, 6), (1, 20, 6, 6)]  # once for NCHW, once for channels-last
     assert len(prepared) == 2 + layer_mod._KEPT_LAUNCHES
     assert sum(isinstance(k, tuple) and k[0] == "triton" for k in cache) == layer_mod._KEPT_LAUNCHES
+    # a bias replaced after the launch was prepared is the one added
+    x = torch.randn(2, 20, 5, 5, device=DEVICE)
+    with torch.no_grad():
+        before = layer._triton(x, cache)
+        layer.bias = layer.bias + 1.0
+        assert torch.allclose(layer._triton(x, cache), before + 1.0, atol=1e-5)
 
 
 def test_stored_blocks_follow_the_mask_and_the_layout():

@@ -295,7 +295,8 @@ class SparseConv2d(nn.Module):
             padding = self.padding
         # the launch, checked once per input signature (at batch 1 the checks cost as much as the kernel)
         channels_last = not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
-        key = ("triton", x.shape, x.dtype, x.device, channels_last, torch.backends.cudnn.allow_tf32)
+        key = ("triton", x.shape, x.dtype, x.device, channels_last, torch.backends.cudnn.allow_tf32,
+               self.bias is not None)
         launch = cache.get(key)
         if launch is None:
             for old in [k for k in cache if isinstance(k, tuple) and k[0] == "triton"][:-_KEPT_LAUNCHES + 1]:
@@ -307,7 +308,7 @@ class SparseConv2d(nn.Module):
             launch = cache[key] = prepare_bsr_conv2d(x, *bsr, self.bias, out_channels=self.out_channels,
                                                      kernel_size=self.kernel_size, stride=self.stride,
                                                      padding=padding, dilation=self.dilation)
-        return launch(x)
+        return launch(x, self.bias)
 
     def extra_repr(self) -> str:
         geometry = f", stride={self.stride}" if self.stride != (1, 1) else ""
