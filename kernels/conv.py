@@ -206,6 +206,8 @@ class ConvLaunch:
     def __call__(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         """The conv of ``x``, plus ``bias`` (given exactly when the launch was prepared with one:
         the layer passes its current bias each call)."""
+        if (bias is not None) != self.constexprs["HAS_BIAS"]:
+            raise ValueError("ConvLaunch: give a bias exactly when the launch was prepared with one")
         out = torch.empty(self.out_shape, dtype=x.dtype, device=x.device,
                           memory_format=torch.channels_last if self.out_channels_last else torch.contiguous_format)
         if self.programs:

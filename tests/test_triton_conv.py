@@ -140,7 +140,7 @@ def test_stored_blocks_follow_the_mask_and_the_layout():
 
 
 def test_bad_arguments_are_refused():
-    from sparse_lth.kernels import conv_weight_to_bsr, triton_bsr_conv2d
+    from sparse_lth.kernels import conv_weight_to_bsr, prepare_bsr_conv2d, triton_bsr_conv2d
 
     w = torch.randn(16, 16, 3, 3)
     with pytest.raises(ValueError, match="powers of two"):
@@ -158,6 +158,9 @@ def test_bad_arguments_are_refused():
         triton_bsr_conv2d(x, *args, out_channels=40, kernel_size=(3, 3))
     with pytest.raises(ValueError, match="smaller than the kernel"):
         triton_bsr_conv2d(x[..., :2, :2], *args, out_channels=16, kernel_size=(3, 3))
+    launch = prepare_bsr_conv2d(x, *args, torch.zeros(16, device=DEVICE), out_channels=16, kernel_size=(3, 3))
+    with pytest.raises(ValueError, match="exactly when"):
+        launch(x)  # prepared with a bias, called without
     # 2**31 + 2**19 elements, none stored
     huge = torch.zeros(1, 16, 1, 1, device=DEVICE).expand(1, 16, 2**14, 2**13 + 2)
     with pytest.raises(ValueError, match="2\\*\\*31"):
