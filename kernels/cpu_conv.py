@@ -77,6 +77,8 @@ def _pack(x, packed, pad_top, pad_left, sh, sw, hph, wph, inner):
     phases = sh * sw
     outer = n_ // inner
     s = n_ * hph * wph
+    flat = x.reshape(-1)  # x is C-contiguous (the caller's .contiguous())
+    image = np.uint64(c_ * h * w)
     for item in prange(c_ * phases * outer):
         c = item // (phases * outer)
         rest = item - c * phases * outer
@@ -101,11 +103,13 @@ def _pack(x, packed, pad_top, pad_left, sh, sw, hph, wph, inner):
                 src = x[g, c, iy]
                 for q in range(np.uint64(q1 - q0)):
                     packed[d + np.uint64(q0) + q] = src[np.uint64(ix0) + q * np.uint64(sw)]
-            else:  # the batch innermost: gather one pixel of every image
-                for q in range(q1 - q0):
-                    dq = d + np.uint64((q0 + q) * inner)
-                    for m in range(inner):
-                        packed[dq + np.uint64(m)] = x[m, c, iy, ix0 + q * sw]
+            else:  # the batch innermost: gather one pixel of every image (flat, unsigned indices)
+                at = np.uint64((c * h + iy) * w + ix0)
+                for q in range(np.uint64(q1 - q0)):
+                    dq = d + (np.uint64(q0) + q) * np.uint64(inner)
+                    src = at + q * np.uint64(sw)
+                    for m in range(np.uint64(inner)):
+                        packed[dq + m] = flat[src + m * image]
             for q in range(np.uint64(q1 * inner), np.uint64(wph * inner)):
                 packed[d + q] = 0
     for i in range(c_ * phases * s, packed.shape[0]):

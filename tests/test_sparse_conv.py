@@ -338,3 +338,29 @@ def test_plain_pack_writes_what_the_general_pack_writes(n, c, h, w, pad_top, pad
     cpu_conv._pack(x, general, pad_top, pad_left, 1, 1, hph, wph, 1)
     cpu_conv._pack_plain(x, plain, pad_top, pad_left, hph, wph)
     assert np.array_equal(general, plain)
+
+
+@pytest.mark.parametrize("n,c,h,w,pad_top,pad_left,sh,sw,hph,wph,inner", [
+    (3, 4, 6, 6, 1, 1, 1, 1, 8, 8, 3),   # the batch innermost, padded all round
+    (2, 3, 7, 5, 1, 2, 2, 2, 4, 4, 2),   # strided: four phases
+    (4, 2, 5, 6, 0, 1, 2, 1, 3, 6, 4),   # a stride per axis, planes cut short
+    (2, 2, 4, 4, 1, 1, 2, 2, 3, 3, 1),   # images stacked by rows
+])
+def test_pack_lays_out_the_padded_phases_as_documented(n, c, h, w, pad_top, pad_left, sh, sw, hph, wph, inner):
+    """_pack against its docstring, computed in numpy: packed[(c * sh * sw + py * sw + px) * S +
+    ((g * hph + r) * wph + q) * M + m] = x_padded[g * M + m, c, r * sh + py, q * sw + px] (zero
+    outside x), S = N * hph * wph, M = ``inner``; the tail past the planes zeroed."""
+    from sparse_lth.kernels import cpu_conv
+
+    x = np.random.default_rng(1).random((n, c, h, w), dtype=np.float32)
+    big = np.zeros((n, c, pad_top + hph * sh + h, pad_left + wph * sw + w), np.float32)
+    big[:, :, pad_top:pad_top + h, pad_left:pad_left + w] = x
+    expected = np.zeros((c, sh, sw, n // inner, hph, wph, inner), np.float32)
+    for py in range(sh):
+        for px in range(sw):
+            phase = big[:, :, py::sh, px::sw][:, :, :hph, :wph]  # [n, c, hph, wph]
+            expected[:, py, px] = phase.reshape(n // inner, inner, c, hph, wph).transpose(2, 0, 3, 4, 1)
+    packed = np.full(expected.size + 10, np.nan, np.float32)
+    cpu_conv._pack(x, packed, pad_top, pad_left, sh, sw, hph, wph, inner)
+    assert np.array_equal(packed[:expected.size], expected.reshape(-1))
+    assert not packed[expected.size:].any()
