@@ -122,6 +122,9 @@ def test_the_layers_prepared_launches_match_the_conv_and_stay_few(monkeypatch):
         before = layer._triton(x, cache)
         layer.bias = layer.bias + 1.0
         assert torch.allclose(layer._triton(x, cache), before + 1.0, atol=1e-5)
+        layer.bias = torch.zeros(23, device=DEVICE)  # the wrong size: checked again, not read past its end
+        with pytest.raises(ValueError, match="bias must be"):
+            layer._triton(x, cache)
 
 
 def test_stored_blocks_follow_the_mask_and_the_layout():

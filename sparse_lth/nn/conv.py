@@ -293,10 +293,12 @@ class SparseConv2d(nn.Module):
             padding = (top, left)
         else:
             padding = self.padding
-        # the launch, checked once per input signature (at batch 1 the checks cost as much as the kernel)
-        channels_last = not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
-        key = ("triton", x.shape, x.dtype, x.device, channels_last, torch.backends.cudnn.allow_tf32,
-               self.bias is not None)
+        # the launch, checked once per input signature (at batch 1 the checks cost as much as the
+        # kernel): the strides carry the memory format, and a bias replaced by one of another
+        # shape or device is checked again
+        bias = self.bias
+        key = ("triton", x.shape, x.stride(), x.dtype, x.device, torch.backends.cudnn.allow_tf32,
+               None if bias is None else (bias.shape, bias.device))
         launch = cache.get(key)
         if launch is None:
             for old in [k for k in cache if isinstance(k, tuple) and k[0] == "triton"][:-_KEPT_LAUNCHES + 1]:
@@ -305,10 +307,10 @@ class SparseConv2d(nn.Module):
             if bsr is None:
                 block = (32 if self.out_channels > 16 else 16, min(32, max(16, 1 << (self.in_channels - 1).bit_length())))
                 bsr = cache["bsr"] = conv_weight_to_bsr(self.dense_weight(), None, block)
-            launch = cache[key] = prepare_bsr_conv2d(x, *bsr, self.bias, out_channels=self.out_channels,
+            launch = cache[key] = prepare_bsr_conv2d(x, *bsr, bias, out_channels=self.out_channels,
                                                      kernel_size=self.kernel_size, stride=self.stride,
                                                      padding=padding, dilation=self.dilation)
-        return launch(x, self.bias)
+        return launch(x, bias)
 
     def extra_repr(self) -> str:
         geometry = f", stride={self.stride}" if self.stride != (1, 1) else ""
