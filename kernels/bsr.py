@@ -80,47 +80,34 @@ def _bsr_kernel(
     SWAP: tl.constexpr = BR < 64 and BLOCK_N >= 64
     if SWAP:
         acc = tl.zeros((BLOCK_N, BR), dtype=tl.float32)
-        blk_offs = offs_c[:, None] + offs_r[None, :] * BC  # the block transposed, [BC, BR]
     else:
         acc = tl.zeros((BR, BLOCK_N), dtype=tl.float32)
-        blk_offs = offs_r[:, None] * BC + offs_c[None, :]
+    blk_offs = offs_r[:, None] * BC + offs_c[None, :]
     for p in range(start, end):
         bcol = tl.load(col_ptr + p).to(tl.int64)
         a = tl.load(val_ptr + p * (BR * BC) + blk_offs)
         k = bcol * BC + offs_c  # K is a multiple of BC: no mask along k
-        if SWAP:  # the X slice as [BLOCK_N, BC]
-            if X_T:
-                x_ptrs = x_ptr + offs_n64[:, None] * stride_x + k[None, :]
-            else:
-                x_ptrs = x_ptr + k[None, :] * stride_x + offs_n64[:, None]
-            b = tl.load(x_ptrs, mask=mask_n[:, None], other=0.0)
-        else:  # [BC, BLOCK_N]
-            if X_T:
-                x_ptrs = x_ptr + offs_n64[None, :] * stride_x + k[:, None]
-            else:
-                x_ptrs = x_ptr + k[:, None] * stride_x + offs_n64[None, :]
-            b = tl.load(x_ptrs, mask=mask_n[None, :], other=0.0)
+        if X_T:
+            x_ptrs = x_ptr + offs_n64[None, :] * stride_x + k[:, None]
+        else:
+            x_ptrs = x_ptr + k[:, None] * stride_x + offs_n64[None, :]
+        b = tl.load(x_ptrs, mask=mask_n[None, :], other=0.0)
         if UPCAST:
             a = a.to(tl.float32)
             b = b.to(tl.float32)
         if SWAP:
-            acc = tl.dot(b, a, acc, input_precision=DOT_PRECISION)
+            acc = tl.dot(tl.trans(b), tl.trans(a), acc, input_precision=DOT_PRECISION)
         else:
             acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+    if SWAP:
+        acc = tl.trans(acc)
 
     rows = brow.to(tl.int64) * BR + offs_r
-    if SWAP:
-        if Y_T:
-            y_ptrs = y_ptr + offs_n64[:, None] * stride_y + rows[None, :]
-        else:
-            y_ptrs = y_ptr + rows[None, :] * stride_y + offs_n64[:, None]
-        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask_n[:, None])
+    if Y_T:
+        y_ptrs = y_ptr + offs_n64[None, :] * stride_y + rows[:, None]
     else:
-        if Y_T:
-            y_ptrs = y_ptr + offs_n64[None, :] * stride_y + rows[:, None]
-        else:
-            y_ptrs = y_ptr + rows[:, None] * stride_y + offs_n64[None, :]
-        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask_n[None, :])
+        y_ptrs = y_ptr + rows[:, None] * stride_y + offs_n64[None, :]
+    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask_n[None, :])
 
 
 def _cfg(block_n: int, warps: int, stages: int) -> triton.Config:
