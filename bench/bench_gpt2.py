@@ -32,7 +32,7 @@ from torch import nn
 
 from harness import assert_close, bench_size, machine_info, run_benchmark, run_speedup, size_config
 from sparse_lth.masks import Mask
-from sparse_lth.modules import SparseConv1D, sparsify
+from sparse_lth.nn import SparseConv1D, sparsify
 
 transformers = pytest.importorskip(
     "transformers", reason="transformers is not installed (pip install -e '.[dev]' installs it)")

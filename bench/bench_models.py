@@ -42,7 +42,7 @@ from sparse_lth.formats import nbytes
 from sparse_lth.lottery import LotteryConfig, find_ticket
 from sparse_lth.masks import Mask
 from sparse_lth.models import build_model
-from sparse_lth.modules import SparseLinear, sparsify
+from sparse_lth.nn import SparseLinear, sparsify
 from sparse_lth.pruning import prune_by_magnitude
 
 BLOCK = 32

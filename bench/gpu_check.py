@@ -599,7 +599,7 @@ def _linear_backend(backend: str, p: Point, run: Run) -> Backend | str:
     import torch.nn.functional as F
 
     from sparse_lth import kernels
-    from sparse_lth.modules import SparseLinear
+    from sparse_lth.nn import SparseLinear
 
     if backend in ("ours", "rows"):
         lin = kernels.triton_bsr_linear if p.layout == "bsr" else kernels.triton_csr_linear

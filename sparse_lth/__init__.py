@@ -21,9 +21,10 @@ __all__ = ["Mask", "prunable_names", "build_model", "prune_by_magnitude", "prune
 
 # SparseLinear / sparsify / densify and the kernel choice behind them
 from sparse_lth.backends import choose_backend, sparse_linear, sparse_matmul  # noqa: E402
-from sparse_lth.modules import SparseConv1D, SparseLinear, SparseMultiheadAttention, densify, sparsify  # noqa: E402
-from sparse_lth.nn import TrainableSparseLinear, calibration_table  # noqa: E402
+from sparse_lth.nn import (SparseConv1D, SparseConv2d, SparseLinear, SparseMultiheadAttention,  # noqa: E402
+                           TrainableSparseLinear, calibration_table, densify, sparsify)
 
-__all__ += ["SparseLinear", "SparseConv1D", "SparseMultiheadAttention", "TrainableSparseLinear", "sparsify", "densify",
+__all__ += ["SparseLinear", "SparseConv1D", "SparseConv2d", "SparseMultiheadAttention", "TrainableSparseLinear",
+            "sparsify", "densify",
             "calibration_table",
             "choose_backend", "sparse_matmul", "sparse_linear"]

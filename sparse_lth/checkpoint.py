@@ -161,8 +161,8 @@ def _parts_nbytes(parts: Mapping[str, torch.Tensor]) -> int:
 
 def _module_state(model: nn.Module) -> dict[str, torch.Tensor | SparseWeight]:
     """``model.state_dict()``, except that a layer holding its weights sparse (it has a
-    ``sparse_state_dict()`` method, as :class:`~sparse_lth.modules.SparseLinear` and
-    :class:`~sparse_lth.attention.SparseMultiheadAttention` do) gives the state of the dense
+    ``sparse_state_dict()`` method, as :class:`~sparse_lth.nn.linear.SparseLinear` and
+    :class:`~sparse_lth.nn.attention.SparseMultiheadAttention` do) gives the state of the dense
     module it stands for, local names and all (``in_proj_weight``, ``out_proj.weight``...), its
     weights SparseWeights: the file then loads into the dense model, and nothing is densified
     to write it. Such a layer's ``sparse_state_dict()`` covers everything under it: the state

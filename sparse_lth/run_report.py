@@ -40,6 +40,7 @@ from sparse_lth import run_files
 from sparse_lth.bench_report import cpu_model
 from sparse_lth.checkpoint import convert_checkpoint
 from sparse_lth.models import MODELS, build_model
+from sparse_lth.nn import sparsify
 
 __all__ = ["RoundCost", "RunCosts", "measure_run"]
 
@@ -230,8 +231,6 @@ def measure_run(run_dir: str | Path, batch_sizes: Sequence[int] = DEFAULT_BATCH_
     except ValueError as e:
         raise ValueError(f"{run_dir}: {e}") from None
     model_name = run_files.read_config(run_dir).get("model")
-    from sparse_lth import sparsify  # the public door (its home module is moving to sparse_lth.nn)
-
     # The architecture, from theta_0, before the progress bar starts: a refusal is one clean line.
     model, shape = _rebuild(run_dir, str(model_name), run_files.read_init(run_dir))
     costs: list[RoundCost] = []

@@ -152,7 +152,7 @@ def _call_linear(case: dict, W, x, bias):
     import torch
 
     from sparse_lth import backends
-    from sparse_lth.modules import SparseLinear
+    from sparse_lth.nn import SparseLinear
 
     if case["entry"] == "sparse_linear":
         return backends.sparse_linear(x, W, bias, backend=case["backend"], threads=case.get("threads"))
@@ -277,7 +277,7 @@ def _break_checks(mode: str) -> None:
     import sparse_lth.kernels._triton
     import sparse_lth.kernels.cpu
     import sparse_lth.kernels.invariants
-    import sparse_lth.modules
+    import sparse_lth.nn
 
     name = {"invariants": "check_index_invariants", "compressed": "_check_compressed"}[mode]
     for module in list(sys.modules.values()):
@@ -297,7 +297,7 @@ def main() -> None:
     torch.set_num_threads(1)  # as tests/conftest.py: 2 shared cores
     import sparse_lth.backends  # noqa: F401  (import cost before "ready", not in a case's time)
     import sparse_lth.checkpoint  # noqa: F401
-    import sparse_lth.modules  # noqa: F401
+    import sparse_lth.nn  # noqa: F401
     from sparse_lth.kernels import _triton
 
     mode = os.environ.get("FUZZ_BREAK", "")

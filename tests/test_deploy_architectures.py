@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sparse_lth import Mask, SparseMultiheadAttention, load_sparse, save_sparse
-from sparse_lth.modules import SparseLinear, densify, sparsify
+from sparse_lth.nn import SparseLinear, densify, sparsify
 from sparse_lth.nn.conv import SparseConv2d
 
 pytestmark = [
@@ -391,10 +391,10 @@ def test_resnet_fc_and_convs_sparse_and_a_bit_exact_checkpoint(fmt, block, tmp_p
 
 
 def test_attention_docstring_examples_run():
-    """sparse_lth.attention's examples (tests/test_docs.py runs the other modules')."""
+    """sparse_lth.nn.attention's examples (tests/test_docs.py runs the other modules')."""
     import doctest
 
-    import sparse_lth.attention
+    import sparse_lth.nn.attention
 
-    result = doctest.testmod(sparse_lth.attention, optionflags=doctest.ELLIPSIS)
+    result = doctest.testmod(sparse_lth.nn.attention, optionflags=doctest.ELLIPSIS)
     assert result.attempted > 0 and result.failed == 0

@@ -16,8 +16,9 @@ LINK = re.compile(r"\]\(([^)#\s]+)(?:#[^)]*)?\)")
 # Modules whose docstring examples run here (csr.py / bsr.py run in test_triton_kernels.py,
 # sddmm.py in test_sddmm.py, formats / checkpoint in test_checkpoint.py); lottery's and
 # run_report's examples run a small search.
-DOCTESTED = ["sparse_lth.masks", "sparse_lth.pruning", "sparse_lth.modules", "sparse_lth.backends",
-             "sparse_lth.user_loop", "sparse_lth.attention", "sparse_lth.training", "sparse_lth.nn.ops", "sparse_lth.nn.calibrate",
+DOCTESTED = ["sparse_lth.masks", "sparse_lth.pruning", "sparse_lth.nn.linear", "sparse_lth.nn.hf_conv1d", "sparse_lth.nn.convert",
+             "sparse_lth.backends",
+             "sparse_lth.user_loop", "sparse_lth.nn.attention", "sparse_lth.training", "sparse_lth.nn.ops", "sparse_lth.nn.calibrate",
              "sparse_lth.nn.trainable", "sparse_lth.models",
              "sparse_lth.lottery", "sparse_lth.bench_report", "sparse_lth.run_files", "sparse_lth.run_report",
              "sparse_lth.kernels.cpu", "sparse_lth.kernels.cuda_rule", "sparse_lth.kernels.compiled",

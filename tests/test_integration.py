@@ -6,7 +6,7 @@ import torch
 from sparse_lth import LotteryConfig, build_model, densify, find_ticket, load_sparse, sparsify
 from sparse_lth.cli import main
 from sparse_lth.data import load_dataset
-from sparse_lth.modules import SparseLinear
+from sparse_lth.nn import SparseLinear
 from sparse_lth.run_files import last_ticket
 
 

@@ -16,7 +16,7 @@ from torch import nn
 from sparse_lth.backends import sparse_linear, sparse_matmul
 from sparse_lth.kernels import check_index_invariants, cpu_bsr_matmul, cpu_csr_matmul, has_triton
 from sparse_lth.kernels._triton import is_interpreting
-from sparse_lth.modules import SparseLinear
+from sparse_lth.nn import SparseLinear
 
 pytestmark = pytest.mark.filterwarnings("ignore:Sparse (BSR|CSR) tensor support is in beta")
 

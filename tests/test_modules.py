@@ -1,4 +1,4 @@
-"""SparseLinear, sparsify / densify and the backend choice (sparse_lth/modules.py, backends.py)."""
+"""SparseLinear, sparsify / densify and the backend choice (sparse_lth/nn/linear.py, nn/convert.py, backends.py)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from sparse_lth.backends import BACKENDS, choose_backend, sparse_linear, sparse_
 from sparse_lth.formats import to_sparse_weight
 from sparse_lth.kernels import has_triton
 from sparse_lth.masks import Mask
-from sparse_lth.modules import DEFAULT_MAX_DENSITY, SparseConv1D, SparseLinear, SparseMultiheadAttention, densify, sparsify
+from sparse_lth.nn import DEFAULT_MAX_DENSITY, SparseConv1D, SparseLinear, SparseMultiheadAttention, densify, sparsify
 from tolerances import TOLERANCE
 
 pytestmark = [
@@ -378,7 +378,7 @@ print("ok")
 
 @pytest.mark.parametrize("backend,threads", [("scipy", None), ("scipy", 2), ("dense", None)])
 def test_replayed_call_plan_follows_the_layer(backend, threads):
-    """The CPU call plan forward() replays (modules._CallPlan) gives what the layer computes,
+    """The CPU call plan forward() replays (nn.linear._CallPlan) gives what the layer computes,
     and is dropped when what it fixed changes: the bias, the backend, the input's shape, grad
     (still refused), the weight's values (read in place) and a state_dict load."""
     gen = torch.Generator().manual_seed(11)

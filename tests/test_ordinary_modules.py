@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from sparse_lth import Mask, SparseWeight, load_sparse, save_sparse
-from sparse_lth.modules import SparseLinear, densify, sparsify
+from sparse_lth.nn import SparseLinear, densify, sparsify
 
 pytestmark = pytest.mark.filterwarnings("ignore:Sparse (BSR|CSR) tensor support is in beta")
 

@@ -18,7 +18,7 @@ from transformers import BertConfig, BertModel, GPT2Config, GPT2LMHeadModel  # n
 from transformers.pytorch_utils import Conv1D  # noqa: E402
 
 from sparse_lth import Mask, SparseConv1D, load_sparse, save_sparse  # noqa: E402
-from sparse_lth.modules import SparseLinear, densify, sparsify  # noqa: E402
+from sparse_lth.nn import SparseLinear, densify, sparsify  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore:Sparse (BSR|CSR) tensor support is in beta")
 transformers.logging.set_verbosity_error()  # the tiny vocabulary makes it warn about token ids

@@ -9,7 +9,7 @@ turn (interleaved, medians), the others kept as they are; the layer keeps the fa
 are visited in order, each seeing the choices made before it (coordinate descent).
 
 A layer takes part when it has ``backend`` and ``backend_candidates(x)`` (the paths that can run
-on its input ``x``): :class:`~sparse_lth.modules.SparseLinear` and its subclasses. Each gets
+on its input ``x``): :class:`~sparse_lth.nn.linear.SparseLinear` and its subclasses. Each gets
 ``calibration``, a :class:`LayerChoice`, and shows it in its repr;
 :func:`calibration_table` prints them all.
 

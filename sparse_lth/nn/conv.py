@@ -6,7 +6,7 @@ and the CPU forward is :func:`sparse_lth.kernels.cpu_conv.cpu_sparse_conv2d` (di
 convolution: work in proportion to the stored weights, no im2col). Grouped and depthwise convs,
 and padding modes other than zeros, stay dense (:meth:`SparseConv2d.from_conv` refuses them).
 
-Inference only, like :class:`sparse_lth.modules.SparseLinear`: the buffers require no grad, and
+Inference only, like :class:`sparse_lth.nn.linear.SparseLinear`: the buffers require no grad, and
 an input that requires grad while autograd is on is refused rather than left without a gradient.
 
 numba compiles the CPU kernel on its first call per dtype (seconds, once per process);

@@ -114,7 +114,7 @@ class TrainableSparseLinear(nn.Module):
 
     def density(self) -> float:
         """Stored values / logical entries (for BSR whole blocks count, padding does not), as
-        :meth:`sparse_lth.modules.SparseLinear.density` counts them."""
+        :meth:`sparse_lth.nn.linear.SparseLinear.density` counts them."""
         total = self.in_features * self.out_features
         return min(1.0, self.values.numel() / total) if total else 1.0
 

@@ -4,16 +4,16 @@
 a raw parameter (``in_proj_weight`` [3E, E]) that ``F.multi_head_attention_forward`` multiplies
 itself, and its output projection's ``weight`` is read there directly (``out_proj.forward`` is
 never called). :class:`SparseMultiheadAttention` holds the two projections as layers
-(``in_proj`` E -> 3E, ``out_proj`` E -> E; each a :class:`~sparse_lth.modules.SparseLinear` or,
+(``in_proj`` E -> 3E, ``out_proj`` E -> E; each a :class:`~sparse_lth.nn.linear.SparseLinear` or,
 when too dense to pay, an ``nn.Linear``) and computes what ``nn.MultiheadAttention`` computes:
 the products through the layers, attention through ``F.scaled_dot_product_attention`` (or,
 for ``need_weights=True``, the explicit softmax torch uses, returning the same weights).
 Masks, ``is_causal``, batch-first and sequence-first, unbatched inputs and dropout (in training
 mode) follow torch's rules; see :meth:`SparseMultiheadAttention.forward`.
 
-:func:`sparse_lth.modules.sparsify` builds it for an ``nn.MultiheadAttention`` whose projections
+:func:`sparse_lth.nn.convert.sparsify` builds it for an ``nn.MultiheadAttention`` whose projections
 are sparse enough, from a mask naming ``<mha>.in_proj_weight`` and ``<mha>.out_proj.weight``;
-:func:`sparse_lth.modules.densify` gives back the ``nn.MultiheadAttention`` (same weights).
+:func:`sparse_lth.nn.convert.densify` gives back the ``nn.MultiheadAttention`` (same weights).
 ``save_sparse`` writes it under the dense module's names (``in_proj_weight``, ``in_proj_bias``,
 ``out_proj.weight``, ``out_proj.bias``), so the file loads into the dense model.
 
@@ -36,7 +36,7 @@ for that path); ``densify`` turns it back on.
 
 >>> import copy, torch
 >>> from torch import nn
->>> from sparse_lth.modules import sparsify
+>>> from sparse_lth.nn import sparsify
 >>> mha = nn.MultiheadAttention(16, 4, batch_first=True).eval()
 >>> sparse = sparsify(copy.deepcopy(mha), max_density=1.0)  # a bare MHA comes back swapped
 >>> type(sparse).__name__, type(sparse.in_proj).__name__, type(sparse.out_proj).__name__
@@ -106,7 +106,7 @@ class SparseMultiheadAttention(nn.Module):
     (anything with ``in_features``, ``out_features``, ``bias`` and a forward). Both have a bias
     or neither (as ``nn.MultiheadAttention(bias=...)``). ``num_heads``, ``dropout`` and
     ``batch_first`` mean what they mean for ``nn.MultiheadAttention``. Usually built by
-    :func:`sparse_lth.modules.sparsify`; see the module docstring for what it computes.
+    :func:`sparse_lth.nn.convert.sparsify`; see the module docstring for what it computes.
 
     Inference, as SparseLinear: a query, key or value that requires grad while autograd is on
     is a RuntimeError. The attributes torch's transformer layers read (``embed_dim``,
