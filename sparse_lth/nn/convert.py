@@ -43,7 +43,7 @@ from sparse_lth.masks import Mask
 from sparse_lth.nn.attention import SparseMultiheadAttention, keep_out_of_fused_paths
 from sparse_lth.nn.calibrate import calibrate
 from sparse_lth.nn.conv import SparseConv2d
-from sparse_lth.nn.hf_conv1d import SparseConv1D, _is_hf_conv1d
+from sparse_lth.nn.hf_conv1d import SparseConv1D, is_hf_conv1d
 from sparse_lth.nn.linear import SparseLinear
 from sparse_lth.nn.trainable import TrainableSparseLinear
 
@@ -241,7 +241,7 @@ def sparsify(
             targets.append((name, m, "linear"))
         elif trainable:
             continue  # trainable sparse layers exist for nn.Linear alone
-        elif _is_hf_conv1d(m):
+        elif is_hf_conv1d(m):
             targets.append((name, m, "conv1d"))
         elif type(m) is nn.MultiheadAttention and _mha_supported(m):
             targets.append((name, m, "mha"))

@@ -10,13 +10,17 @@ from torch import nn
 from sparse_lth.formats import SparseWeight, _make, sparse_state, to_sparse_weight
 from sparse_lth.nn.linear import SparseLinear
 
-__all__ = ["SparseConv1D"]
+__all__ = ["SparseConv1D", "is_hf_conv1d"]
 
 
-def _is_hf_conv1d(module: nn.Module) -> bool:
+def is_hf_conv1d(module: nn.Module) -> bool:
     """Whether ``module`` is Hugging Face's ``Conv1D`` (``transformers.pytorch_utils``; GPT-1/2's
     projections): recognised by class name, package and weight layout, so that this library
-    never imports transformers."""
+    never imports transformers.
+
+    >>> is_hf_conv1d(nn.Linear(4, 2))
+    False
+    """
     cls = type(module)
     if cls.__name__ != "Conv1D" or not cls.__module__.startswith("transformers."):
         return False
