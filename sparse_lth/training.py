@@ -95,15 +95,55 @@ def make_optimizer(params, settings: TrainSettings) -> optim.Adam | optim.SGD:
     raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {settings.optimizer!r}")
 
 
+#: Evaluation chunks: at most this many examples, and few enough that the widest activation of a
+#: chunk stays near :data:`EVAL_ACTIVATION_BYTES`. An MLP's products want thousands of rows
+#: (LeNet-300-100, 10,000 test images on 2 cores: 34-35 ms in chunks of 2,000-5,000, 42 ms in
+#: chunks of 1,000); a conv net's 5,000-image chunk made maps of 1 GB that ran at half speed
+#: (conv2 11.7 s against 5.0-5.2 s in chunks of 500-1,000; conv6 21.3 s against 12.9-13.3 s).
+EVAL_CHUNK = 5000
+EVAL_ACTIVATION_BYTES = 128 << 20
+
+
+def eval_chunk(model: nn.Module, example: torch.Tensor, cap: int = EVAL_CHUNK) -> int:
+    """How many examples like ``example`` (one, batched: [1, ...]) an evaluation pass of ``model``
+    takes at once: ``cap``, or fewer where one example's widest activation (measured by a forward
+    pass of ``example``) times the chunk would pass :data:`EVAL_ACTIVATION_BYTES`.
+
+    >>> from sparse_lth.models import build_model
+    >>> eval_chunk(build_model("lenet300"), torch.zeros(1, 1, 28, 28))
+    5000
+    >>> eval_chunk(build_model("conv2"), torch.zeros(1, 1, 28, 28))  # 64 maps of 28 x 28: 200 KB
+    668
+    """
+    widest = example[0].numel() * example.element_size()
+
+    def measure(_module, _inputs, output) -> None:
+        nonlocal widest
+        if isinstance(output, torch.Tensor):
+            widest = max(widest, output[0].numel() * output.element_size())
+
+    hooks = [m.register_forward_hook(measure) for m in model.modules() if next(m.children(), None) is None]
+    try:
+        with torch.no_grad():
+            model(example)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return max(1, min(cap, EVAL_ACTIVATION_BYTES // widest))
+
+
 @torch.no_grad()
-def evaluate(model: nn.Module, split: Split, chunk: int = 5000) -> tuple[float, float]:
-    """(mean cross-entropy loss, accuracy) of ``model`` on ``split``.
+def evaluate(model: nn.Module, split: Split, chunk: int | None = None) -> tuple[float, float]:
+    """(mean cross-entropy loss, accuracy) of ``model`` on ``split``, in chunks of ``chunk``
+    examples (default: :func:`eval_chunk`'s).
 
     With several ranks each evaluates its own share of ``split`` and the sums are added up
     across ranks: every rank returns the whole split's figures."""
     was_training = model.training
     model.eval()
     first, stop = distributed.bounds(len(split))
+    if chunk is None:
+        chunk = eval_chunk(model, split.x[first:first + 1]) if stop > first else EVAL_CHUNK
     loss, correct = 0.0, 0
     with onednn_linears(model, rows=min(chunk, stop - first)):  # faster GEMMs on the CPU
         for start in range(first, stop, chunk):

@@ -154,3 +154,25 @@ def test_masks_that_keep_every_weight_are_not_multiplied(digits):
     pairs = masked_weights(model, some)
     assert [p is model.fc1.weight for p, _ in pairs] == [True]
     assert torch.equal(pairs[0][1], pruned["fc1.weight"].float())
+
+
+def test_eval_chunk_bounds_the_widest_activation():
+    # one example's widest activation is 4 MiB (2**20 fp32 features): 128 MiB hold 32 of them
+    wide = torch.nn.Sequential(torch.nn.Linear(4, 1 << 20), torch.nn.ReLU(), torch.nn.Linear(1 << 20, 3))
+    assert training.eval_chunk(wide, torch.zeros(1, 4)) == 32
+    assert training.eval_chunk(torch.nn.Linear(4, 3), torch.zeros(1, 4)) == training.EVAL_CHUNK
+    assert training.eval_chunk(torch.nn.Linear(4, 3), torch.zeros(1, 4), cap=7) == 7
+
+
+def test_evaluate_in_chunks_matches_the_model_on_the_whole_split():
+    torch.manual_seed(0)
+    model = build_model("conv2", seed=0)  # 668 images a chunk (64 maps of 28 x 28)
+    split = load_dataset("digits").test  # 8 x 8 images, padded into 28 x 28 below
+    x = torch.nn.functional.pad(split.x, (10, 10, 10, 10))
+    x, y = torch.cat([x] * 5)[:1500], torch.cat([split.y] * 5)[:1500]  # three chunks, the last one short
+    assert training.eval_chunk(model.eval(), x[:1]) == 668
+    loss, accuracy = training.evaluate(model, type(split)(x, y))
+    with torch.no_grad():
+        logits = model.eval()(x)
+    assert loss == pytest.approx(float(torch.nn.functional.cross_entropy(logits, y)), rel=1e-5)
+    assert accuracy == int((logits.argmax(1) == y).sum()) / len(y)

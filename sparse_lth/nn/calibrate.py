@@ -17,7 +17,7 @@ on its input ``x``): :class:`~sparse_lth.nn.linear.SparseLinear` and its subclas
 >>> from torch import nn
 >>> from sparse_lth import sparsify
 >>> model = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 8))
->>> mask = {"0.weight": torch.rand(32, 64) < 0.1, "2.weight": torch.rand(8, 32) < 0.1}
+>>> mask = {"0.weight": torch.rand(32, 64) < 0.05, "2.weight": torch.rand(8, 32) < 0.05}  # under 10%: swapped
 >>> model = sparsify(model, mask=mask, example_inputs=torch.randn(1, 64))
 >>> model[0].calibration.chosen in model[0].calibration.seconds
 True
