@@ -23,7 +23,7 @@ from sparse_lth import distributed, optim
 from sparse_lth.data import Dataset, Split
 from sparse_lth.masks import Mask
 from sparse_lth.nn import TrainableSparseLinear
-from sparse_lth.onednn_eval import onednn_linears
+from sparse_lth.eval_paths import onednn_linears, sparse_convs
 
 OPTIMIZERS = ("adam", "sgd")
 SPARSE_TRAINING = ("auto", "always", "never")
@@ -145,7 +145,8 @@ def evaluate(model: nn.Module, split: Split, chunk: int | None = None) -> tuple[
     if chunk is None:
         chunk = eval_chunk(model, split.x[first:first + 1]) if stop > first else EVAL_CHUNK
     loss, correct = 0.0, 0
-    with onednn_linears(model, rows=min(chunk, stop - first)):  # faster GEMMs on the CPU
+    # faster GEMMs, and pruned convs on the direct sparse kernel, on the CPU
+    with onednn_linears(model, rows=min(chunk, stop - first)), sparse_convs(model):
         for start in range(first, stop, chunk):
             end = min(start + chunk, stop)
             logits = model(split.x[start:end])

@@ -23,7 +23,7 @@ DOCTESTED = ["sparse_lth.masks", "sparse_lth.pruning", "sparse_lth.nn.linear", "
              "sparse_lth.lottery", "sparse_lth.bench_report", "sparse_lth.run_files", "sparse_lth.run_report",
              "sparse_lth.kernels.cpu", "sparse_lth.kernels.cuda_rule", "sparse_lth.kernels.compiled",
              "sparse_lth.kernels.invariants", "sparse_lth.kernels.reference", "sparse_lth.kernels.cpu_conv",
-             "sparse_lth.kernels.cpu_spmm", "sparse_lth.nn.conv", "sparse_lth.onednn_eval",
+             "sparse_lth.kernels.cpu_spmm", "sparse_lth.nn.conv", "sparse_lth.eval_paths",
              "sparse_lth.optim"]
 
 

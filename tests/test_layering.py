@@ -70,7 +70,7 @@ def test_nn_never_imports_the_layers_above_it(path):
         parts = name.split(".")
         if parts[0] == "sparse_lth" and len(parts) > 1:
             assert parts[1] not in {"training", "lottery", "cli", "user_loop", "checkpoint", "run_files",
-                                    "run_report", "distributed", "onednn_eval", "pruning"}, \
+                                    "run_report", "distributed", "eval_paths", "pruning"}, \
                 f"sparse_lth/nn/{path.name} imports {name}: an arrow against the layering"
 
 

@@ -35,7 +35,7 @@ __all__ = ["TrainableSparseLinear", "linear_with"]
 
 #: Without autograd (evaluation), an input of at least this many rows through a layer at least
 #: EVAL_DENSE_MIN_DENSITY dense multiplies a dense copy of the weight, made once per change of
-#: the values (the search's evaluation passes run that copy through oneDNN: ``onednn_eval``).
+#: the values (the search's evaluation passes run that copy through oneDNN: ``eval_paths``).
 #: Measured on 2 CPU cores, fp32, 5000 rows, the numba product (tile-major panels) against a
 #: oneDNN linear on the copy: 4096 x 4096 at 10 / 20 / 30 / 40 % 271 / 513 / 754 / 951 ms
 #: against 833-848 ms (MKL 880-890 ms); 4096 x 784 61 / 94 / 127 / 162 ms against 194-196 ms.
