@@ -115,7 +115,7 @@ SPARSE_CONV_DENSITY = 0.1
 def _sparse_stand_in(module: nn.Module, max_density: float) -> SparseConv2d | None:
     """A sparse twin of a plain fp32 CPU ``nn.Conv2d`` sparse enough (groups 1, zeros padding,
     more than one input channel: a first layer's few products gain nothing), else None."""
-    if type(module) is not nn.Conv2d or module.groups != 1 or module.padding_mode != "zeros":
+    if not SparseConv2d.replaces(module):
         return None
     weight = module.weight
     if module.in_channels < 2 or weight.dtype != torch.float32 or weight.device.type != "cpu":

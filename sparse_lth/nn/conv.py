@@ -115,6 +115,18 @@ class SparseConv2d(nn.Module):
         self.calibration: str | None = None  # what a calibration measured, shown by repr
         self.register_load_state_dict_post_hook(_recheck_after_load)
 
+    @staticmethod
+    def replaces(module: nn.Module) -> bool:
+        """Whether ``module`` is a conv this layer stands in for (what ``sparsify`` swaps and the
+        search's evaluation runs sparse): exactly ``nn.Conv2d``, ``groups=1``, zeros padding.
+        Subclasses may read their weight outside forward; grouped convs have no sparse kernel.
+
+        >>> from torch import nn
+        >>> SparseConv2d.replaces(nn.Conv2d(4, 4, 3)), SparseConv2d.replaces(nn.Conv2d(4, 4, 3, groups=4))
+        (True, False)
+        """
+        return type(module) is nn.Conv2d and module.groups == 1 and module.padding_mode == "zeros"
+
     @classmethod
     def from_conv(cls, conv: nn.Conv2d, mask: torch.Tensor | None = None, backend: str = "auto") -> SparseConv2d:
         """A SparseConv2d holding ``conv``'s weight where ``mask`` (bool, the weight's shape) is

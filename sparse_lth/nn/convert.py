@@ -245,7 +245,7 @@ def sparsify(
             targets.append((name, m, "conv1d"))
         elif type(m) is nn.MultiheadAttention and _mha_supported(m):
             targets.append((name, m, "mha"))
-        elif type(m) is nn.Conv2d and m.groups == 1 and m.padding_mode == "zeros":
+        elif SparseConv2d.replaces(m):
             targets.append((name, m, "conv2d"))
     for name, m, kind in targets:
         weights = (m.in_proj_weight, m.out_proj.weight) if kind == "mha" else (m.weight,)
