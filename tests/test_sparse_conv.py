@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import copy
 import random
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -41,6 +43,9 @@ GEOMETRIES = [
     (2, 64, 32, 33, 33, 3, 2, 1, 1),         # 256 phase planes: short tiles, many of them
     (4, 64, 16, 24, 24, 3, 1, 1, 1),         # a long batch run: several tiles
     (1, 1, 1, 6, 6, 3, 1, 1, 1),             # one channel
+    (1, 16, 8, 9, 10, 1, 1, 0, 1),           # 1x1 read in place (one image): a short last block
+    (1, 96, 24, 30, 31, 1, 1, 0, 1),         # ... two tiles, the short block inside the last
+    (1, 1100, 4, 10, 10, 1, 1, 0, 1),        # ... one-block tiles: the short block reaches back a tile
 ]
 DENSITIES = [0.0, 0.05, 0.5, 1.0]
 
@@ -236,6 +241,83 @@ def test_deepcopy_to_and_in_place_edits():
         wide = layer.to(torch.float64)
         assert wide.values.dtype == torch.float64 and wide.crow_indices.dtype == torch.int32
         _assert_close(wide(x.double()), _reference(conv, mask, x), torch.float64)
+
+
+def test_prepared_launch_follows_the_layer():
+    """The CPU launch is prepared once per input signature: a second call, a new bias tensor, an
+    in-place edit of the values, another input size and another thread count all still give what
+    F.conv2d gives on the weight as it is then."""
+    conv, mask, x = _case((1, 6, 5, 9, 9, 3, 1, 1, 1), 0.3, torch.float32, True)
+    layer = SparseConv2d.from_conv(conv, mask=mask, backend="sparse")
+    threads = torch.get_num_threads()
+    try:
+        with torch.no_grad():
+            for _ in range(2):
+                _assert_close(layer(x), _reference(conv, mask, x), torch.float32)
+            layer.bias = torch.randn(5)
+            conv.bias.copy_(layer.bias)
+            _assert_close(layer(x), _reference(conv, mask, x), torch.float32)
+            layer.values.mul_(-3)
+            conv.weight.mul_(-3)
+            _assert_close(layer(x), _reference(conv, mask, x), torch.float32)
+            bigger = torch.randn(3, 6, 12, 7)
+            _assert_close(layer(bigger), _reference(conv, mask, bigger), torch.float32)
+            torch.set_num_threads(1)
+            _assert_close(layer(x), _reference(conv, mask, x), torch.float32)
+            layer.bias = None
+            conv.bias = None
+            _assert_close(layer(x), _reference(conv, mask, x), torch.float32)
+    finally:
+        torch.set_num_threads(threads)
+    kept = [k for k in layer._cache() if isinstance(k, tuple) and k[0] == "cpu"]
+    # one launch per input signature since the edit: two shapes, and the first at two thread counts
+    assert len(kept) == (3 if threads != 1 else 2)
+
+
+@pytest.mark.parametrize("geometry,in_place", [
+    ((1, 16, 8, 9, 10, 1, 1, 0, 1), True),   # 90 pixels: one block and a short one
+    ((1, 16, 8, 7, 7, 1, 1, 0, 1), False),   # 49 pixels: less than one block, packed with a zero tail
+    ((2, 16, 8, 9, 10, 1, 1, 0, 1), False),  # two images: planes are [in, images, pixels], packed
+    ((1, 16, 8, 9, 10, 1, 2, 0, 1), False),  # strided: phases, packed
+    ((1, 16, 8, 9, 10, 1, 1, 1, 1), False),  # padded: packed
+])
+def test_1x1_reads_its_input_in_place_only_where_the_layout_matches(geometry, in_place):
+    conv, mask, x = _case(geometry, 0.5, torch.float32, True)
+    layer = SparseConv2d.from_conv(conv, mask=mask, backend="sparse")
+    with torch.no_grad():
+        _assert_close(layer(x), _reference(conv, mask, x), torch.float32)
+    launches = [v for k, v in layer._cache().items() if isinstance(k, tuple) and k[0] == "cpu"]
+    assert [launch.in_place for launch in launches] == [in_place]
+
+
+_GUARDED_READ = """
+import ctypes, mmap, sys
+import numpy as np, torch, torch.nn.functional as F
+from sparse_lth.kernels.cpu_conv import cpu_sparse_conv2d
+c, h, w = 24, 9, 10  # 90 pixels: the last block is short, the kernel reads x in place
+page = mmap.PAGESIZE
+buf = mmap.mmap(-1, 2 * page + c * h * w * 4)
+end = (len(buf) // page) * page - page  # the last whole page: no access
+libc = ctypes.CDLL(None)
+libc.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+base = ctypes.addressof(ctypes.c_char.from_buffer(buf))
+assert libc.mprotect(base + end, page, 0) == 0  # PROT_NONE: a read there is a segfault
+x = torch.from_numpy(np.frombuffer(buf, np.float32, c * h * w, end - c * h * w * 4).reshape(1, c, h, w))
+x.copy_(torch.randn(1, c, h, w))
+w4 = torch.randn(8, c, 1, 1) * (torch.rand(8, c, 1, 1) < 0.5)
+W = w4.reshape(8, -1).to_sparse_csr()
+y = cpu_sparse_conv2d(x, W.crow_indices(), W.col_indices(), W.values(), kernel_size=1)
+torch.testing.assert_close(y, F.conv2d(x, w4), rtol=1e-5, atol=1e-5)
+print("ok")
+"""
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="the guard page is made with Linux's mprotect")
+def test_in_place_1x1_never_reads_past_the_input():
+    """x placed right before a page that may not be read: a kernel reading past its input's end
+    (the short last block) dies with a segfault instead of reading a neighbour's memory."""
+    run = subprocess.run([sys.executable, "-c", _GUARDED_READ], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0 and run.stdout.strip() == "ok", (run.returncode, run.stderr[-2000:])
 
 
 def test_repr_shows_geometry_density_and_backend():

@@ -158,11 +158,13 @@ class SparseConv2d(nn.Module):
     def _cache(self) -> dict:
         """Per-weight derived data (the kernel's taps, a dense copy), kept while the buffers are
         the same tensors, unchanged in place; ``.to()``, ``load_state_dict`` and ``deepcopy`` drop it."""
-        parts = (self.crow_indices, self.col_indices, self.values)
-        versions = tuple(t._version for t in parts)
+        buffers = self._buffers  # read directly: nn.Module.__getattr__ costs ~0.5 us a name, per call
+        crow, col, values = buffers["crow_indices"], buffers["col_indices"], buffers["values"]
+        versions = (crow._version, col._version, values._version)
         cached = self.__dict__.get("_derived")
-        if cached is None or cached[1] != versions or any(a is not b for a, b in zip(cached[0], parts)):
-            cached = self.__dict__["_derived"] = (parts, versions, {})
+        if cached is None or cached[1] != versions or cached[0][0] is not crow or cached[0][1] is not col \
+                or cached[0][2] is not values:
+            cached = self.__dict__["_derived"] = ((crow, col, values), versions, {})
         return cached[2]
 
     def _apply(self, fn, recurse=True):
@@ -226,7 +228,7 @@ class SparseConv2d(nn.Module):
         return conv
 
     # -- use ------------------------------------------------------------------------------------
-    def _check_input(self, x: torch.Tensor) -> None:
+    def _check_input(self, x: torch.Tensor, cache: dict) -> None:
         if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[1] != self.in_channels:
             got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
             raise ValueError(f"SparseConv2d expects input [N, {self.in_channels}, H, W] (or "
@@ -236,7 +238,7 @@ class SparseConv2d(nn.Module):
                              f"convert one of them (layer.to({x.dtype}) or x.to({self.values.dtype}))")
         if x.device != self.values.device:
             raise ValueError(f"SparseConv2d: input on {x.device}, layer on {self.values.device}; move one of them")
-        checked = self._cache().setdefault("checked_sizes", set())
+        checked = cache.setdefault("checked_sizes", set())
         if x.shape[-2:] not in checked:  # an input smaller than the kernel: a clear ValueError
             _kernels().conv2d_geometry(tuple(x.shape[-2:]), self.kernel_size, self.stride, self.padding, self.dilation,
                             name="SparseConv2d")
@@ -267,8 +269,8 @@ class SparseConv2d(nn.Module):
             y = ops.conv2d(x, self.crow_indices, self.col_indices, self.values, self.bias, list(self.kernel_size),
                            list(self.stride), padding, same, list(self.dilation), self.backend)
             return y.squeeze(0) if unbatched else y
-        self._check_input(x)
         cache = self._cache()
+        self._check_input(x, cache)
         if self.backend == "dense" or (self.backend == "auto" and x.device.type != "cpu"):
             if "dense" not in cache:
                 cache["dense"] = self.dense_weight()
@@ -279,13 +281,25 @@ class SparseConv2d(nn.Module):
             if x.device.type != "cpu":
                 raise ValueError(f"SparseConv2d: backend 'sparse' runs on the CPU and CUDA, got input on {x.device}; "
                                  "use backend='dense' or 'auto' there")
+            y = self._cpu(x, cache)
+        return y.squeeze(0) if unbatched else y
+
+    def _cpu(self, x: torch.Tensor, cache: dict) -> torch.Tensor:
+        """The direct sparse kernel, its launch prepared once per input signature (shape, dtype,
+        threads): at batch 1 the entry's checks and plans cost as much as a 98%-sparse kernel."""
+        key = ("cpu", x.shape, x.dtype, torch.get_num_threads())
+        launch = cache.get(key)
+        if launch is None:
+            for old in [k for k in cache if isinstance(k, tuple) and k[0] == "cpu"][:-_KEPT_LAUNCHES + 1]:
+                del cache[old]  # a few input signatures kept
             taps = cache.get("taps")
             if taps is None:
-                taps = cache["taps"] = _kernels().conv2d_taps(self.col_indices, self.kernel_size, self.stride, self.dilation)
-            y = _kernels().cpu_sparse_conv2d(x, self.crow_indices, self.col_indices, self.values, self.bias,
-                                  kernel_size=self.kernel_size, stride=self.stride, padding=self.padding,
-                                  dilation=self.dilation, taps=taps, cache=cache, check_invariants=False)
-        return y.squeeze(0) if unbatched else y
+                taps = cache["taps"] = _kernels().conv2d_taps(self.col_indices, self.kernel_size, self.stride,
+                                                              self.dilation)
+            launch = cache[key] = _kernels().prepare_cpu_sparse_conv2d(
+                x, self.crow_indices, self.col_indices, self.values, kernel_size=self.kernel_size, stride=self.stride,
+                padding=self.padding, dilation=self.dilation, taps=taps, cache=cache)
+        return launch(x, self.values, self.bias)
 
     def _triton(self, x: torch.Tensor, cache: dict) -> torch.Tensor:
         """The block-sparse Triton conv (:mod:`sparse_lth.kernels.conv`) over a BSR copy of the
