@@ -384,6 +384,34 @@ def test_a_sparse_conv_model_compiles_whole_and_exports_with_the_custom_op(backe
         torch.testing.assert_close(program.module()(x), expected, rtol=1e-5, atol=1e-5)
 
 
+def test_the_conv_op_keeps_its_launch_with_the_weight_and_follows_edits():
+    """``sparse_lth::conv2d`` (what a compiled graph calls) keeps one prepared launch per weight,
+    geometry and input signature, and plans again when the values change in place or other
+    buffers come in."""
+    from sparse_lth.nn import ops
+
+    conv, mask, x = _case((1, 6, 5, 9, 9, 3, 1, 1, 1), 0.3, torch.float32, True)
+    layer = SparseConv2d.from_conv(conv, mask=mask, backend="sparse")
+    crow, col, values = layer.crow_indices, layer.col_indices, layer.values
+
+    def op(padding, input_=x):
+        return torch.ops.sparse_lth.conv2d(input_, crow, col, values, layer.bias, [3, 3], [1, 1], padding, False,
+                                           [1, 1])
+
+    with torch.no_grad():
+        _assert_close(op([1, 1]), _reference(conv, mask, x), torch.float32)
+        cache = ops._CONV_CACHES[col][3]
+        _assert_close(op([1, 1]), _reference(conv, mask, x), torch.float32)
+        assert ops._CONV_CACHES[col][3] is cache and len(cache) == 1  # the same launch, no new plan
+        unpadded = F.conv2d(x, conv.weight * mask, conv.bias)
+        _assert_close(op([0, 0]), unpadded.double(), torch.float32)
+        assert len(cache) == 2  # one per geometry
+        values.mul_(-2)
+        conv.weight.mul_(-2)
+        _assert_close(op([1, 1]), _reference(conv, mask, x), torch.float32)
+        assert ops._CONV_CACHES[col][3] is not cache  # planned again after the edit
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (the Triton block-sparse conv)")
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
 @pytest.mark.parametrize("padding", [1, "same", 0])
