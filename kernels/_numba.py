@@ -49,14 +49,27 @@ def njit_cached(**options):
     return decorate
 
 
-@intrinsic
-def register_block(typingctx, dtype):
-    """A ``BLOCK``-element array on the stack (a pointer; wrap it with ``numba.carray``). Read and
-    written only at constant indices in fully unrolled loops, LLVM keeps it in vector registers:
-    the register blocking of Park et al. (4 zmm of fp32 outputs held across a row's weights)."""
-    def codegen(context, builder, signature, args):
-        return cgutils.alloca_once(builder, context.get_value_type(dtype.dtype), size=BLOCK)
-    return types.CPointer(dtype.dtype)(dtype), codegen
+#: A wider register block (8 zmm of fp32) for the direct conv's long runs: per stored weight one
+#: broadcast and loop step serve twice the outputs (where it pays: ``cpu_conv._WIDE_SPAN``).
+WIDE_BLOCK = 128
+
+
+def _stack_block(size: int):
+    """An intrinsic giving a ``size``-element array on the stack of the caller's dtype."""
+    @intrinsic
+    def block(typingctx, dtype):
+        def codegen(context, builder, signature, args):
+            return cgutils.alloca_once(builder, context.get_value_type(dtype.dtype), size=size)
+        return types.CPointer(dtype.dtype)(dtype), codegen
+    return block
+
+
+#: ``register_block(dtype)``: a ``BLOCK``-element array on the stack (a pointer; wrap it with
+#: ``numba.carray``). Read and written only at constant indices in fully unrolled loops, LLVM
+#: keeps it in vector registers: the register blocking of Park et al. (4 zmm of fp32 outputs
+#: held across a row's weights). ``register_block_wide``: the same with ``WIDE_BLOCK`` elements.
+register_block = _stack_block(BLOCK)
+register_block_wide = _stack_block(WIDE_BLOCK)
 
 
 #: Stored entries ahead whose dense row :func:`prefetch` asks for. Measured on the 2-core VM of

@@ -46,6 +46,8 @@ GEOMETRIES = [
     (1, 16, 8, 9, 10, 1, 1, 0, 1),           # 1x1 read in place (one image): a short last block
     (1, 96, 24, 30, 31, 1, 1, 0, 1),         # ... two tiles, the short block inside the last
     (1, 1100, 4, 10, 10, 1, 1, 0, 1),        # ... one-block tiles: the short block reaches back a tile
+    (16, 8, 8, 7, 7, 3, 1, 1, 1),            # wide blocks over a batch-innermost run (976 positions)
+    (4, 16, 8, 30, 30, 3, 2, 1, 1),          # wide blocks over stride-2 phases
 ]
 DENSITIES = [0.0, 0.05, 0.5, 1.0]
 
@@ -276,6 +278,7 @@ def test_prepared_launch_follows_the_layer():
 
 @pytest.mark.parametrize("geometry,in_place", [
     ((1, 16, 8, 9, 10, 1, 1, 0, 1), True),   # 90 pixels: one block and a short one
+    ((1, 16, 8, 33, 33, 1, 1, 0, 1), True),  # 1,089 pixels: wide blocks, a short one at the end
     ((1, 16, 8, 7, 7, 1, 1, 0, 1), False),   # 49 pixels: less than one block, packed with a zero tail
     ((2, 16, 8, 9, 10, 1, 1, 0, 1), False),  # two images: planes are [in, images, pixels], packed
     ((1, 16, 8, 9, 10, 1, 2, 0, 1), False),  # strided: phases, packed
@@ -288,13 +291,14 @@ def test_1x1_reads_its_input_in_place_only_where_the_layout_matches(geometry, in
         _assert_close(layer(x), _reference(conv, mask, x), torch.float32)
     launches = [v for k, v in layer._cache().items() if isinstance(k, tuple) and k[0] == "cpu"]
     assert [launch.in_place for launch in launches] == [in_place]
+    assert launches[0].wide == (x.shape[0] * x.shape[2] * x.shape[3] >= 900)  # 128-position blocks on long runs
 
 
 _GUARDED_READ = """
 import ctypes, mmap, sys
 import numpy as np, torch, torch.nn.functional as F
 from sparse_lth.kernels.cpu_conv import cpu_sparse_conv2d
-c, h, w = 24, 9, 10  # 90 pixels: the last block is short, the kernel reads x in place
+c, h, w = (int(v) for v in sys.argv[1:4])  # the kernel reads x in place; its last block is short
 page = mmap.PAGESIZE
 buf = mmap.mmap(-1, 2 * page + c * h * w * 4)
 end = (len(buf) // page) * page - page  # the last whole page: no access
@@ -313,10 +317,13 @@ print("ok")
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="the guard page is made with Linux's mprotect")
-def test_in_place_1x1_never_reads_past_the_input():
+@pytest.mark.parametrize("c,h,w", [(24, 9, 10), (12, 33, 33)], ids=["64-blocks", "wide-blocks"])
+def test_in_place_1x1_never_reads_past_the_input(c, h, w):
     """x placed right before a page that may not be read: a kernel reading past its input's end
-    (the short last block) dies with a segfault instead of reading a neighbour's memory."""
-    run = subprocess.run([sys.executable, "-c", _GUARDED_READ], capture_output=True, text=True, timeout=300)
+    (the short last block: 90 pixels in 64-blocks, 1,089 in 128-blocks) dies with a segfault
+    instead of reading a neighbour's memory."""
+    run = subprocess.run([sys.executable, "-c", _GUARDED_READ, str(c), str(h), str(w)], capture_output=True, text=True,
+                         timeout=300)
     assert run.returncode == 0 and run.stdout.strip() == "ok", (run.returncode, run.stderr[-2000:])
 
 
