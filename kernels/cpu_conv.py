@@ -23,10 +23,11 @@ How it runs (Park et al., ICLR 2017, "Faster CNNs with direct sparse convolution
   short last block starts a whole block back from its end instead of reading past it).
 - Register blocking: 64 consecutive outputs (4 zmm of fp32; 128 in 8 zmm on runs of 900
   positions or more) stay in registers while the loop runs over all of one output channel's
-  stored weights; per weight that is 4 (8) vector loads and multiply-adds, no accumulator traffic. (Blocking across output channels, as dense direct
-  conv does, has little to reuse here: with unstructured sparsity two output channels rarely
-  share an input tap.) Blocks are grouped in tiles whose input slab (all channels) stays in
-  L2, and ``prange`` spreads (tile, output-channel group) items over the threads.
+  stored weights; per weight that is 4 (8) vector loads and multiply-adds, no accumulator
+  traffic. (Blocking across output channels, as dense direct conv does, has little to reuse
+  here: with unstructured sparsity two output channels rarely share an input tap.) Blocks are
+  grouped in tiles whose input slab (all channels) stays in L2, and ``prange`` spreads (tile,
+  output-channel group) items over the threads.
 - Loops index with unsigned integers: numba's negative-index wraparound on signed indices
   defeats vectorization (measured: 1 vs 17 GFMA/s on one core).
 
@@ -328,7 +329,7 @@ def cpu_sparse_conv2d(x: torch.Tensor, crow_indices: torch.Tensor, col_indices: 
                          f"{values.dtype}")
     out_channels = crow_indices.numel() - 1
     if check_invariants:
-        (kh, kw) = _pair(kernel_size, "kernel_size")
+        kh, kw = _pair(kernel_size, "kernel_size")
         if values.dim() != 1:
             raise ValueError(f"cpu_sparse_conv2d: values must be 1-D, got shape {tuple(values.shape)}")
         with warnings.catch_warnings():  # torch's "CSR is beta" notice says nothing to our users
