@@ -9,7 +9,7 @@ density. The three models of a point are timed interleaved in alternating bursts
 that met the same load. Issue 13's goals are for one conv alone (3x3: 2 / 4 / 6x at 90 / 95 /
 98% sparsity; 1x1: 1.5x at 90%); here the batch norms and ReLUs stay dense and are timed too.
 
-    python bench/conv_in_model.py [--threads 2] > in_model.md
+    python bench/conv_in_model.py [--threads 2] [--smoke] > in_model.md
 """
 
 from __future__ import annotations
@@ -30,6 +30,8 @@ BATCHES = (1, 16)
 DENSITIES = (0.1, 0.05, 0.02)
 #: A second per point for the three models together, in up to 9 bursts each.
 TIMING = replace(SIZE_CONFIGS["default"], interleaved_s=1.0, bursts=9)
+#: ``--smoke``: tiny stages, one density, a few bursts (the script runs end to end in seconds).
+SMOKE = ([(3, 8, 6), (1, 8, 6)], (1, 2), (0.1,), replace(SIZE_CONFIGS["default"], interleaved_s=0.05, bursts=3))
 
 
 def stage(kernel: int, channels: int) -> nn.Module:
@@ -47,7 +49,9 @@ def stage(kernel: int, channels: int) -> nn.Module:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--smoke", action="store_true", help="tiny shapes, a few bursts: checks the script runs")
     args = parser.parse_args()
+    stages, batches, densities, timing = SMOKE if args.smoke else (STAGES, BATCHES, DENSITIES, TIMING)
     torch.set_num_threads(args.threads)
     warm_up()
     g = torch.Generator().manual_seed(0)
@@ -55,15 +59,15 @@ def main() -> None:
           "interleaved bursts); speed-up over dense\n")
     print("| stage | batch | sparsity | dense | sparse | calibrated | sparse x | calibrated x | calibrated choice |")
     print("|---|---|---|---|---|---|---|---|---|")
-    for kernel, channels, pixels in STAGES:
+    for kernel, channels, pixels in stages:
         torch.manual_seed(0)
         dense = stage(kernel, channels)
-        for density in DENSITIES:
+        for density in densities:
             mask = {name: torch.rand(p.shape, generator=g) < density
                     for name, p in dense.named_parameters() if name.endswith("weight") and p.dim() == 4}
             for name, m in mask.items():  # the dense model computes with the same masked weights
                 dense.get_parameter(name).data.mul_(m)
-            for batch in BATCHES:
+            for batch in batches:
                 x = torch.randn(batch, channels, pixels, pixels, generator=g)
                 sparse = sparsify(copy.deepcopy(dense), mask=mask, max_density=1.0)  # convs: the direct kernel on the CPU
                 calibrated = sparsify(copy.deepcopy(dense), mask=mask, max_density=1.0, example_inputs=x)
@@ -73,8 +77,8 @@ def main() -> None:
                     for name in ("sparse", "calibrated"):
                         torch.testing.assert_close(fns[name](x), ref, rtol=1e-4, atol=1e-4)
                     calls = {name: (lambda model=model: model(x)) for name, model in fns.items()}
-                    once = {name: warm_time(fn, "cpu", TIMING) for name, fn in calls.items()}
-                    bursts, per_burst = burst_plan(once, TIMING)
+                    once = {name: warm_time(fn, "cpu", timing) for name, fn in calls.items()}
+                    bursts, per_burst = burst_plan(once, timing)
                     ms = {name: 1e3 * s for name, s in interleaved(calls, "cpu", bursts, per_burst).seconds.items()}
                 choice = ", ".join(sorted({m.backend for m in calibrated.modules() if hasattr(m, "calibration")
                                            and m.calibration is not None})) or "-"

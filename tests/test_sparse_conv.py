@@ -7,6 +7,7 @@ import copy
 import random
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -481,3 +482,18 @@ def test_pack_lays_out_the_padded_phases_as_documented(n, c, h, w, pad_top, pad_
     cpu_conv._pack(x, packed, pad_top, pad_left, sh, sw, hph, wph, inner)
     assert np.array_equal(packed[:expected.size], expected.reshape(-1))
     assert not packed[expected.size:].any()
+
+
+def test_the_in_model_benchmark_script_runs():
+    """bench/conv_in_model.py --smoke end to end: it checks each sparsified model against the dense
+    one before timing, and prints one row per stage, batch and density."""
+    script = Path(__file__).resolve().parents[1] / "bench" / "conv_in_model.py"
+    run = subprocess.run([sys.executable, str(script), "--smoke", "--threads", "1"], capture_output=True, text=True,
+                         timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    rows = [line.split("|")[1:-1] for line in run.stdout.splitlines()
+            if line.startswith("| ") and not line.startswith("| stage")]
+    assert len(rows) == 4, run.stdout  # two stages x two batches x one density
+    for row in rows:
+        dense, sparse, calibrated = (float(cell) for cell in row[3:6])
+        assert min(dense, sparse, calibrated) > 0 and set(row[8].strip().split(", ")) <= {"sparse", "dense"}
