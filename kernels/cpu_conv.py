@@ -21,6 +21,8 @@ How it runs (Park et al., ICLR 2017, "Faster CNNs with direct sparse convolution
   X [in, pixels] (Elsen et al., CVPR 2020), nothing dropped. For one image of at least one
   register block of pixels that is x's own layout, so the kernel reads x in place (no pack; its
   short last block starts a whole block back from its end instead of reading past it).
+- A strided 1x1 conv without padding reads only ``x[:, :, ::sh, ::sw]``: it runs as a stride-1
+  conv on that.
 - Register blocking: 64 consecutive outputs (4 zmm of fp32; 128 in 8 zmm on runs of 900
   positions or more) stay in registers while the loop runs over all of one output channel's
   stored weights; per weight that is 4 (8) vector loads and multiply-adds, no accumulator
@@ -382,8 +384,17 @@ def prepare_cpu_sparse_conv2d(x: torch.Tensor, crow_indices: torch.Tensor, col_i
     crow = cache.get("crow")
     if crow is None:  # int64 always: one compiled signature for int32 and int64 indices
         crow = cache["crow"] = crow_indices.detach().to(torch.int64).numpy()
-    return CpuConvLaunch(tuple(x.shape), x.dtype, crow, taps, pads[0], pads[2], (sh, sw), (out_h, out_w),
-                         (dy_max, dx_max), _threads())
+    shape, subsample = tuple(x.shape), None
+    if _pair(kernel_size, "kernel_size") == (1, 1) and (sh, sw) != (1, 1) and pads == (0, 0, 0, 0):
+        # A strided 1x1 conv reads x[:, :, ::sh, ::sw] and nothing else: the launch takes that
+        # (a copy of 1 / (sh * sw) of x) and runs it at stride 1 (in place for one image),
+        # rather than packing all sh * sw phases to read one. ResNet's stride-2 projections at
+        # 90-95%: 1.23-1.56x faster, 1.8-2.9x dense against 1.35-1.92x.
+        shape, subsample = (n, c, out_h, out_w), (sh, sw)
+        taps = np.concatenate([taps[:, :1] // (sh * sw), taps[:, 1:]], axis=1)  # every tap in phase 0
+        sh = sw = 1
+    return CpuConvLaunch(shape, x.dtype, crow, taps, pads[0], pads[2], (sh, sw), (out_h, out_w),
+                         (dy_max, dx_max), _threads(), subsample)
 
 
 class CpuConvLaunch:
@@ -392,10 +403,11 @@ class CpuConvLaunch:
 
     def __init__(self, shape: tuple[int, int, int, int], dtype: torch.dtype, crow: np.ndarray, taps: np.ndarray,
                  pad_top: int, pad_left: int, stride: tuple[int, int], out_hw: tuple[int, int],
-                 shift_max: tuple[int, int], threads: int) -> None:
+                 shift_max: tuple[int, int], threads: int, subsample: tuple[int, int] | None = None) -> None:
         n, c, _, _ = shape
         (sh, sw), (out_h, out_w), (dy_max, dx_max) = stride, out_hw, shift_max
         self.shape, self.dtype, self.threads = shape, dtype, threads
+        self.subsample = subsample  # (sh, sw): the input is x[:, :, ::sh, ::sw], the plan for that
         self.work_dtype = dtype if dtype in _NATIVE else torch.float32  # other floats: computed in fp32, cast back
         self.native = _NATIVE[self.work_dtype]
         self.out_channels = crow.shape[0] - 1
@@ -440,6 +452,8 @@ class CpuConvLaunch:
         out_h, out_w = self.out_hw
         if self.empty:
             return torch.empty((n, self.out_channels, out_h, out_w), dtype=self.dtype)
+        if self.subsample is not None:
+            x = x[:, :, ::self.subsample[0], ::self.subsample[1]]
         xs, vals = _as_work(x, self.work_dtype), _as_work(values, self.work_dtype)
         b = self.zero_bias if bias is None else _as_work(bias, self.work_dtype)
         out = np.empty(self.out_shape, dtype=self.native)

@@ -282,7 +282,9 @@ def test_prepared_launch_follows_the_layer():
     ((1, 16, 8, 33, 33, 1, 1, 0, 1), True),  # 1,089 pixels: wide blocks, a short one at the end
     ((1, 16, 8, 7, 7, 1, 1, 0, 1), False),   # 49 pixels: less than one block, packed with a zero tail
     ((2, 16, 8, 9, 10, 1, 1, 0, 1), False),  # two images: planes are [in, images, pixels], packed
-    ((1, 16, 8, 9, 10, 1, 2, 0, 1), False),  # strided: phases, packed
+    ((1, 16, 8, 9, 10, 1, 2, 0, 1), False),  # strided: x[..., ::2, ::2] is 5x5, less than a block: packed
+    ((1, 16, 8, 20, 21, 1, 2, 0, 1), True),  # strided: x[..., ::2, ::2] is 10x11, read in place
+    ((1, 16, 8, 20, 21, 1, (3, 2), 0, 1), True),  # ... 7x11
     ((1, 16, 8, 9, 10, 1, 1, 1, 1), False),  # padded: packed
 ])
 def test_1x1_reads_its_input_in_place_only_where_the_layout_matches(geometry, in_place):
@@ -292,7 +294,10 @@ def test_1x1_reads_its_input_in_place_only_where_the_layout_matches(geometry, in
         _assert_close(layer(x), _reference(conv, mask, x), torch.float32)
     launches = [v for k, v in layer._cache().items() if isinstance(k, tuple) and k[0] == "cpu"]
     assert [launch.in_place for launch in launches] == [in_place]
-    assert launches[0].wide == (x.shape[0] * x.shape[2] * x.shape[3] >= 900)  # 128-position blocks on long runs
+    stride = conv.stride
+    assert launches[0].subsample == (stride if stride != (1, 1) and conv.padding == (0, 0) else None)
+    positions = x.shape[0] * -(-x.shape[2] // stride[0]) * -(-x.shape[3] // stride[1])
+    assert launches[0].wide == (positions >= 900)  # 128-position blocks on long runs
 
 
 _GUARDED_READ = """
