@@ -498,7 +498,7 @@ def test_the_in_model_benchmark_script_runs():
     assert run.returncode == 0, run.stderr[-3000:]
     rows = [line.split("|")[1:-1] for line in run.stdout.splitlines()
             if line.startswith("| ") and not line.startswith("| stage")]
-    assert len(rows) == 4, run.stdout  # two stages x two batches x one density
+    assert len(rows) == 6, run.stdout  # two stages and a ResNet x two batches x one density
     for row in rows:
         dense, sparse, calibrated = (float(cell) for cell in row[3:6])
         assert min(dense, sparse, calibrated) > 0 and set(row[8].strip().split(", ")) <= {"sparse", "dense"}
