@@ -361,8 +361,10 @@ def prepare_cpu_sparse_conv2d(x: torch.Tensor, crow_indices: torch.Tensor, col_i
     weight reads. The returned launch, called as ``launch(x, values, bias)``, checks nothing (a
     caller that keys it on the input's shape and dtype, as :class:`sparse_lth.nn.SparseConv2d`
     does, checked once): at batch 1 the checks and plans cost as much as a 98%-sparse kernel.
-    ``values`` keeps the pattern the launch was prepared for (its entries may change).
-    ``cache``: as for :func:`cpu_sparse_conv2d` (the taps' largest shifts kept there).
+    ``values`` keeps the pattern the launch was prepared for (its entries may change). A strided
+    1x1 conv without padding is planned as a stride-1 conv on ``x[:, :, ::sh, ::sw]``, which the
+    launch takes from ``x`` itself (``launch.subsample``). ``cache``: as for
+    :func:`cpu_sparse_conv2d` (the taps' largest shifts kept there).
 
     >>> import torch, torch.nn.functional as F
     >>> w = torch.randn(4, 3, 3, 3) * (torch.rand(4, 3, 3, 3) < 0.3)
