@@ -42,6 +42,11 @@ def njit_cached(**options):
     where it finds none: a parallel kernel takes seconds to compile, once per process otherwise
     (a LeNet round that trains one layer sparse would spend more on compiling than it saves)."""
     def decorate(fn):
+        if not fn.__module__.startswith("sparse_lth."):
+            # Imported under another name (``pytest --doctest-modules kernels/x.py`` imports
+            # ``kernels.x``): the cache files are shared by path, and an entry compiled here would
+            # name a module the package cannot import when it loads the entry.
+            return numba.njit(cache=False, **options)(fn)
         try:
             return numba.njit(cache=True, **options)(fn)
         except RuntimeError:  # "cannot cache function ...: no locator available"

@@ -502,3 +502,19 @@ def test_the_in_model_benchmark_script_runs():
     for row in rows:
         dense, sparse, calibrated = (float(cell) for cell in row[3:6])
         assert min(dense, sparse, calibrated) > 0 and set(row[8].strip().split(", ")) <= {"sparse", "dense"}
+
+
+def test_a_stray_import_of_the_kernels_leaves_the_packages_compile_cache_usable(tmp_path):
+    """``pytest --doctest-modules kernels/cpu_conv.py`` imports the file as ``kernels.cpu_conv``;
+    numba's disk cache is shared by path, so an entry compiled there would name a module the
+    package cannot import when it next loads the entry (ModuleNotFoundError: 'kernels'). Such
+    imports compile without the disk cache; the package's own import still works after one."""
+    root = Path(__file__).resolve().parents[1]
+    stray = (f"import sys; sys.path.insert(0, {str(root)!r}); import kernels.cpu_conv as c; c.warm_up(); "
+             "print(c._direct.__module__)")
+    run = subprocess.run([sys.executable, "-c", stray], capture_output=True, text=True, timeout=600, cwd=root)
+    assert run.returncode == 0 and run.stdout.split()[-1] == "kernels.cpu_conv", run.stderr[-2000:]
+    package = "from sparse_lth.kernels import cpu_conv; cpu_conv.warm_up(); print('ok')"
+    # elsewhere, where no top-level ``kernels`` can be imported
+    run = subprocess.run([sys.executable, "-c", package], capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert run.returncode == 0 and run.stdout.strip() == "ok", run.stderr[-2000:]
