@@ -65,8 +65,8 @@ from ._numba import register_block_wide as _register_block_wide
 from ._numba import threads as _threads
 from .invariants import check_index_invariants
 
-__all__ = ["cpu_sparse_conv2d", "prepare_cpu_sparse_conv2d", "CpuConvLaunch", "conv2d_taps", "conv2d_geometry",
-           "warm_up"]
+__all__ = ["cpu_sparse_conv2d", "kept_launch", "prepare_cpu_sparse_conv2d", "CpuConvLaunch", "conv2d_taps",
+           "conv2d_geometry", "warm_up"]
 
 _NATIVE = {torch.float32: np.float32, torch.float64: np.float64}
 #: Bytes of input one tile reads across all channels: a tile's slab stays in a core's L2
@@ -342,15 +342,28 @@ def cpu_sparse_conv2d(x: torch.Tensor, crow_indices: torch.Tensor, col_indices: 
     if bias is not None and bias.shape != (out_channels,):
         raise ValueError(f"cpu_sparse_conv2d: bias must have shape ({out_channels},), got {tuple(bias.shape)}")
     cache = {} if cache is None else cache
-    key = ("launch", tuple(x.shape), x.dtype, _threads())
+    if taps is not None:
+        cache.setdefault("taps", taps)
+    launch = kept_launch(x, crow_indices, col_indices, values, kernel_size=kernel_size, stride=stride, padding=padding,
+                         dilation=dilation, cache=cache)
+    return launch(x, values, bias)
+
+
+def kept_launch(x: torch.Tensor, crow_indices: torch.Tensor, col_indices: torch.Tensor, values: torch.Tensor, *,
+                kernel_size, stride, padding, dilation, cache: dict) -> CpuConvLaunch:
+    """The launch for ``x``'s shape, dtype and the thread count kept in ``cache`` (as for
+    :func:`cpu_sparse_conv2d`: a dict kept with this weight and geometry), prepared and kept
+    there on first use; a few input signatures are kept. Checks nothing (see
+    :func:`prepare_cpu_sparse_conv2d`): what :class:`sparse_lth.nn.SparseConv2d` calls on each
+    forward, having checked its input once."""
+    key = ("launch", x.shape, x.dtype, _threads())
     launch = cache.get(key)
     if launch is None:
         for old in [k for k in cache if isinstance(k, tuple) and k[0] == "launch"][:-_KEPT_LAUNCHES + 1]:
-            del cache[old]  # a few input signatures kept
+            del cache[old]
         launch = cache[key] = prepare_cpu_sparse_conv2d(x, crow_indices, col_indices, values, kernel_size=kernel_size,
-                                                        stride=stride, padding=padding, dilation=dilation, taps=taps,
-                                                        cache=cache)
-    return launch(x, values, bias)
+                                                        stride=stride, padding=padding, dilation=dilation, cache=cache)
+    return launch
 
 
 def prepare_cpu_sparse_conv2d(x: torch.Tensor, crow_indices: torch.Tensor, col_indices: torch.Tensor,
@@ -364,7 +377,7 @@ def prepare_cpu_sparse_conv2d(x: torch.Tensor, crow_indices: torch.Tensor, col_i
     ``values`` keeps the pattern the launch was prepared for (its entries may change). A strided
     1x1 conv without padding is planned as a stride-1 conv on ``x[:, :, ::sh, ::sw]``, which the
     launch takes from ``x`` itself (``launch.subsample``). ``cache``: as for
-    :func:`cpu_sparse_conv2d` (the taps' largest shifts kept there).
+    :func:`cpu_sparse_conv2d` (the taps, their largest shifts and the row pointers kept there).
 
     >>> import torch, torch.nn.functional as F
     >>> w = torch.randn(4, 3, 3, 3) * (torch.rand(4, 3, 3, 3) < 0.3)
@@ -379,7 +392,9 @@ def prepare_cpu_sparse_conv2d(x: torch.Tensor, crow_indices: torch.Tensor, col_i
     pads, (out_h, out_w) = conv2d_geometry((h, w), kernel_size, stride, padding, dilation)
     sh, sw = _pair(stride, "stride")
     if taps is None:
-        taps = conv2d_taps(col_indices, kernel_size, stride, dilation)
+        taps = cache.get("taps")
+    if taps is None:  # the pattern's alone: the same for every input size
+        taps = cache["taps"] = conv2d_taps(col_indices, kernel_size, stride, dilation)
     if "shift_max" not in cache:
         cache["shift_max"] = (int(taps[:, 1].max(initial=0)), int(taps[:, 2].max(initial=0)))
     dy_max, dx_max = cache["shift_max"]
@@ -393,7 +408,8 @@ def prepare_cpu_sparse_conv2d(x: torch.Tensor, crow_indices: torch.Tensor, col_i
         # rather than packing all sh * sw phases to read one. ResNet's stride-2 projections at
         # 90-95%: 1.23-1.56x faster, 1.8-2.9x dense against 1.35-1.92x.
         shape, subsample = (n, c, out_h, out_w), (sh, sw)
-        taps = np.concatenate([taps[:, :1] // (sh * sw), taps[:, 1:]], axis=1)  # every tap in phase 0
+        taps = taps.copy()
+        taps[:, 0] //= sh * sw  # every tap in phase 0 of its channel: plane c * sh * sw -> c
         sh = sw = 1
     return CpuConvLaunch(shape, x.dtype, crow, taps, pads[0], pads[2], (sh, sw), (out_h, out_w),
                          (dy_max, dx_max), _threads(), subsample)

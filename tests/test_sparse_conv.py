@@ -272,7 +272,7 @@ def test_prepared_launch_follows_the_layer():
             _assert_close(layer(x), _reference(conv, mask, x), torch.float32)
     finally:
         torch.set_num_threads(threads)
-    kept = [k for k in layer._cache() if isinstance(k, tuple) and k[0] == "cpu"]
+    kept = [k for k in layer._cache() if isinstance(k, tuple) and k[0] == "launch"]
     # one launch per input signature since the edit: two shapes, and the first at two thread counts
     assert len(kept) == (3 if threads != 1 else 2)
 
@@ -292,7 +292,7 @@ def test_1x1_reads_its_input_in_place_only_where_the_layout_matches(geometry, in
     layer = SparseConv2d.from_conv(conv, mask=mask, backend="sparse")
     with torch.no_grad():
         _assert_close(layer(x), _reference(conv, mask, x), torch.float32)
-    launches = [v for k, v in layer._cache().items() if isinstance(k, tuple) and k[0] == "cpu"]
+    launches = [v for k, v in layer._cache().items() if isinstance(k, tuple) and k[0] == "launch"]
     assert [launch.in_place for launch in launches] == [in_place]
     stride = conv.stride
     assert launches[0].subsample == (stride if stride != (1, 1) and conv.padding == (0, 0) else None)

@@ -286,20 +286,13 @@ class SparseConv2d(nn.Module):
 
     def _cpu(self, x: torch.Tensor, cache: dict) -> torch.Tensor:
         """The direct sparse kernel, its launch prepared once per input signature (shape, dtype,
-        threads): at batch 1 the entry's checks and plans cost as much as a 98%-sparse kernel."""
-        key = ("cpu", x.shape, x.dtype, torch.get_num_threads())
-        launch = cache.get(key)
-        if launch is None:
-            for old in [k for k in cache if isinstance(k, tuple) and k[0] == "cpu"][:-_KEPT_LAUNCHES + 1]:
-                del cache[old]  # a few input signatures kept
-            taps = cache.get("taps")
-            if taps is None:
-                taps = cache["taps"] = _kernels().conv2d_taps(self.col_indices, self.kernel_size, self.stride,
-                                                              self.dilation)
-            launch = cache[key] = _kernels().prepare_cpu_sparse_conv2d(
-                x, self.crow_indices, self.col_indices, self.values, kernel_size=self.kernel_size, stride=self.stride,
-                padding=self.padding, dilation=self.dilation, taps=taps, cache=cache)
-        return launch(x, self.values, self.bias)
+        threads) and kept with the weight: at batch 1 the entry's checks and plans cost as much
+        as a 98%-sparse kernel."""
+        buffers = self._buffers  # read directly, as in _cache: this runs on every call
+        launch = _kernels().kept_launch(x, buffers["crow_indices"], buffers["col_indices"], buffers["values"],
+                                        kernel_size=self.kernel_size, stride=self.stride, padding=self.padding,
+                                        dilation=self.dilation, cache=cache)
+        return launch(x, buffers["values"], buffers["bias"])
 
     def _triton(self, x: torch.Tensor, cache: dict) -> torch.Tensor:
         """The block-sparse Triton conv (:mod:`sparse_lth.kernels.conv`) over a BSR copy of the
