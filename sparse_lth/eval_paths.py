@@ -31,7 +31,6 @@ from __future__ import annotations
 import contextlib
 import functools
 from collections.abc import Callable, Iterator
-from types import SimpleNamespace
 
 import torch
 from torch import nn
@@ -52,9 +51,9 @@ def _available() -> bool:
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
-def _dense_stand_in(module: nn.Module) -> nn.Linear | SimpleNamespace | None:
-    """The fp32 CPU weight and bias oneDNN should multiply in ``module``'s place: a plain
-    ``nn.Linear`` itself, the dense copy a ``TrainableSparseLinear`` evaluates with
+def _dense_stand_in(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """The fp32 CPU (weight, bias) oneDNN should multiply in ``module``'s place: a plain
+    ``nn.Linear``'s own, the dense copy a ``TrainableSparseLinear`` evaluates with
     (:meth:`~sparse_lth.nn.TrainableSparseLinear.eval_weight`: kept while its values stay, so the
     validation and test passes of one step share it), or None (subclasses, sparser layers and
     others keep their own forward)."""
@@ -62,11 +61,11 @@ def _dense_stand_in(module: nn.Module) -> nn.Linear | SimpleNamespace | None:
         if module.values.dtype != torch.float32 or module.values.device.type != "cpu":
             return None
         weight = module.eval_weight()
-        return None if weight is None else SimpleNamespace(
-            weight=weight, bias=None if module.bias is None else module.bias.detach())
-    if type(module) is nn.Linear and module.weight.dtype == torch.float32 and module.weight.device.type == "cpu":
-        return module
-    return None
+    elif type(module) is nn.Linear and module.weight.dtype == torch.float32 and module.weight.device.type == "cpu":
+        weight = module.weight
+    else:
+        return None
+    return None if weight is None else (weight.detach(), None if module.bias is None else module.bias.detach())
 
 
 @contextlib.contextmanager
@@ -98,10 +97,7 @@ def onednn_linears(model: nn.Module, rows: int) -> Iterator[int]:
 
     def fast_of(module: nn.Module):
         stand_in = _dense_stand_in(module)
-        if stand_in is None:
-            return None
-        return functools.partial(_onednn_linear, stand_in.weight.detach(),
-                                 None if stand_in.bias is None else stand_in.bias.detach())
+        return None if stand_in is None else functools.partial(_onednn_linear, *stand_in)
 
     with switched_forwards(model, fast_of, lambda x: x.dim() >= 2 and x.dtype == torch.float32
                            and x.device.type == "cpu") as switched:
