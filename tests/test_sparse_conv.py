@@ -48,6 +48,8 @@ GEOMETRIES = [
     (1, 96, 24, 30, 31, 1, 1, 0, 1),         # ... two tiles, the short block inside the last
     (1, 1100, 4, 10, 10, 1, 1, 0, 1),        # ... one-block tiles: the short block reaches back a tile
     (16, 8, 8, 7, 7, 3, 1, 1, 1),            # wide blocks over a batch-innermost run (976 positions)
+    (3, 8, 8, 7, 7, 3, 1, 1, 1),             # the batch innermost, 3 images: blocks end inside a pixel
+    (5, 8, 8, 14, 14, 3, 1, 1, 1),           # ... 5 images under wide blocks (1,110 positions)
     (4, 16, 8, 30, 30, 3, 2, 1, 1),          # wide blocks over stride-2 phases
 ]
 DENSITIES = [0.0, 0.05, 0.5, 1.0]
