@@ -127,7 +127,7 @@ def _pack(x, packed, pad_top, pad_left, sh, sw, hph, wph, inner):
                 for q in range(np.uint64(q1 - q0)):
                     packed[d + np.uint64(q0) + q] = src[np.uint64(ix0) + q * np.uint64(sw)]
             else:  # the batch innermost: each image's row read in order, written every M-th
-                at = np.uint64((c * h + iy) * w + ix0)
+                at = np.uint64(g * inner) * image + np.uint64((c * h + iy) * w + ix0)  # image g * M
                 for m in range(np.uint64(inner)):
                     dm = d + np.uint64(q0) * np.uint64(inner) + m
                     src = at + m * image

@@ -470,6 +470,7 @@ def test_plain_pack_writes_what_the_general_pack_writes(n, c, h, w, pad_top, pad
     (2, 3, 7, 5, 1, 2, 2, 2, 4, 4, 2),   # strided: four phases
     (4, 2, 5, 6, 0, 1, 2, 1, 3, 6, 4),   # a stride per axis, planes cut short
     (2, 2, 4, 4, 1, 1, 2, 2, 3, 3, 1),   # images stacked by rows
+    (6, 3, 5, 5, 1, 1, 1, 1, 7, 7, 2),   # groups of two images, each group's batch innermost
 ])
 def test_pack_lays_out_the_padded_phases_as_documented(n, c, h, w, pad_top, pad_left, sh, sw, hph, wph, inner):
     """_pack against its docstring, computed in numpy: packed[(c * sh * sw + py * sw + px) * S +
