@@ -451,7 +451,8 @@ class CpuConvLaunch:
         self.work_dtype = dtype if dtype in _NATIVE else torch.float32  # other floats: computed in fp32, cast back
         self.native = _NATIVE[self.work_dtype]
         self.out_channels = crow.shape[0] - 1
-        self.crow, self.pad_top, self.pad_left, self.stride, self.out_hw = crow, pad_top, pad_left, stride, out_hw
+        self.crow, self.pad_top, self.pad_left, self.stride = crow, pad_top, pad_left, stride
+        self.out_shape = (n, self.out_channels, out_h, out_w)
         self.empty = n == 0 or self.out_channels == 0
         if self.empty:
             return
@@ -460,7 +461,6 @@ class CpuConvLaunch:
         # which packs and writes out in plain row order (1x1 convs, large maps; the batch innermost
         # measured 0.68-0.93x on 28x28 and 56x56 maps at batch 4-16).
         self.inner = inner = n if n > 1 and 10 * dy_max >= out_h else 1
-        self.out_shape = (n, self.out_channels, out_h, out_w)
         # Phase planes just tall and wide enough for the outputs plus the largest stored shift: rows
         # and columns past that are never read (their outputs are not kept).
         self.hph, self.wph = hph, wph = out_h + dy_max, out_w + dx_max
@@ -468,7 +468,8 @@ class CpuConvLaunch:
         span = ((n // inner - 1) * hph + out_h - 1) * wph * inner + out_w * inner  # up to the last output
         itemsize = np.dtype(self.native).itemsize
         self.wide = span >= _WIDE_SPAN
-        self.tile = tile = _tile(span, planes, itemsize, _WIDE if self.wide else _BLOCK)
+        block = _WIDE if self.wide else _BLOCK
+        self.tile = tile = _tile(span, planes, itemsize, block)
         ntiles = -(-span // tile)
         self.group = max(1, min(16, ntiles * self.out_channels // (_ITEMS_PER_THREAD * threads)))
         # The last tile runs past the last output by up to tile - 1 positions (garbage, not kept):
@@ -481,7 +482,7 @@ class CpuConvLaunch:
         # much as a third of such a call at 98% sparsity (x cold after the previous layer). The
         # kernel's last block then ends at the input's end: at least one block of pixels.
         self.in_place = self.plain and n == 1 and shift_max == (0, 0) and (pad_top, pad_left) == (0, 0) \
-            and (hph, wph) == shape[2:] and span >= (_WIDE if self.wide else _BLOCK)
+            and (hph, wph) == shape[2:] and span >= block
         self.offsets = np.empty(taps.shape[0], dtype=np.uint64)
         with _THREADS_LOCK:
             numba.set_num_threads(threads)
@@ -489,10 +490,8 @@ class CpuConvLaunch:
         self.zero_bias = np.zeros(self.out_channels, self.native)
 
     def __call__(self, x: torch.Tensor, values: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        n = self.shape[0]
-        out_h, out_w = self.out_hw
         if self.empty:
-            return torch.empty((n, self.out_channels, out_h, out_w), dtype=self.dtype)
+            return torch.empty(self.out_shape, dtype=self.dtype)
         if self.subsample is not None:
             x = x[:, :, ::self.subsample[0], ::self.subsample[1]]
         xs, vals = _as_work(x, self.work_dtype), _as_work(values, self.work_dtype)

@@ -98,6 +98,17 @@ def test_matches_masked_dense_conv(geometry, density, dtype):
     _assert_close(got, _reference(conv, mask, x), dtype)
 
 
+@pytest.mark.parametrize("n,out_channels", [(0, 4), (2, 0)], ids=["no-images", "no-output-channels"])
+def test_empty_batch_or_output_gives_the_output_shape(n, out_channels):
+    w = torch.randn(out_channels, 3, 3, 3)
+    W = w.reshape(out_channels, 27).to_sparse_csr()
+    x = torch.randn(n, 3, 5, 5)
+    from sparse_lth.kernels.cpu_conv import cpu_sparse_conv2d
+
+    y = cpu_sparse_conv2d(x, W.crow_indices(), W.col_indices(), W.values(), kernel_size=3, stride=2, padding=1)
+    assert y.shape == (n, out_channels, 3, 3) and y.dtype == x.dtype  # 5x5, stride 2, padding 1 -> 3x3
+
+
 @pytest.mark.parametrize("channels", [1, 2, 7, 16, 33, 64])
 def test_channel_counts(channels):
     conv, mask, x = _case((2, channels, 65 - channels, 9, 8, 3, 1, 1, 1), 0.3, torch.float32, True, seed=channels)
