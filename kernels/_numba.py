@@ -32,8 +32,29 @@ _KEPT: dict[tuple, np.ndarray] = {}
 
 
 def threads() -> int:
-    """Threads for one kernel call: torch's count, capped by numba's pool."""
+    """Threads for one kernel call: torch's count, capped by numba's pool (started here, once)."""
+    if not _POOL_STARTED:
+        _start_pool()
     return max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
+
+
+_POOL_STARTED = False
+_POOL_LOCK = threading.Lock()  # not THREADS_LOCK: callers may hold that while they ask threads()
+
+
+def _start_pool() -> None:
+    """Start numba's thread pool, keeping torch's thread count: numba's OpenMP layer shares
+    libgomp with torch, and starting its pool after torch has run an op resets torch's count to
+    numba's pool size (a ``torch.set_num_threads(1)`` read 2 after the first sparse call on the
+    2-core VM, and torch's own ops then ran on 2 threads)."""
+    global _POOL_STARTED
+    with _POOL_LOCK:
+        if not _POOL_STARTED:
+            count = torch.get_num_threads()
+            numba.get_num_threads()  # starts the pool
+            if torch.get_num_threads() != count:
+                torch.set_num_threads(count)
+            _POOL_STARTED = True
 
 
 def njit_cached(**options):

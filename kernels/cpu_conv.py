@@ -8,7 +8,7 @@
 How it runs (Park et al., ICLR 2017, "Faster CNNs with direct sparse convolutions"):
 
 - Each stored weight ``W[o, c, ky, kx]`` adds one shifted copy of input plane ``c``, scaled, into
-  output plane ``o``; there is no im2col of the input. The input is packed once: padded, split
+  output plane ``o``; there is no im2col of the input. The input is packed: padded, split
   into its ``stride x stride`` phases (so a strided tap is a plain shift inside one phase), and
   laid out ``[in, phase, rows, cols, batch]``. In that layout every output row of every image is
   in one contiguous run, and every stored weight is one offset into the packed input: the inner
@@ -26,17 +26,24 @@ How it runs (Park et al., ICLR 2017, "Faster CNNs with direct sparse convolution
   short last block starts a whole block back from its end instead of reading past it).
 - A strided 1x1 conv without padding reads only ``x[:, :, ::sh, ::sw]``: it runs as a stride-1
   conv on that.
-- Register blocking: 64 consecutive outputs (4 zmm of fp32; 128 in 8 zmm on runs of 900
-  positions or more) stay in registers while the loop runs over all of one output channel's
+- Each thread packs its own slice of the batch into its own buffer and computes that slice's
+  outputs: min(threads, N) slices, and at batch 1 every thread packs the one image and takes a
+  share of its output channels. No thread reads what another wrote: with one packed input
+  shared by both cores of the 2-core VM, half of it moved from the other core's cache on every
+  call (and back when the next pack rewrote it), 1.0-1.5x slower depending on the VM's phase
+  (bench/RESULTS.md, "Each thread packs its own slice").
+- Register blocking: 64 consecutive outputs (4 zmm of fp32; 128 in 8 zmm on longer runs, see
+  ``_WIDE_SPAN``) stay in registers while the loop runs over all of one output channel's
   stored weights; per weight that is 4 (8) vector loads and multiply-adds, no accumulator
   traffic. (Blocking across output channels, as dense direct conv does, has little to reuse
   here: with unstructured sparsity two output channels rarely share an input tap.) Blocks are
-  grouped in tiles whose input slab (all channels) stays in L2, and ``prange`` spreads (tile,
-  output-channel group) items over the threads.
+  grouped in tiles whose input slab (all channels) stays in L2; a thread takes its share of
+  its slice's (tile, output-channel group) items, tile-major.
 - Loops index with unsigned integers: numba's negative-index wraparound on signed indices
   defeats vectorization (measured: 1 vs 17 GFMA/s on one core).
 
-Threads follow ``torch.get_num_threads()`` (capped by numba's pool). fp32 and fp64 are computed
+Threads follow ``torch.get_num_threads()`` (capped by numba's pool, whose start leaves torch's
+count as it was: ``_numba.threads``). fp32 and fp64 are computed
 natively; other floating dtypes in fp32 and cast back. The sums run in the stored order with
 each multiply-add fused (``fastmath={"contract"}``, no reassociation: 1.01-1.08x over separate
 multiplies and adds); results match F.conv2d to rounding, not bitwise.
@@ -83,90 +90,92 @@ _ITEMS_PER_THREAD = 8
 #: Prepared launches kept per cache (one per input signature: shape, dtype, threads).
 _KEPT_LAUNCHES = 8
 #: Runs of at least this many positions use the wide register block (``WIDE_BLOCK`` outputs):
-#: measured 1.06-1.10x at batch 16 and 64 on 28x28 and 14x14 maps, 1.02-1.10x at batch 16 on
-#: 7x7 (976 positions, the batch innermost), 0.95-1.06x on one 28x28 image (838), 0.6x on 7x7
-#: maps of one image (49-61, shorter than the block).
+#: measured 1.06-1.10x at batch 16 and 64 on 28x28 and 14x14 maps, 0.95-1.06x on one 28x28
+#: image (838). Shorter runs of at least one wide block use it where its blocks cover no more
+#: positions than 64-blocks would (:func:`_wide`): 1.09-1.10x on one 14x14 image (222
+#: positions), 1.10-1.16x on a thread's 8 images of 7x7 (488); 0.66x on one 7x7 image (61).
 _WIDE_SPAN = 900
 
 
 # -- the kernels ---------------------------------------------------------------------------------
-@njit_cached(parallel=True, fastmath=False)
-def _pack(x, packed, pad_top, pad_left, sh, sw, hph, wph, inner):
-    """x [N, C, H, W] -> packed[(c * sh * sw + py * sw + px) * S + ((g * hph + r) * wph + q) * M + m]
-    = x_padded[g * M + m, c, r * sh + py, q * sw + px], zeros outside x: images g * M + m, with
-    M = ``inner`` images innermost (1 or N) and S = N * hph * wph. The tail past the planes is
-    zeroed too: the last tile reads into it."""
+@njit_cached(fastmath=False)
+def _pack(x, packed, first, per, inner, pad_top, pad_left, sh, sw, hph, wph):
+    """One thread's slice of the input, images ``first`` to ``first + per - 1`` of x [N, C, H, W]
+    (those past N zeros): packed[(c * sh * sw + py * sw + px) * S + ((g * hph + r) * wph + q) * M + m]
+    = x_padded[first + g * M + m, c, r * sh + py, q * sw + px], zeros outside x, with M = ``inner``
+    images innermost (1 or ``per``) and S = per * hph * wph. The tail past the planes is zeroed
+    too: the last tile reads into it."""
     n_, c_, h, w = x.shape
     phases = sh * sw
-    outer = n_ // inner
-    s = n_ * hph * wph
+    outer = per // inner
+    s = per * hph * wph
     flat = x.reshape(-1)  # x is C-contiguous (the caller's .contiguous())
     image = np.uint64(c_ * h * w)
-    for item in prange(c_ * phases * outer):
-        c = item // (phases * outer)
-        rest = item - c * phases * outer
-        p = rest // outer
-        g = rest - p * outer
-        py = p // sw
-        px = p - py * sw
-        # columns q whose source ix = q * sw + px - pad_left lies inside the row: [q0, q1)
-        q0 = min(wph, max(0, (pad_left - px + sw - 1) // sw))
-        q1 = max(q0, min(wph, (w - 1 + pad_left - px) // sw + 1))
-        ix0 = q0 * sw + px - pad_left
-        for r in range(hph):
-            iy = r * sh + py - pad_top
-            d = np.uint64((c * phases + p) * s + (g * hph + r) * wph * inner)
-            if iy < 0 or iy >= h:
-                for q in range(np.uint64(wph * inner)):
-                    packed[d + q] = 0
-                continue
-            for q in range(np.uint64(q0 * inner)):
-                packed[d + q] = 0
-            if inner == 1:  # one image: a strided row copy
-                src = x[g, c, iy]
-                for q in range(np.uint64(q1 - q0)):
-                    packed[d + np.uint64(q0) + q] = src[np.uint64(ix0) + q * np.uint64(sw)]
-            else:  # the batch innermost: each image's row read in order, written every M-th
-                at = np.uint64(g * inner) * image + np.uint64((c * h + iy) * w + ix0)  # image g * M
-                for m in range(np.uint64(inner)):
-                    dm = d + np.uint64(q0) * np.uint64(inner) + m
-                    src = at + m * image
-                    for q in range(np.uint64(q1 - q0)):
-                        packed[dm + q * np.uint64(inner)] = flat[src + q * np.uint64(sw)]
-            for q in range(np.uint64(q1 * inner), np.uint64(wph * inner)):
-                packed[d + q] = 0
+    m_ = np.uint64(inner)
+    for c in range(c_):
+        for p in range(phases):
+            py = p // sw
+            px = p - py * sw
+            # columns q whose source ix = q * sw + px - pad_left lies inside the row: [q0, q1)
+            q0 = min(wph, max(0, (pad_left - px + sw - 1) // sw))
+            q1 = max(q0, min(wph, (w - 1 + pad_left - px) // sw + 1))
+            ix0 = q0 * sw + px - pad_left
+            for g in range(outer):
+                for r in range(hph):
+                    iy = r * sh + py - pad_top
+                    d = np.uint64((c * phases + p) * s + (g * hph + r) * wph * inner)
+                    if iy < 0 or iy >= h:
+                        for q in range(np.uint64(wph * inner)):
+                            packed[d + q] = 0
+                        continue
+                    for q in range(np.uint64(q0 * inner)):
+                        packed[d + q] = 0
+                    kept = max(0, min(inner, n_ - first - g * inner))  # images past N: zeros
+                    for m in range(inner):
+                        dm = d + np.uint64(q0) * m_ + np.uint64(m)
+                        if m >= kept:
+                            for q in range(np.uint64(q1 - q0)):
+                                packed[dm + q * m_] = 0
+                            continue
+                        # each image's row read in order (written every M-th where M > 1)
+                        src = np.uint64(first + g * inner + m) * image + np.uint64((c * h + iy) * w + ix0)
+                        for q in range(np.uint64(q1 - q0)):
+                            packed[dm + q * m_] = flat[src + q * np.uint64(sw)]
+                    for q in range(np.uint64(q1 * inner), np.uint64(wph * inner)):
+                        packed[d + q] = 0
     for i in range(c_ * phases * s, packed.shape[0]):
         packed[i] = 0
 
 
-@njit_cached(parallel=True, fastmath=False)
-def _pack_plain(x, packed, pad_top, pad_left, hph, wph):
-    """What ``_pack`` computes for stride 1 and one image at a time (``inner`` 1): each plane
-    zeroed whole, then the image's rows copied in. 3-4x faster than ``_pack``'s row-by-row
+@njit_cached(fastmath=False)
+def _pack_plain(x, packed, first, per, pad_top, pad_left, hph, wph):
+    """What ``_pack`` computes for stride 1 and the images stacked by rows (``inner`` 1): each
+    plane zeroed whole, then the image's rows copied in. 3-4x faster than ``_pack``'s row-by-row
     clipping on small maps (256 planes of 14x14: 10 against 38 us), where a batch-1 conv at 98%
     sparsity spends as long packing as multiplying."""
     n_, c_, h, w = x.shape
     plane = hph * wph
-    s = n_ * plane
+    s = per * plane
     rows = max(0, min(h, hph - pad_top))
     cols = np.uint64(max(0, min(w, wph - pad_left)))
-    for item in prange(c_ * n_):
-        c = item // n_
-        g = item - c * n_
-        d0 = np.uint64(c * s + g * plane)
-        for i in range(np.uint64(plane)):
-            packed[d0 + i] = 0
-        for iy in range(rows):
-            d = d0 + np.uint64((iy + pad_top) * wph + pad_left)
-            for q in range(cols):
-                packed[d + q] = x[g, c, iy, q]
+    for c in range(c_):
+        for g in range(per):
+            d0 = np.uint64(c * s + g * plane)
+            for i in range(np.uint64(plane)):
+                packed[d0 + i] = 0
+            if first + g >= n_:
+                continue
+            for iy in range(rows):
+                d = d0 + np.uint64((iy + pad_top) * wph + pad_left)
+                for q in range(cols):
+                    packed[d + q] = x[first + g, c, iy, q]
     for i in range(c_ * s, packed.shape[0]):
         packed[i] = 0
 
 
 @njit_cached(parallel=True, fastmath=False)
 def _offsets(taps, s, wph, inner, out):
-    """Where each stored weight reads in the packed input: plane * S + (row shift * wph + col shift) * M."""
+    """Where each stored weight reads in a packed slice: plane * S + (row shift * wph + col shift) * M."""
     for k in prange(taps.shape[0]):
         out[k] = np.uint64(taps[k, 0]) * np.uint64(s) + np.uint64((taps[k, 1] * wph + taps[k, 2]) * inner)
 
@@ -186,33 +195,32 @@ def _block_sum(acc, stage, width, b, packed, offs, vals, lo, hi, s0):
         stage[q] = acc[q]
 
 
-@njit_cached(parallel=True, fastmath={"contract"})
-def _direct(packed, crow, offs, vals, bias, out, hph, wph, inner, tile, group, clip, wide):
-    """out[g * M + m, o, y, x] = bias[o] + sum over o's stored weights k of vals[k] * packed[offs[k] + j],
-    j = ((g * hph + y) * wph + x) * M + m (M = ``inner`` images innermost, out [N, O, out_h,
-    out_w]); items are (tile of j, group of output channels), blocks of ``_WIDE`` positions
+@njit_cached(fastmath={"contract"})
+def _direct(packed, crow, offs, vals, bias, out, first, hph, wph, inner, outer, tile, group, clip, wide, i0, i1):
+    """Items ``i0`` to ``i1 - 1`` of one slice (what one thread computes):
+    out[first + g * M + m, o, y, x] = bias[o] + sum over o's stored weights k of
+    vals[k] * packed[offs[k] + j], j = ((g * hph + y) * wph + x) * M + m (M = ``inner`` images
+    innermost, ``outer`` groups of them stacked by rows; images past N are computed, not kept);
+    items are (tile of j, group of output channels), tile-major, blocks of ``_WIDE`` positions
     where ``wide`` else ``_BLOCK`` (``tile`` a multiple). ``clip``: ``packed`` has no zero tail
     (it is the input itself, at least one block long), so a short last block reads the whole
     block that ends where it ends."""
     n_, o_, ho, wo = out.shape
-    outer = n_ // inner
     row = wo * inner  # the kept part of a packed row
     row_in = wph * inner
     flat = out.reshape(-1)
     image_size = np.uint64(o_ * ho * wo)
-    m_ = np.uint64(inner)
     span = ((outer - 1) * hph + ho - 1) * row_in + row  # flat positions up to the last output
-    ntiles = (span + tile - 1) // tile
     ngroups = (o_ + group - 1) // group
     step = _WIDE if wide else _BLOCK
-    for item in prange(ntiles * ngroups):
-        t = item // ngroups  # tile-major: consecutive items (one thread's share) reuse one slab
+    acc = numba.carray(_register_block(vals.dtype), _BLOCK)
+    acc_wide = numba.carray(_register_block_wide(vals.dtype), _WIDE)
+    stage = np.empty(_WIDE, dtype=out.dtype)  # acc's values, read back at computed indices
+    for item in range(i0, i1):
+        t = item // ngroups  # tile-major: consecutive items reuse one slab
         g = item - t * ngroups
         j0 = t * tile
         j1 = min(j0 + tile, span)
-        acc = numba.carray(_register_block(vals.dtype), _BLOCK)
-        acc_wide = numba.carray(_register_block_wide(vals.dtype), _WIDE)
-        stage = np.empty(_WIDE, dtype=out.dtype)  # acc's values, read back at computed indices
         for o in range(g * group, min(o_, (g + 1) * group)):
             b = bias[o]
             lo, hi = crow[o], crow[o + 1]
@@ -227,28 +235,60 @@ def _direct(packed, crow, offs, vals, bias, out, hph, wph, inner, tile, group, c
                     _block_sum(acc, stage, _BLOCK, b, packed, offs, vals, lo, hi, s0)
                 # keep the output part of each packed row this block touches
                 for r in range(p0 // row_in, (p1 - 1) // row_in + 1):
-                    image = r // hph  # with the batch innermost: the group of M images
+                    image = r // hph  # the group of M images
                     y = r - image * hph
-                    if y >= ho:
+                    kept = min(inner, n_ - first - image * inner)  # images past N: not kept
+                    if y >= ho or kept <= 0:
                         continue
-                    first = max(0, p0 - r * row_in)
-                    last = min(row, p1 - r * row_in)
+                    first_x = max(0, p0 - r * row_in)
+                    last_x = min(row, p1 - r * row_in)
                     shift = np.uint64(r * row_in - s0)
                     if inner == 1:
-                        for x in range(np.uint64(first), np.uint64(last)):
-                            out[image, o, y, x] = stage[shift + x]
+                        for x in range(np.uint64(first_x), np.uint64(last_x)):
+                            out[first + image, o, y, x] = stage[shift + x]
                         continue
                     # the batch innermost: position x of the row is pixel x // M of image x % M
-                    at = np.uint64(((image * inner * o_ + o) * ho + y) * wo)
-                    ufirst, ulast = np.uint64(first), np.uint64(last)
-                    for m in range(m_):
-                        # pixels px with first <= px * M + m < last
+                    m_ = np.uint64(inner)
+                    at = np.uint64((((first + image * inner) * o_ + o) * ho + y) * wo)
+                    ufirst, ulast = np.uint64(first_x), np.uint64(last_x)
+                    for m in range(np.uint64(kept)):
+                        # pixels px with first_x <= px * M + m < last_x
                         px0 = (ufirst + m_ - np.uint64(1) - m) // m_ if ufirst > m else np.uint64(0)
                         px1 = (ulast + m_ - np.uint64(1) - m) // m_ if ulast > m else np.uint64(0)
                         dst = at + m * image_size
                         src = shift + m
                         for px in range(px0, px1):
                             flat[dst + px] = stage[src + px * m_]
+
+
+@njit_cached(parallel=True, fastmath={"contract"})
+def _conv(x, packed, crow, offs, vals, bias, out, pad_top, pad_left, sh, sw, hph, wph, inner, outer, tile, group,
+          wide, mode, slices, threads):
+    """The whole conv, each thread on its own slice of the batch: thread t packs slice
+    ``t % slices`` (``per = inner * outer`` images) into its own row ``packed[t]`` and computes
+    its share of that slice's items; threads that share a slice (fewer images than threads) each
+    pack it. Nothing one thread writes is read by another: a pack shared by the threads measured
+    1.1-1.3x slower at batch 1 on the 2-core VM, up to 1.5x at batch 16 in its slow phases (the
+    other core's half of the packed input moved over, and back when the next pack rewrites it).
+    ``mode``: 0 reads ``x`` in place (``packed`` is its flat view, one row: a 1x1 conv of one
+    image), 1 packs with ``_pack_plain``, 2 with ``_pack``."""
+    n_ = x.shape[0]
+    _, o_, ho, wo = out.shape
+    per = inner * outer
+    span = ((outer - 1) * hph + ho - 1) * wph * inner + wo * inner
+    items = ((span + tile - 1) // tile) * ((o_ + group - 1) // group)
+    for t in prange(threads):
+        part = t % slices
+        rank = t // slices  # among the threads of this slice
+        sharing = threads // slices + (1 if part < threads % slices else 0)
+        first = part * per
+        own = packed[0] if mode == 0 else packed[t]
+        if mode == 1:
+            _pack_plain(x, own, first, per, pad_top, pad_left, hph, wph)
+        elif mode == 2:
+            _pack(x, own, first, per, inner, pad_top, pad_left, sh, sw, hph, wph)
+        _direct(own, crow, offs, vals, bias, out, first, hph, wph, inner, outer, tile, group, mode == 0, wide,
+                rank * items // sharing, (rank + 1) * items // sharing)
 
 
 # -- geometry ------------------------------------------------------------------------------------
@@ -456,33 +496,41 @@ class CpuConvLaunch:
         self.empty = n == 0 or self.out_channels == 0
         if self.empty:
             return
-        # The batch innermost where the rows between stacked images would be a tenth of the work or
-        # more (small maps, e.g. 7x7 and 14x14 under a 3x3 kernel); else images stacked by rows,
-        # which packs and writes out in plain row order (1x1 convs, large maps; the batch innermost
-        # measured 0.68-0.93x on 28x28 and 56x56 maps at batch 4-16).
-        self.inner = inner = n if n > 1 and 10 * dy_max >= out_h else 1
+        # Each thread packs and computes its own slice of the batch (``_conv``): min(threads, N)
+        # slices of ``per`` images, the last padded with zero images where they do not divide N.
+        self.slices = min(threads, n)
+        per = -(-n // self.slices)
+        # Within a slice, the batch innermost where the rows between stacked images would be a
+        # tenth of the work or more (small maps, e.g. 7x7 and 14x14 under a 3x3 kernel); else
+        # images stacked by rows, which packs and writes out in plain row order (1x1 convs, large
+        # maps; the batch innermost measured 0.68-0.93x on 28x28 and 56x56 maps at batch 4-16).
+        self.inner = inner = per if per > 1 and 10 * dy_max >= out_h else 1
+        self.outer = per // inner
         # Phase planes just tall and wide enough for the outputs plus the largest stored shift: rows
         # and columns past that are never read (their outputs are not kept).
         self.hph, self.wph = hph, wph = out_h + dy_max, out_w + dx_max
-        planes, plane_elems = c * sh * sw, hph * wph * n
-        span = ((n // inner - 1) * hph + out_h - 1) * wph * inner + out_w * inner  # up to the last output
+        planes, plane_elems = c * sh * sw, hph * wph * per
+        span = ((self.outer - 1) * hph + out_h - 1) * wph * inner + out_w * inner  # up to the slice's last output
         itemsize = np.dtype(self.native).itemsize
-        self.wide = span >= _WIDE_SPAN
+        self.wide = _wide(span)
         block = _WIDE if self.wide else _BLOCK
         self.tile = tile = _tile(span, planes, itemsize, block)
         ntiles = -(-span // tile)
-        self.group = max(1, min(16, ntiles * self.out_channels // (_ITEMS_PER_THREAD * threads)))
+        sharing = -(-threads // self.slices)  # threads on one slice, at most
+        self.group = max(1, min(16, ntiles * self.out_channels // (_ITEMS_PER_THREAD * sharing)))
         # The last tile runs past the last output by up to tile - 1 positions (garbage, not kept):
-        # a zero tail keeps its reads inside the buffer.
+        # a zero tail keeps its reads inside the buffer. Each thread's row starts on a 4 KiB page
+        # (fp32), so no two threads write one line.
         reach = (planes - 1) * plane_elems + ntiles * tile + (dy_max * wph + dx_max) * inner
-        self.packed_size = max(planes * plane_elems, reach)
-        self.plain = sh == sw == 1 and inner == 1
+        self.row_size = -(-max(planes * plane_elems, reach) // 1024) * 1024
+        plain = sh == sw == 1 and inner == 1
         # A 1x1 conv, stride 1, no padding, one image: the packed input would be a copy of x
         # (planes [in, H * W], nothing shifted), so the kernel reads x itself. The pack costs as
         # much as a third of such a call at 98% sparsity (x cold after the previous layer). The
         # kernel's last block then ends at the input's end: at least one block of pixels.
-        self.in_place = self.plain and n == 1 and shift_max == (0, 0) and (pad_top, pad_left) == (0, 0) \
+        self.in_place = plain and n == 1 and shift_max == (0, 0) and (pad_top, pad_left) == (0, 0) \
             and (hph, wph) == shape[2:] and span >= block
+        self.mode = 0 if self.in_place else 1 if plain else 2  # _conv's: in place, _pack_plain, _pack
         self.offsets = np.empty(taps.shape[0], dtype=np.uint64)
         with _THREADS_LOCK:
             numba.set_num_threads(threads)
@@ -501,15 +549,13 @@ class CpuConvLaunch:
         with _THREADS_LOCK:
             numba.set_num_threads(self.threads)
             if self.in_place:
-                packed = xs.reshape(-1)
-            else:  # the packed input in memory kept between calls (its pages faulted in once)
-                packed = kept_empty(("cpu_conv", "packed"), self.packed_size, self.native)
-                if self.plain:
-                    _pack_plain(xs, packed, self.pad_top, self.pad_left, self.hph, self.wph)
-                else:
-                    _pack(xs, packed, self.pad_top, self.pad_left, *self.stride, self.hph, self.wph, self.inner)
-            _direct(packed, self.crow, self.offsets, vals, b, out, self.hph, self.wph, self.inner, self.tile,
-                    self.group, self.in_place, self.wide)
+                packed = xs.reshape(1, -1)
+            else:  # one row per thread, in memory kept between calls (its pages faulted in once)
+                packed = kept_empty(("cpu_conv", "packed"), self.threads * self.row_size,
+                                    self.native).reshape(self.threads, self.row_size)
+            _conv(xs, packed, self.crow, self.offsets, vals, b, out, self.pad_top, self.pad_left, *self.stride,
+                  self.hph, self.wph, self.inner, self.outer, self.tile, self.group, self.wide, self.mode,
+                  self.slices, self.threads)
         return result if self.dtype == self.work_dtype else result.to(self.dtype)
 
 
@@ -520,6 +566,15 @@ def _as_work(t: torch.Tensor, work: torch.dtype) -> np.ndarray:
     if t.dtype != work:
         t = t.to(work)
     return (t if t.is_contiguous() else t.contiguous()).numpy()
+
+
+def _wide(span: int) -> bool:
+    """Whether a run of ``span`` positions takes the wide register block (see ``_WIDE_SPAN``).
+
+    >>> _wide(61), _wide(122), _wide(222), _wide(300), _wide(900)
+    (False, False, True, False, True)
+    """
+    return span >= _WIDE_SPAN or (span >= _WIDE and -(-span // _WIDE) * _WIDE == -(-span // _BLOCK) * _BLOCK)
 
 
 def _tile(span: int, planes: int, itemsize: int, block: int = _BLOCK) -> int:

@@ -4,6 +4,7 @@ on the masked dense weight: the independent reference."""
 from __future__ import annotations
 
 import copy
+import os
 import random
 import subprocess
 import sys
@@ -346,6 +347,60 @@ def test_in_place_1x1_never_reads_past_the_input(c, h, w):
     assert run.returncode == 0 and run.stdout.strip() == "ok", (run.returncode, run.stderr[-2000:])
 
 
+_MORE_THREADS = """
+import sys
+import numba, torch, torch.nn.functional as F
+from sparse_lth.kernels.cpu_conv import cpu_sparse_conv2d, prepare_cpu_sparse_conv2d
+torch.manual_seed(0)
+for threads in (3, 4):
+    torch.set_num_threads(threads)
+    for n, k, stride, hw in [(1, 3, 1, 7), (2, 3, 1, 7), (3, 3, 2, 9), (5, 3, 1, 14), (7, 1, 1, 6), (2, 3, 1, 30)]:
+        w = torch.randn(6, 5, k, k) * (torch.rand(6, 5, k, k) < 0.4)
+        W = w.reshape(6, -1).to_sparse_csr()
+        x, b = torch.randn(n, 5, hw, hw), torch.randn(6)
+        args = (W.crow_indices(), W.col_indices(), W.values())
+        y = cpu_sparse_conv2d(x, *args, b, kernel_size=k, stride=stride, padding=k // 2)
+        torch.testing.assert_close(y, F.conv2d(x, w, b, stride=stride, padding=k // 2), rtol=1e-5, atol=1e-5)
+        launch = prepare_cpu_sparse_conv2d(x, *args, kernel_size=k, stride=stride, padding=k // 2)
+        assert (launch.threads, launch.slices) == (threads, min(threads, n)), (launch.threads, launch.slices)
+print("ok")
+"""
+
+
+def test_more_threads_than_cores_and_slices_that_do_not_divide_the_batch():
+    """3 and 4 threads (numba's pool enlarged past this machine's cores): threads that share a
+    slice (batch 1, 2, 3 under 4 threads), slices of unequal use (5 and 7 images in 3 or 4
+    slices, the last padded with zero images), strided and 1x1 convs, against F.conv2d."""
+    env = {**os.environ, "NUMBA_NUM_THREADS": "4"}
+    run = subprocess.run([sys.executable, "-c", _MORE_THREADS], capture_output=True, text=True, timeout=600, env=env)
+    assert run.returncode == 0 and run.stdout.strip() == "ok", run.stderr[-3000:]
+
+
+_KEEPS_TORCH_THREADS = """
+import torch
+torch.set_num_threads(1)
+torch.randn(64, 64) @ torch.randn(64, 64)  # torch has run: numba's pool starting now used to reset its count
+from sparse_lth.kernels.cpu_conv import cpu_sparse_conv2d
+from sparse_lth.kernels.cpu_spmm import cpu_csr_linear
+W = (torch.randn(8, 4 * 9) * (torch.rand(8, 4 * 9) < 0.5)).to_sparse_csr()
+cpu_sparse_conv2d(torch.randn(1, 4, 6, 6), W.crow_indices(), W.col_indices(), W.values(), kernel_size=3)
+after_conv = torch.get_num_threads()
+cpu_csr_linear(torch.randn(3, 36), W.crow_indices(), W.col_indices(), W.values(), 8)
+print(after_conv, torch.get_num_threads())
+"""
+
+
+def test_the_first_sparse_call_keeps_torchs_thread_count():
+    """numba's OpenMP pool shares libgomp with torch: started after a torch op, it set torch's
+    thread count to its own pool size (a user's torch.set_num_threads(1) read 2 after the first
+    sparse call). Two threads in numba's pool, so the test can fail on a 1-core machine too."""
+    env = {**os.environ, "NUMBA_NUM_THREADS": "2"}
+    run = subprocess.run([sys.executable, "-c", _KEEPS_TORCH_THREADS], capture_output=True, text=True, timeout=600,
+                         env=env)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.split() == ["1", "1"]
+
+
 def test_repr_shows_geometry_density_and_backend():
     layer = SparseConv2d.from_conv(nn.Conv2d(2, 3, 3, stride=2, padding=1, dilation=2),
                                    mask=torch.zeros(3, 2, 3, 3, dtype=torch.bool), backend="sparse")
@@ -458,47 +513,54 @@ def test_the_sparse_path_on_cuda_is_the_triton_conv(padding, channels_last):
     assert y.is_contiguous(memory_format=torch.channels_last) == channels_last
 
 
-@pytest.mark.parametrize("n,c,h,w,pad_top,pad_left,hph,wph", [
-    (1, 3, 5, 7, 1, 1, 7, 9),    # padded all round
-    (2, 4, 6, 6, 0, 0, 4, 5),    # planes cut short of the image (rows and columns never read)
-    (1, 2, 3, 3, 2, 3, 9, 9),    # padding wider than the image
-    (3, 1, 4, 4, 1, 0, 6, 3),
-    (1, 1, 2, 2, 5, 4, 3, 3),    # all padding: nothing of the image lands in the plane
+@pytest.mark.parametrize("n,c,h,w,pad_top,pad_left,hph,wph,first,per", [
+    (1, 3, 5, 7, 1, 1, 7, 9, 0, 1),    # padded all round
+    (2, 4, 6, 6, 0, 0, 4, 5, 0, 2),    # planes cut short of the image (rows and columns never read)
+    (1, 2, 3, 3, 2, 3, 9, 9, 0, 1),    # padding wider than the image
+    (3, 1, 4, 4, 1, 0, 6, 3, 0, 3),
+    (1, 1, 2, 2, 5, 4, 3, 3, 0, 1),    # all padding: nothing of the image lands in the plane
+    (5, 2, 4, 5, 1, 1, 6, 7, 3, 3),    # the last thread's slice: images 3 and 4, then a zero image
 ])
-def test_plain_pack_writes_what_the_general_pack_writes(n, c, h, w, pad_top, pad_left, hph, wph):
+def test_plain_pack_writes_what_the_general_pack_writes(n, c, h, w, pad_top, pad_left, hph, wph, first, per):
     from sparse_lth.kernels import cpu_conv
 
     x = np.random.default_rng(0).random((n, c, h, w), dtype=np.float32)
-    general = np.full(c * n * hph * wph + 10, np.nan, np.float32)  # a tail past the planes, zeroed by both
+    general = np.full(c * per * hph * wph + 10, np.nan, np.float32)  # a tail past the planes, zeroed by both
     plain = general.copy()
-    cpu_conv._pack(x, general, pad_top, pad_left, 1, 1, hph, wph, 1)
-    cpu_conv._pack_plain(x, plain, pad_top, pad_left, hph, wph)
+    cpu_conv._pack(x, general, first, per, 1, pad_top, pad_left, 1, 1, hph, wph)
+    cpu_conv._pack_plain(x, plain, first, per, pad_top, pad_left, hph, wph)
     assert np.array_equal(general, plain)
 
 
-@pytest.mark.parametrize("n,c,h,w,pad_top,pad_left,sh,sw,hph,wph,inner", [
-    (3, 4, 6, 6, 1, 1, 1, 1, 8, 8, 3),   # the batch innermost, padded all round
-    (2, 3, 7, 5, 1, 2, 2, 2, 4, 4, 2),   # strided: four phases
-    (4, 2, 5, 6, 0, 1, 2, 1, 3, 6, 4),   # a stride per axis, planes cut short
-    (2, 2, 4, 4, 1, 1, 2, 2, 3, 3, 1),   # images stacked by rows
-    (6, 3, 5, 5, 1, 1, 1, 1, 7, 7, 2),   # groups of two images, each group's batch innermost
+@pytest.mark.parametrize("n,c,h,w,pad_top,pad_left,sh,sw,hph,wph,first,per,inner", [
+    (3, 4, 6, 6, 1, 1, 1, 1, 8, 8, 0, 3, 3),   # the batch innermost, padded all round
+    (2, 3, 7, 5, 1, 2, 2, 2, 4, 4, 0, 2, 2),   # strided: four phases
+    (4, 2, 5, 6, 0, 1, 2, 1, 3, 6, 0, 4, 4),   # a stride per axis, planes cut short
+    (2, 2, 4, 4, 1, 1, 2, 2, 3, 3, 0, 2, 1),   # images stacked by rows
+    (6, 3, 5, 5, 1, 1, 1, 1, 7, 7, 0, 6, 2),   # groups of two images, each group's batch innermost
+    (16, 2, 7, 7, 1, 1, 1, 1, 9, 9, 8, 8, 8),  # the second thread's slice of a batch of 16
+    (5, 2, 5, 5, 1, 1, 2, 2, 3, 3, 3, 3, 3),   # the last slice of 5 images in 3s: one zero image
+    (5, 2, 5, 5, 1, 1, 1, 1, 7, 7, 3, 3, 1),   # ... stacked by rows
 ])
-def test_pack_lays_out_the_padded_phases_as_documented(n, c, h, w, pad_top, pad_left, sh, sw, hph, wph, inner):
+def test_pack_lays_out_the_padded_phases_as_documented(n, c, h, w, pad_top, pad_left, sh, sw, hph, wph, first, per,
+                                                       inner):
     """_pack against its docstring, computed in numpy: packed[(c * sh * sw + py * sw + px) * S +
-    ((g * hph + r) * wph + q) * M + m] = x_padded[g * M + m, c, r * sh + py, q * sw + px] (zero
-    outside x), S = N * hph * wph, M = ``inner``; the tail past the planes zeroed."""
+    ((g * hph + r) * wph + q) * M + m] = x_padded[first + g * M + m, c, r * sh + py, q * sw + px]
+    (zero outside x and for images past N), S = per * hph * wph, M = ``inner``; the tail past the
+    planes zeroed."""
     from sparse_lth.kernels import cpu_conv
 
     x = np.random.default_rng(1).random((n, c, h, w), dtype=np.float32)
-    big = np.zeros((n, c, pad_top + hph * sh + h, pad_left + wph * sw + w), np.float32)
-    big[:, :, pad_top:pad_top + h, pad_left:pad_left + w] = x
-    expected = np.zeros((c, sh, sw, n // inner, hph, wph, inner), np.float32)
+    big = np.zeros((first + per, c, pad_top + hph * sh + h, pad_left + wph * sw + w), np.float32)
+    big[:n, :, pad_top:pad_top + h, pad_left:pad_left + w] = x
+    big = big[first:]
+    expected = np.zeros((c, sh, sw, per // inner, hph, wph, inner), np.float32)
     for py in range(sh):
         for px in range(sw):
-            phase = big[:, :, py::sh, px::sw][:, :, :hph, :wph]  # [n, c, hph, wph]
-            expected[:, py, px] = phase.reshape(n // inner, inner, c, hph, wph).transpose(2, 0, 3, 4, 1)
+            phase = big[:, :, py::sh, px::sw][:, :, :hph, :wph]  # [per, c, hph, wph]
+            expected[:, py, px] = phase.reshape(per // inner, inner, c, hph, wph).transpose(2, 0, 3, 4, 1)
     packed = np.full(expected.size + 10, np.nan, np.float32)
-    cpu_conv._pack(x, packed, pad_top, pad_left, sh, sw, hph, wph, inner)
+    cpu_conv._pack(x, packed, first, per, inner, pad_top, pad_left, sh, sw, hph, wph)
     assert np.array_equal(packed[:expected.size], expected.reshape(-1))
     assert not packed[expected.size:].any()
 
@@ -525,7 +587,7 @@ def test_a_stray_import_of_the_kernels_leaves_the_packages_compile_cache_usable(
     imports compile without the disk cache; the package's own import still works after one."""
     root = Path(__file__).resolve().parents[1]
     stray = (f"import sys; sys.path.insert(0, {str(root)!r}); import kernels.cpu_conv as c; c.warm_up(); "
-             "print(c._direct.__module__)")
+             "print(c._conv.__module__)")
     run = subprocess.run([sys.executable, "-c", stray], capture_output=True, text=True, timeout=600, cwd=root)
     assert run.returncode == 0 and run.stdout.split()[-1] == "kernels.cpu_conv", run.stderr[-2000:]
     package = "from sparse_lth.kernels import cpu_conv; cpu_conv.warm_up(); print('ok')"
