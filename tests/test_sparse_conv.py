@@ -401,6 +401,32 @@ def test_the_first_sparse_call_keeps_torchs_thread_count():
     assert run.stdout.split() == ["1", "1"]
 
 
+def test_a_launch_reuses_its_output_only_once_nothing_holds_it():
+    """The launch keeps its last output's memory for the next call (no fresh pages to fault in)
+    but never hands out memory a caller still holds, directly or through a view."""
+    from sparse_lth.kernels.cpu_conv import prepare_cpu_sparse_conv2d
+
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(6, 5, 3, 3, generator=gen) * (torch.rand(6, 5, 3, 3, generator=gen) < 0.4)
+    W = w.reshape(6, -1).to_sparse_csr()
+    xs = [torch.randn(2, 5, 8, 8, generator=gen) for _ in range(4)]
+    launch = prepare_cpu_sparse_conv2d(xs[0], W.crow_indices(), W.col_indices(), W.values(), kernel_size=3, padding=1)
+    expected = [F.conv2d(x, w, padding=1) for x in xs]
+    first = launch(xs[0], W.values(), None)
+    second = launch(xs[1], W.values(), None)  # `first` is held: new memory
+    assert first.data_ptr() != second.data_ptr()
+    address = second.data_ptr()
+    del second
+    third = launch(xs[2], W.values(), None)  # nothing holds the second output: its memory again
+    assert third.data_ptr() == address
+    row = third[1]  # a view holds the memory too
+    del third
+    fourth = launch(xs[3], W.values(), None)
+    assert fourth.data_ptr() != address
+    for got, want in [(first, expected[0]), (row, expected[2][1]), (fourth, expected[3])]:
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
 def test_repr_shows_geometry_density_and_backend():
     layer = SparseConv2d.from_conv(nn.Conv2d(2, 3, 3, stride=2, padding=1, dilation=2),
                                    mask=torch.zeros(3, 2, 3, 3, dtype=torch.bool), backend="sparse")
