@@ -268,9 +268,9 @@ def _conv(x, packed, crow, offs, vals, bias, out, pad_top, pad_left, sh, sw, hph
     """The whole conv, each thread on its own slice of the batch: thread t packs slice
     ``t % slices`` (``per = inner * outer`` images) into its own row ``packed[t]`` and computes
     its share of that slice's items; threads that share a slice (fewer images than threads) each
-    pack it. Nothing one thread writes is read by another: a pack shared by the threads measured
-    1.1-1.3x slower at batch 1 on the 2-core VM, up to 1.5x at batch 16 in its slow phases (the
-    other core's half of the packed input moved over, and back when the next pack rewrites it).
+    pack it. Nothing one thread writes is read by another: a pack shared by the threads ran
+    1.0-1.5x slower on the 2-core VM, most in its slow phases (the other core's half of the
+    packed input moved over on every call, and back when the next pack rewrote it).
     ``mode``: 0 reads ``x`` in place (``packed`` is its flat view, one row: a 1x1 conv of one
     image), 1 packs with ``_pack_plain``, 2 with ``_pack``."""
     n_ = x.shape[0]
@@ -563,10 +563,11 @@ class CpuConvLaunch:
         """The array the kernel writes: the one this launch returned last time where nothing
         holds it any more, else a new one (kept for next time). A freshly allocated output is
         fresh pages wherever glibc maps it afresh or has trimmed its heap, and faulting them in
-        cost more than the kernel: 1x1 convs of one 28x28 image at 98% ran 410-430 us against 150-
-        180 in such a process state (the same suite, other runs), ~390 page faults a call under
-        a small ``MALLOC_MMAP_THRESHOLD_``. The returned tensor shares the array's memory (as
-        ``torch.from_numpy`` does): its storage cannot be resized. Callers hold THREADS_LOCK."""
+        can cost more than the kernel: a 1x1 conv of one 28x28 image, 256 channels at 98%, ran
+        483 us with 360 page faults a call under a small ``MALLOC_MMAP_THRESHOLD_``, 146 us with
+        none on a kept output (1.04-1.22x at batch 1 with glibc's defaults). The returned tensor
+        shares the array's memory (as ``torch.from_numpy`` does): its storage cannot be resized.
+        Callers hold THREADS_LOCK."""
         spare = self.__dict__.get("_spare")
         # free when only this launch refers to it: the attribute, this name, getrefcount's argument
         # (a returned tensor, or any view of it, holds the array through its storage)
