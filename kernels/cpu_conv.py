@@ -197,12 +197,12 @@ def _block_sum(acc, stage, width, b, packed, offs, vals, lo, hi, s0):
 
 
 @njit_cached(fastmath={"contract"})
-def _direct(packed, crow, offs, vals, bias, out, first, hph, wph, inner, outer, tile, group, clip, wide, i0, i1):
+def _direct(packed, crow, offs, vals, bias, out, first, hph, wph, inner, span, tile, group, clip, wide, i0, i1):
     """Items ``i0`` to ``i1 - 1`` of one slice (what one thread computes):
     out[first + g * M + m, o, y, x] = bias[o] + sum over o's stored weights k of
     vals[k] * packed[offs[k] + j], j = ((g * hph + y) * wph + x) * M + m (M = ``inner`` images
-    innermost, ``outer`` groups of them stacked by rows; images past N are computed, not kept);
-    items are (tile of j, group of output channels), tile-major, blocks of ``_WIDE`` positions
+    innermost, groups of them stacked by rows; images past N are computed, not kept) for j below
+    ``span``; items are (tile of j, group of output channels), tile-major, blocks of ``_WIDE`` positions
     where ``wide`` else ``_BLOCK`` (``tile`` a multiple). ``clip``: ``packed`` has no zero tail
     (it is the input itself, at least one block long), so a short last block reads the whole
     block that ends where it ends."""
@@ -211,7 +211,6 @@ def _direct(packed, crow, offs, vals, bias, out, first, hph, wph, inner, outer, 
     row_in = wph * inner
     flat = out.reshape(-1)
     image_size = np.uint64(o_ * ho * wo)
-    span = ((outer - 1) * hph + ho - 1) * row_in + row  # flat positions up to the last output
     ngroups = (o_ + group - 1) // group
     step = _WIDE if wide else _BLOCK
     acc = numba.carray(_register_block(vals.dtype), _BLOCK)
@@ -263,20 +262,18 @@ def _direct(packed, crow, offs, vals, bias, out, first, hph, wph, inner, outer, 
 
 
 @njit_cached(parallel=True, fastmath={"contract"})
-def _conv(x, packed, crow, offs, vals, bias, out, pad_top, pad_left, sh, sw, hph, wph, inner, outer, tile, group,
-          wide, mode, slices, threads):
+def _conv(x, packed, crow, offs, vals, bias, out, pad_top, pad_left, sh, sw, hph, wph, inner, per, span, tile,
+          group, wide, mode, slices, threads):
     """The whole conv, each thread on its own slice of the batch: thread t packs slice
-    ``t % slices`` (``per = inner * outer`` images) into its own row ``packed[t]`` and computes
-    its share of that slice's items; threads that share a slice (fewer images than threads) each
-    pack it. Nothing one thread writes is read by another: a pack shared by the threads ran
-    1.0-1.5x slower on the 2-core VM, most in its slow phases (the other core's half of the
-    packed input moved over on every call, and back when the next pack rewrote it).
+    ``t % slices`` (``per`` images, ``inner`` of them innermost) into its own row ``packed[t]``
+    and computes its share of that slice's items (``span`` positions, ``CpuConvLaunch.span``);
+    threads that share a slice (fewer images than threads) each pack it. Nothing one thread
+    writes is read by another: a pack shared by the threads ran 1.0-1.5x slower on the 2-core
+    VM, most in its slow phases (the other core's half of the packed input moved over on every
+    call, and back when the next pack rewrote it).
     ``mode``: 0 reads ``x`` in place (``packed`` is its flat view, one row: a 1x1 conv of one
     image), 1 packs with ``_pack_plain``, 2 with ``_pack``."""
-    n_ = x.shape[0]
-    _, o_, ho, wo = out.shape
-    per = inner * outer
-    span = ((outer - 1) * hph + ho - 1) * wph * inner + wo * inner
+    o_ = out.shape[1]
     items = ((span + tile - 1) // tile) * ((o_ + group - 1) // group)
     for t in prange(threads):
         part = t % slices
@@ -288,7 +285,7 @@ def _conv(x, packed, crow, offs, vals, bias, out, pad_top, pad_left, sh, sw, hph
             _pack_plain(x, own, first, per, pad_top, pad_left, hph, wph)
         elif mode == 2:
             _pack(x, own, first, per, inner, pad_top, pad_left, sh, sw, hph, wph)
-        _direct(own, crow, offs, vals, bias, out, first, hph, wph, inner, outer, tile, group, mode == 0, wide,
+        _direct(own, crow, offs, vals, bias, out, first, hph, wph, inner, span, tile, group, mode == 0, wide,
                 rank * items // sharing, (rank + 1) * items // sharing)
 
 
@@ -495,23 +492,24 @@ class CpuConvLaunch:
         self.crow, self.pad_top, self.pad_left, self.stride = crow, pad_top, pad_left, stride
         self.out_shape = (n, self.out_channels, out_h, out_w)
         self.empty = n == 0 or self.out_channels == 0
+        self._spare: np.ndarray | None = None  # the last output's memory (``_output``)
         if self.empty:
             return
         # Each thread packs and computes its own slice of the batch (``_conv``): min(threads, N)
         # slices of ``per`` images, the last padded with zero images where they do not divide N.
         self.slices = min(threads, n)
-        per = -(-n // self.slices)
+        self.per = per = -(-n // self.slices)
         # Within a slice, the batch innermost where the rows between stacked images would be a
         # tenth of the work or more (small maps, e.g. 7x7 and 14x14 under a 3x3 kernel); else
         # images stacked by rows, which packs and writes out in plain row order (1x1 convs, large
         # maps; the batch innermost measured 0.68-0.93x on 28x28 and 56x56 maps at batch 4-16).
         self.inner = inner = per if per > 1 and 10 * dy_max >= out_h else 1
-        self.outer = per // inner
         # Phase planes just tall and wide enough for the outputs plus the largest stored shift: rows
         # and columns past that are never read (their outputs are not kept).
         self.hph, self.wph = hph, wph = out_h + dy_max, out_w + dx_max
         planes, plane_elems = c * sh * sw, hph * wph * per
-        span = ((self.outer - 1) * hph + out_h - 1) * wph * inner + out_w * inner  # up to the slice's last output
+        # flat positions up to the slice's last output (``per // inner`` groups stacked by rows)
+        self.span = span = ((per // inner - 1) * hph + out_h - 1) * wph * inner + out_w * inner
         itemsize = np.dtype(self.native).itemsize
         self.wide = _wide(span)
         block = _WIDE if self.wide else _BLOCK
@@ -554,7 +552,7 @@ class CpuConvLaunch:
                 packed = kept_empty(("cpu_conv", "packed"), self.threads * self.row_size,
                                     self.native).reshape(self.threads, self.row_size)
             _conv(xs, packed, self.crow, self.offsets, vals, b, out, self.pad_top, self.pad_left, *self.stride,
-                  self.hph, self.wph, self.inner, self.outer, self.tile, self.group, self.wide, self.mode,
+                  self.hph, self.wph, self.inner, self.per, self.span, self.tile, self.group, self.wide, self.mode,
                   self.slices, self.threads)
         result = torch.from_numpy(out)
         return result if self.dtype == self.work_dtype else result.to(self.dtype)
@@ -568,7 +566,7 @@ class CpuConvLaunch:
         none on a kept output (1.04-1.22x at batch 1 with glibc's defaults). The returned tensor
         shares the array's memory (as ``torch.from_numpy`` does): its storage cannot be resized.
         Callers hold THREADS_LOCK."""
-        spare = self.__dict__.get("_spare")
+        spare = self._spare
         # free when only this launch refers to it: the attribute, this name, getrefcount's argument
         # (a returned tensor, or any view of it, holds the array through its storage)
         if spare is None or sys.getrefcount(spare) > 3:
